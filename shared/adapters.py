@@ -1,0 +1,229 @@
+"""Base/personal adapter stacking, state exchange, and save/load with a manifest.
+
+The base model is wrapped by PEFT exactly once per process. The shared base adapter is named
+"base"; the private one "personal". They are stacked, never merged: a 4-bit base cannot be
+merged into, and in PEFT `add_adapter` after `merge_adapter` silently unmerges. Training the
+personal adapter activates both and leaves only the personal one trainable; moving to another
+user resets the personal adapter's weights in place instead of re-wrapping the model.
+
+On disk an adapter is PEFT's own format (adapter_config.json + adapter_model.safetensors, so
+plain `peft` loads it) plus `oppu_adapter.json`: base-model hash, task, the data it saw (counts,
+never content), privacy spent, framework version and the sha256 of each file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import AdapterSpec
+from .model import sha256_file
+
+BASE = "base"
+PERSONAL = "personal"
+ADAPTER_MANIFEST = "oppu_adapter.json"
+FRAMEWORK_VERSION = "0.1.0"
+
+
+def peft_config(spec: AdapterSpec) -> Any:
+    from peft import IA3Config, LoraConfig
+
+    if spec.peft_type == "lora":
+        return LoraConfig(
+            r=spec.r,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=list(spec.target_modules),
+            task_type="CAUSAL_LM",
+        )
+    if spec.peft_type == "ia3":
+        # IA3 scales keys/values and the MLP down-projection input; feedforward modules must be
+        # a subset of the targets, so we only declare one when it is targeted.
+        ff = [m for m in spec.target_modules if m in ("down_proj", "fc2", "mlp")]
+        return IA3Config(target_modules=list(spec.target_modules), feedforward_modules=ff, task_type="CAUSAL_LM")
+    raise ValueError(
+        f"adapter.peft_type={spec.peft_type!r} cannot be stacked on a shared base adapter; "
+        "stackable types: lora, ia3"
+    )
+
+
+def wrap(model: Any, base_spec: AdapterSpec) -> Any:
+    """Wrap the frozen base model with PEFT once, creating the shared base adapter slot."""
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(0)  # the base adapter's initial weights are part of the experiment
+    pm = get_peft_model(model, peft_config(base_spec), adapter_name=BASE)
+    return pm
+
+
+def add_slot(pm: Any, name: str, spec: AdapterSpec, seed: int = 0) -> dict[str, Any]:
+    """Add an adapter slot (e.g. "personal"); returns its initial state for later in-place resets."""
+    import torch
+
+    if spec.peft_type != pm.peft_config[BASE].peft_type.value.lower():
+        raise ValueError(
+            f"personal adapter type {spec.peft_type!r} differs from the base adapter's "
+            f"{pm.peft_config[BASE].peft_type.value.lower()!r}; PEFT stacks adapters of one type. "
+            "Set base_adapter.peft_type and personal_adapter.peft_type to the same value."
+        )
+    torch.manual_seed(seed)
+    pm.add_adapter(name, peft_config(spec))
+    return {k: v.detach().clone() for k, v in get_state(pm, name).items()}
+
+
+def activate(pm: Any, names: list[str], trainable: str | None = None) -> None:
+    """Make `names` the active (stacked) adapters; only `trainable` gets gradients."""
+    pm.base_model.set_adapter(list(names))
+    for n, p in pm.named_parameters():
+        p.requires_grad_(trainable is not None and _belongs_to(n, trainable))
+
+
+def _belongs_to(param_name: str, adapter: str) -> bool:
+    return f".{adapter}." in param_name or param_name.endswith(f".{adapter}")
+
+
+def trainable_parameters(pm: Any, name: str) -> list[Any]:
+    return [p for n, p in pm.named_parameters() if _belongs_to(n, name)]
+
+
+def get_state(pm: Any, name: str) -> dict[str, Any]:
+    """The adapter's tensors keyed as PEFT saves them (adapter name stripped)."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(pm, adapter_name=name)
+
+
+def set_state(pm: Any, name: str, state: dict[str, Any]) -> None:
+    """Load tensors into an existing adapter slot in place; keys and shapes must match exactly."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    current = get_state(pm, name)
+    missing = sorted(set(current) - set(state))
+    unknown = sorted(set(state) - set(current))
+    if missing or unknown:
+        raise ValueError(
+            f"adapter {name!r}: state does not fit this model (missing {missing[:3]}, unknown {unknown[:3]})"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(current[k].shape):
+            raise ValueError(f"adapter {name!r}: {k} has shape {tuple(v.shape)}, expected {tuple(current[k].shape)}")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"adapter {name!r}: {k} holds NaN or inf")
+    result = set_peft_model_state_dict(pm, state, adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter {name!r}: unexpected keys {unexpected[:3]}")
+
+
+@dataclass
+class AdapterManifest:
+    """What we record next to every saved adapter (counts, never content)."""
+
+    role: str  # "base" | "personal"
+    base_model_hash: str
+    task: str
+    peft_type: str
+    data: dict[str, int] = field(default_factory=dict)
+    privacy: dict[str, float] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    framework_version: str = FRAMEWORK_VERSION
+    created: float = field(default_factory=time.time)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def save_adapter(pm: Any, name: str, target: Path, manifest: AdapterManifest) -> Path:
+    """Write adapter `name` to `target` atomically (temp directory, then rename).
+
+    A crash at any point leaves either the previous `target` or the new one, never a mix.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        pm.save_pretrained(str(tmp), selected_adapters=[name])
+        sub = tmp / name if name != "default" else tmp
+        if sub != tmp:
+            for f in sub.iterdir():
+                os.replace(f, tmp / f.name)
+            sub.rmdir()
+        manifest.files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        payload = json.dumps(manifest.__dict__, indent=2, sort_keys=True)
+        with open(tmp / ADAPTER_MANIFEST, "w") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for f in tmp.iterdir():  # flush file data before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(directory: Path) -> AdapterManifest:
+    path = Path(directory) / ADAPTER_MANIFEST
+    try:
+        data = json.loads(path.read_text())
+        return AdapterManifest(**data)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: {directory} is not an oppu adapter directory") from None
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable adapter manifest ({e})") from None
+
+
+def verify_adapter_dir(directory: Path, *, base_model_hash: str | None = None) -> AdapterManifest:
+    """Check file hashes (and the base model it was trained on) before trusting an adapter."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for fname, digest in manifest.files.items():
+        f = directory / fname
+        if not f.is_file() or sha256_file(f) != digest:
+            raise ValueError(f"{f}: sha256 does not match {directory / ADAPTER_MANIFEST}; the adapter is corrupt")
+    if base_model_hash is not None and manifest.base_model_hash != base_model_hash:
+        raise ValueError(
+            f"{directory} was trained on base model {manifest.base_model_hash[:12]}, "
+            f"but the loaded base model is {base_model_hash[:12]}"
+        )
+    return manifest
+
+
+def load_adapter(pm: Any, name: str, directory: Path, *, base_model_hash: str | None = None) -> AdapterManifest:
+    """Verify and load a saved adapter into slot `name` in place (safetensors only, never pickle)."""
+    from safetensors.torch import load_file
+
+    manifest = verify_adapter_dir(directory, base_model_hash=base_model_hash)
+    weights = Path(directory) / "adapter_model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} is missing (only safetensors adapters are loaded)")
+    state = load_file(str(weights), device=str(next(pm.parameters()).device))
+    dtype = next(iter(get_state(pm, name).values())).dtype
+    set_state(pm, name, {k: v.to(dtype) for k, v in state.items()})
+    return manifest

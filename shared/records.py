@@ -1,0 +1,68 @@
+"""Plain typed records that flow between the data readers, the stores, training and evaluation.
+
+A user is a chronologically ordered history plus the queries we evaluate them on. Items keep
+their task-specific fields as strings (LaMP profiles are flat string-valued JSON objects), so one
+record type serves every task; the task object knows which fields it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    """One entry of a user's history (a LaMP profile item).
+
+    `fields` holds the task's fields, e.g. {"text": ..., "score": "4"} for a rating task.
+    `time` orders the history; items with equal time keep their given order.
+    """
+
+    id: str
+    fields: Mapping[str, str]
+    time: int = 0
+
+    def get(self, name: str) -> str:
+        return self.fields[name]
+
+    def to_lamp(self) -> dict[str, str]:
+        """The LaMP profile-item JSON object for this item."""
+        out = {"id": self.id, **{k: str(v) for k, v in self.fields.items()}}
+        if self.time:
+            out["date"] = str(self.time)
+        return out
+
+
+@dataclass(frozen=True)
+class Query:
+    """A question asked of the model for one user. `input` is the full LaMP input string."""
+
+    id: str
+    input: str
+    target: str | None = None
+
+
+@dataclass
+class UserData:
+    """One user: history (oldest first) and the queries held out for evaluation."""
+
+    user_id: str
+    history: list[HistoryItem]
+    queries: list[Query]
+    profile_text: str | None = None  # a user-supplied profile for PAG, when given
+
+
+@dataclass
+class TaskDataset:
+    """Users of one task, split so that no evaluated user's data can reach the base adapter.
+
+    `base_users` train the shared base adapter; `eval_users` are personalized and evaluated.
+    `source` says where the data came from (a path, or "synthetic(seed=...)").
+    """
+
+    task: str
+    base_users: list[UserData]
+    eval_users: list[UserData]
+    source: str
+    notes: list[str] = field(default_factory=list)

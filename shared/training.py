@@ -1,0 +1,188 @@
+"""THE training loop: answer-only loss, deterministic with a seed, used for every adapter.
+
+The base adapter, each personal adapter, the simulation, the federation client and the daemon
+all train through `train_adapter`. Two choices matter for speed on small hardware:
+
+- Examples are tokenized once per call and batched by length, so padding is small.
+- The loss only needs logits at answer positions, so the LM head (vocabulary ~49k, about a fifth
+  of SmolLM2's FLOPs and most of its activation memory) runs on those positions only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from .config import TrainSpec
+from .prompting import encode_answer, encode_prompt, fit_prompt
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training pair: the full prompt (context included) and the answer to learn."""
+
+    prompt: str
+    target: str
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    n_prompt: int  # tokens before the answer; only later tokens carry loss
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    examples: int
+    epochs: float
+    useful_tokens: int  # non-padding tokens processed (all epochs)
+    answer_tokens: int  # tokens that carried loss (all epochs)
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    cancelled: bool = False
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-max(1, len(self.losses) // 5):]
+        return float(sum(tail) / len(tail)) if tail else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.useful_tokens / self.seconds if self.seconds else 0.0
+
+
+def encode_examples(tokenizer: Any, examples: Sequence[Example], max_length: int) -> list[Encoded]:
+    out = []
+    for ex in examples:
+        answer = encode_answer(tokenizer, ex.target)[: max_length // 2]
+        prompt = fit_prompt(encode_prompt(tokenizer, ex.prompt), max_length - len(answer))
+        out.append(Encoded(prompt + answer, len(prompt)))
+    return out
+
+
+def length_batches(encoded: list[Encoded], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Group examples of similar length, then shuffle the groups (less padding, still random)."""
+    order = list(range(len(encoded)))
+    rng.shuffle(order)
+    # Sort within windows of a few batches so batches stay random across epochs.
+    window = batch_size * 8
+    batches: list[list[int]] = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s : s + window], key=lambda i: len(encoded[i].input_ids))
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(encoded: list[Encoded], idx: list[int], pad_id: int, device: Any):
+    import torch
+
+    width = max(len(encoded[i].input_ids) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    labels = torch.full((len(idx), width), -100, dtype=torch.long)
+    for row, i in enumerate(idx):
+        e = encoded[i]
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        labels[row, e.n_prompt : n] = ids[row, e.n_prompt : n]
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def answer_loss(model: Any, ids: Any, mask: Any, labels: Any) -> Any:
+    """Mean cross-entropy over answer tokens, computing the LM head only where it is needed."""
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()
+    head = base.get_output_embeddings()
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    # Position t predicts token t+1: keep positions whose next token is an answer token.
+    next_labels = labels[:, 1:]
+    keep = next_labels != -100
+    logits = head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), next_labels[keep])
+
+
+def train_adapter(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    spec: TrainSpec,
+    params: Sequence[Any],
+    *,
+    progress: bool | str = True,
+    on_step: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train `params` (the trainable adapter's tensors) on `examples` with answer-only loss.
+
+    The caller activates the adapters and marks which are trainable (see shared.adapters).
+    `on_step(step, total, loss)` reports progress; `should_stop()` cancels between steps.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise RuntimeError("no trainable parameters: activate an adapter with trainable=<name> first")
+    if not examples:
+        return TrainResult(0, 0, spec.epochs, 0, 0)
+    device = params[0].device
+    rng = random.Random(spec.seed)
+    torch.manual_seed(spec.seed)  # dropout masks
+    encoded = encode_examples(tokenizer, examples, spec.max_length)
+
+    full_epochs = int(spec.epochs)
+    plan: list[list[int]] = []
+    for _ in range(full_epochs):
+        plan += length_batches(encoded, spec.batch_size, rng)
+    frac = spec.epochs - full_epochs
+    if frac > 0:  # a fractional epoch: the first part of one more shuffled pass
+        extra = length_batches(encoded, spec.batch_size, rng)
+        plan += extra[: max(1, round(len(extra) * frac))]
+    total = len(plan)
+
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    warm = int(total * spec.warmup_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    model.train()
+    result = TrainResult(0, len(examples), spec.epochs, 0, 0)
+    desc = progress if isinstance(progress, str) else "training"
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
+    start = time.perf_counter()
+    try:
+        for step, idx in enumerate(plan):
+            if should_stop is not None and should_stop():
+                result.cancelled = True
+                break
+            ids, mask, labels = collate(encoded, idx, pad_id, device)
+            loss = answer_loss(model, ids, mask, labels)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if spec.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            opt.step()
+            sched.step()
+            result.steps += 1
+            result.losses.append(float(loss.item()))
+            result.useful_tokens += int(mask.sum())
+            result.answer_tokens += int((labels != -100).sum())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if on_step is not None:
+                on_step(step + 1, total, float(loss.item()))
+    finally:
+        bar.close()
+        model.eval()
+        result.seconds = time.perf_counter() - start
+    return result

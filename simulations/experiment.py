@@ -1,0 +1,269 @@
+"""`oppu experiment`: compare non-personalized, RAG, PAG, OPPU, OPPU+RAG, OPPU+PAG on the same
+users and queries, and write a self-contained run directory.
+
+run_dir/
+  config.toml            the resolved ExperimentSpec (rerun with `oppu experiment --config`)
+  data.json              where the users came from, counts, notes
+  base_adapter/          the shared base adapter (PEFT format + manifest)
+  users/<id>/            history store, profile, personal adapters, predictions per method
+  predictions/<m>.json   all users' predictions per method, LaMP outputs format
+  metrics.json           aggregate + per-user metrics, improvement over non-personalized
+  results.md             the aggregate table
+  log.txt                the run's log
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.adapters import AdapterManifest
+from shared.config import ExperimentSpec, dump_toml, to_dict
+from shared.engine import Engine
+from shared.metrics import METRIC_DIRECTION
+from shared.personalize import (
+    METHOD_AUGMENTATION,
+    PERSONAL_METHODS,
+    Context,
+    ensure_profile,
+    history_examples,
+    prompt_for,
+)
+from shared.records import TaskDataset, UserData
+from shared.retrieval import InMemoryHistoryStore, make_retriever
+from shared.tasks import get_task
+from shared.training import Example
+
+from .datasets import load_dataset
+from .reporting import atomic_write, markdown_table
+
+log = logging.getLogger("oppu.experiment")
+
+
+@dataclass
+class UserResult:
+    user_id: str
+    history: int
+    predictions: dict[str, dict[str, str]] = field(default_factory=dict)  # method -> qid -> answer
+    train: dict[str, dict[str, float]] = field(default_factory=dict)  # augmentation -> stats
+
+
+def new_run_dir(out_dir: str, task: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(out_dir) / f"{stamp}-{task}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def open_store(spec: ExperimentSpec, directory: Path, task: Any) -> Any:
+    if spec.retrieval.store == "chroma":
+        from client.store import ChromaHistoryStore
+
+        return ChromaHistoryStore(directory, task.item_text)
+    embed = None
+    if spec.retrieval.retriever != "bm25":
+        from client.store import MiniLMEmbedder
+
+        embed = MiniLMEmbedder()
+    return InMemoryHistoryStore(task.item_text, embed)
+
+
+def base_examples(task: Any, spec: ExperimentSpec, users: list[UserData]) -> list[Example]:
+    """Base-adapter training data from users who are never evaluated.
+
+    The base adapter serves every method, so it sees both prompt shapes: plain, and with
+    retrieved items from the same user's earlier history (profiles are left out because writing
+    one per base user would cost a generation pass each).
+    """
+    rng = random.Random(spec.data.seed)
+    wants_context = any(METHOD_AUGMENTATION[m] != "plain" for m in spec.methods)
+    examples: list[Example] = []
+    for u in users:
+        store = InMemoryHistoryStore(task.item_text)
+        store.add(u.history)
+        ctx = Context(store, make_retriever("bm25", task.item_text), spec.retrieval)
+        for i, item in enumerate(u.history):
+            query_input, target = task.item_to_example(item)
+            aug = "rag" if wants_context and i > 0 and rng.random() < 0.5 else "plain"
+            examples.append(Example(prompt_for(task, ctx, query_input, aug, before=i), target))
+    rng.shuffle(examples)
+    return examples[: spec.data.base_examples] if spec.data.base_examples else examples
+
+
+def run_experiment(spec: ExperimentSpec, run_dir: Path | None = None, *, progress: bool = True) -> Path:
+    get_task(spec.data.task)  # an unknown task name fails here, listing the valid ones
+    dataset = load_dataset(spec.data)
+    task = get_task(dataset.task)
+    run_dir = Path(run_dir) if run_dir else new_run_dir(spec.out_dir, dataset.task)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        return _run(spec, dataset, task, run_dir, progress)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, progress: bool) -> Path:
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    atomic_write(run_dir / "config.toml", dump_toml(to_dict(spec)))
+    data_info = {
+        "task": dataset.task,
+        "source": dataset.source,
+        "notes": dataset.notes,
+        "eval_users": len(dataset.eval_users),
+        "base_users": len(dataset.base_users),
+        "queries": sum(len(u.queries) for u in dataset.eval_users),
+        "history_per_user": {u.user_id: len(u.history) for u in dataset.eval_users},
+    }
+    atomic_write(run_dir / "data.json", json.dumps(data_info, indent=2))
+    for note in dataset.notes:
+        log.warning(note)
+    log.info("task %s from %s: %d evaluated users, %d base users", dataset.task, dataset.source,
+             len(dataset.eval_users), len(dataset.base_users))
+
+    engine = Engine(spec.base_model, spec.base_adapter, spec.personal_adapter, seed=spec.personal_train.seed)
+    log.info("base model %s (%s, %s on %s), hash %s", engine.base.directory, engine.base.quantization,
+             engine.base.dtype, engine.base.device, engine.model_hash[:12])
+
+    # 1. The shared base adapter, from users who are never evaluated.
+    examples = base_examples(task, spec, dataset.base_users)
+    base_result = engine.train_base(examples, spec.base_train, progress="base adapter" if progress else False)
+    log.info("base adapter: %d examples, %d steps, loss %.3f, %.0f tokens/s", len(examples),
+             base_result.steps, base_result.final_loss, base_result.tokens_per_second)
+    engine.save_base(run_dir / "base_adapter", AdapterManifest(
+        role="base", base_model_hash=engine.model_hash, task=dataset.task,
+        peft_type=spec.base_adapter.peft_type,
+        data={"users": len(dataset.base_users), "examples": len(examples)},
+        train={"steps": base_result.steps, "final_loss": base_result.final_loss},
+    ))
+
+    # 2. Each evaluated user: store, profile, personal adapters, answers for every method.
+    retriever = make_retriever(spec.retrieval.retriever, task.item_text)
+    results: list[UserResult] = []
+    users = tqdm(dataset.eval_users, desc="users", disable=not progress, unit="user")
+    for user in users:
+        results.append(_run_user(spec, engine, task, retriever, user, run_dir / "users" / _safe(user.user_id)))
+
+    # 3. Scores, exactly as LaMP computes them, pooled over all queries and per user.
+    metrics = score(task, spec.methods, dataset.eval_users, results)
+    metrics["base_adapter"] = {"examples": len(examples), "steps": base_result.steps,
+                               "final_loss": base_result.final_loss, "seconds": base_result.seconds}
+    metrics["seconds"] = time.time() - started
+    from shared.data import write_predictions
+
+    for m in spec.methods:
+        merged = {qid: a for r in results for qid, a in r.predictions[m].items()}
+        write_predictions(run_dir / "predictions" / f"{_safe(m)}.json", dataset.task, merged)
+    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write(run_dir / "results.md", render_results(metrics, data_info))
+    log.info("run finished in %.0f s: %s", metrics["seconds"], run_dir)
+    return run_dir
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _run_user(spec: ExperimentSpec, engine: Engine, task: Any, retriever: Any, user: UserData, udir: Path) -> UserResult:
+    udir.mkdir(parents=True, exist_ok=True)
+    store = open_store(spec, udir / "history", task)
+    store.add(user.history)
+    ctx = Context(store, retriever, spec.retrieval, profile=user.profile_text)
+    if user.profile_text:
+        store.set_profile(user.profile_text)
+    res = UserResult(user.user_id, len(user.history))
+    augs_needed = {METHOD_AUGMENTATION[m] for m in spec.methods}
+    if "pag" in augs_needed:
+        ensure_profile(engine, task, ctx, user.history, seed=spec.data.seed)
+    # Queries come after all history, so they retrieve from the whole store.
+    prompts = {aug: [prompt_for(task, ctx, q.input, aug) for q in user.queries] for aug in augs_needed}
+
+    for m in [m for m in spec.methods if m not in PERSONAL_METHODS]:
+        answers = engine.answer(prompts[METHOD_AUGMENTATION[m]], max_new_tokens=task.max_new_tokens, personal=False)
+        res.predictions[m] = {q.id: task.parse_output(a) for q, a in zip(user.queries, answers)}
+
+    for aug in ("plain", "rag", "pag"):
+        methods = [m for m in spec.methods if m in PERSONAL_METHODS and METHOD_AUGMENTATION[m] == aug]
+        if not methods:
+            continue
+        examples = history_examples(task, user.history, ctx, aug)
+        tr = engine.train_personal(examples, spec.personal_train, progress=False)
+        res.train[aug] = {"examples": len(examples), "steps": tr.steps, "final_loss": tr.final_loss,
+                          "seconds": tr.seconds, "tokens_per_second": tr.tokens_per_second}
+        engine.save_personal(udir / f"personal-{aug}", AdapterManifest(
+            role="personal", base_model_hash=engine.model_hash, task=task.name,
+            peft_type=spec.personal_adapter.peft_type,
+            data={"history_items": len(user.history), "examples": len(examples)},
+            train=res.train[aug],
+        ))
+        answers = engine.answer(prompts[aug], max_new_tokens=task.max_new_tokens, personal=True)
+        for m in methods:
+            res.predictions[m] = {q.id: task.parse_output(a) for q, a in zip(user.queries, answers)}
+    atomic_write(udir / "predictions.json", json.dumps(res.predictions, indent=2))
+    return res
+
+
+def score(task: Any, methods: tuple[str, ...], users: list[UserData], results: list[UserResult]) -> dict[str, Any]:
+    golds = {q.id: q.target for u in users for q in u.queries}
+    aggregate: dict[str, dict[str, float]] = {}
+    per_user: dict[str, dict[str, dict[str, float]]] = {}
+    for m in methods:
+        qids = [qid for r in results for qid in r.predictions[m]]
+        preds = [r.predictions[m][qid] for r in results for qid in r.predictions[m]]
+        aggregate[m] = task.score(preds, [golds[q] for q in qids])
+        for r in results:
+            per_user.setdefault(r.user_id, {})[m] = task.score(
+                list(r.predictions[m].values()), [golds[q] for q in r.predictions[m]]
+            )
+    improvement: dict[str, dict[str, float]] = {}
+    ref = aggregate.get("non-personalized")
+    if ref:
+        for m, scores in aggregate.items():
+            improvement[m] = {}
+            for k, v in scores.items():
+                base = ref[k]
+                sign = 1.0 if METRIC_DIRECTION.get(k, "higher") == "higher" else -1.0
+                improvement[m][k] = sign * (v - base) / abs(base) if base else 0.0
+    return {"task": task.name, "methods": list(methods), "aggregate": aggregate,
+            "improvement_over_non_personalized": improvement, "per_user": per_user,
+            "training": {r.user_id: r.train for r in results}}
+
+
+def render_results(metrics: dict[str, Any], data_info: dict[str, Any]) -> str:
+    agg = metrics["aggregate"]
+    imp = metrics["improvement_over_non_personalized"]
+    names = list(next(iter(agg.values())).keys())
+    header = ["method"] + [f"{n} {'↑' if METRIC_DIRECTION.get(n, 'higher') == 'higher' else '↓'}" for n in names]
+    if imp:
+        header += [f"Δ{n} vs non-pers." for n in names]
+    rows = []
+    for m in metrics["methods"]:
+        row = [m] + [f"{agg[m][n]:.4f}" for n in names]
+        if imp:
+            row += [f"{imp[m][n]:+.1%}" for n in names]
+        rows.append(row)
+    lines = [
+        f"# {metrics['task']}: {data_info['eval_users']} users, {data_info['queries']} queries",
+        "",
+        f"Data: {data_info['source']}",
+    ]
+    lines += [f"Note: {n}" for n in data_info.get("notes", [])]
+    lines += ["", markdown_table(header, rows), "",
+              "Δ is the relative improvement over non-personalized (positive = better, whatever the "
+              "metric's direction).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""The one training loop: answer-only loss, determinism, the nf4 gradient trap, isolation."""
+
+import pytest
+import torch
+
+from shared.config import TrainSpec
+from shared.training import Example, answer_loss, collate, encode_examples
+
+EXAMPLES = [Example(f"Rate this review: the strings number {i} sound bright", str(1 + i % 5)) for i in range(12)]
+
+
+def test_loss_only_on_answer_tokens(tiny_engine):
+    tok = tiny_engine.tokenizer
+    enc = encode_examples(tok, EXAMPLES[:2], 256)
+    ids, mask, labels = collate(enc, [0, 1], tok.pad_token_id, "cpu")
+    for row, e in enumerate(enc):
+        assert (labels[row, : e.n_prompt] == -100).all()
+        answer = labels[row, e.n_prompt : len(e.input_ids)]
+        assert (answer != -100).all()
+        # The answer is the target's tokens followed by the end-of-turn marker.
+        assert tok.decode(answer[:-1]) == EXAMPLES[row].target
+    assert (labels[mask == 0] == -100).all()
+
+
+def test_head_on_answer_positions_equals_full_loss(tiny_engine):
+    """Computing the LM head only where the answer is gives the same loss as the full model."""
+    tok = tiny_engine.tokenizer
+    enc = encode_examples(tok, EXAMPLES[:4], 256)
+    ids, mask, labels = collate(enc, [0, 1, 2, 3], tok.pad_token_id, "cpu")
+    model = tiny_engine.model
+    model.eval()
+    with torch.no_grad():
+        ours = answer_loss(model, ids, mask, labels)
+        full = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.allclose(ours, full, atol=1e-5)
+
+
+def test_training_is_deterministic_and_changes_only_personal(tiny_engine):
+    spec = TrainSpec(epochs=1, lr=1e-3, batch_size=4, seed=3)
+    base_before = {k: v.clone() for k, v in tiny_engine.base_state().items()}
+    tiny_engine.train_personal(EXAMPLES, spec, progress=False)
+    first = {k: v.clone() for k, v in tiny_engine.personal_state().items()}
+    tiny_engine.train_personal(EXAMPLES, spec, progress=False)
+    second = tiny_engine.personal_state()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert all(torch.equal(base_before[k], v) for k, v in tiny_engine.base_state().items())
+    assert any(not torch.equal(first[k], tiny_engine._personal_init[k]) for k in first)
+
+
+def test_users_are_isolated(tiny_engine):
+    """User B's adapter is the same whether or not user A trained before in this process
+    (the published OPPU script accumulates earlier users' data; we must not)."""
+    spec = TrainSpec(epochs=1, lr=1e-3, batch_size=4, seed=0)
+    user_a = [Example(f"Tag this movie: a space opera {i}", "sci-fi") for i in range(8)]
+    user_b = EXAMPLES[:8]
+    tiny_engine.train_personal(user_b, spec, progress=False)
+    alone = {k: v.clone() for k, v in tiny_engine.personal_state().items()}
+    tiny_engine.train_personal(user_a, spec, progress=False)
+    tiny_engine.train_personal(user_b, spec, progress=False)
+    after_a = tiny_engine.personal_state()
+    assert all(torch.equal(alone[k], after_a[k]) for k in alone)
+
+
+def test_cancellation_and_progress(tiny_engine):
+    seen = []
+    r = tiny_engine.train_personal(
+        EXAMPLES, TrainSpec(epochs=2, batch_size=2), progress=False,
+        on_step=lambda s, total, loss: seen.append((s, total)), should_stop=lambda: len(seen) >= 3,
+    )
+    assert r.cancelled and r.steps == 3 and seen[-1] == (3, 12)
+
+
+@pytest.mark.realmodel
+def test_nf4_lora_weights_change_after_an_eval_forward(real_engine):
+    """The CPU bitsandbytes trap: an eval-mode no-grad forward repacks 4-bit weights and LoRA
+    gradients silently vanish unless support_avx512bf16_for_cpu is off. This fails if they do."""
+    real_engine.answer(["Say hello."], max_new_tokens=2, personal=True)  # eval, no-grad forward
+    real_engine.reset_personal()
+    init = {k: v.clone() for k, v in real_engine.personal_state().items()}
+    r = real_engine.train_personal(EXAMPLES[:4], TrainSpec(epochs=1, batch_size=4, lr=1e-3), fresh=False,
+                                   progress=False)
+    assert r.steps == 1
+    after = real_engine.personal_state()
+    lora_b = [k for k in after if "lora_B" in k]
+    assert lora_b and all(not torch.equal(init[k], after[k]) for k in lora_b)
