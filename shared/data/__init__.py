@@ -1,0 +1,23 @@
+"""Where users come from: real LaMP files, the Amazon-review tasks, and the synthetic generator.
+
+Every source yields the same records (shared.records): a TaskDataset whose base users train the
+shared base adapter and whose eval users are personalized and evaluated.
+"""
+
+from __future__ import annotations
+
+from .amazon import build_amazon, default_data_root
+from .lamp import load_lamp_dataset, read_lamp, write_lamp, write_predictions
+from .synthetic import make_synthetic, oracle_predict, oracle_scores
+
+__all__ = [
+    "build_amazon",
+    "default_data_root",
+    "load_lamp_dataset",
+    "make_synthetic",
+    "oracle_predict",
+    "oracle_scores",
+    "read_lamp",
+    "write_lamp",
+    "write_predictions",
+]
