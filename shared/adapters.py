@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import AdapterSpec
 from .model import sha256_file
@@ -48,8 +48,8 @@ def peft_config(spec: AdapterSpec) -> Any:
         ff = [m for m in spec.target_modules if m in ("down_proj", "fc2", "mlp")]
         return IA3Config(target_modules=list(spec.target_modules), feedforward_modules=ff, task_type="CAUSAL_LM")
     raise ValueError(
-        f"adapter.peft_type={spec.peft_type!r} cannot be stacked on a shared base adapter; "
-        "stackable types: lora, ia3"
+        f"adapter.peft_type={spec.peft_type!r} cannot be the shared base adapter; "
+        "use lora or ia3 there (prompt_tuning is available for the personal adapter)"
     )
 
 
@@ -140,7 +140,21 @@ class AdapterManifest:
 
 
 def save_adapter(pm: Any, name: str, target: Path, manifest: AdapterManifest) -> Path:
-    """Write adapter `name` to `target` atomically (temp directory, then rename).
+    """Write PEFT adapter `name` to `target` atomically, in PEFT's own format plus our manifest."""
+
+    def write(tmp: Path) -> None:
+        pm.save_pretrained(str(tmp), selected_adapters=[name])
+        sub = tmp / name if name != "default" else tmp
+        if sub != tmp:
+            for f in sub.iterdir():
+                os.replace(f, tmp / f.name)
+            sub.rmdir()
+
+    return write_adapter_dir(target, write, manifest)
+
+
+def write_adapter_dir(target: Path, write: Callable[[Path], None], manifest: AdapterManifest) -> Path:
+    """Let `write` fill a temporary directory, add the manifest, then swap it into `target`.
 
     A crash at any point leaves either the previous `target` or the new one, never a mix.
     """
@@ -148,19 +162,12 @@ def save_adapter(pm: Any, name: str, target: Path, manifest: AdapterManifest) ->
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        pm.save_pretrained(str(tmp), selected_adapters=[name])
-        sub = tmp / name if name != "default" else tmp
-        if sub != tmp:
-            for f in sub.iterdir():
-                os.replace(f, tmp / f.name)
-            sub.rmdir()
+        write(tmp)
         manifest.files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         payload = json.dumps(manifest.__dict__, indent=2, sort_keys=True)
         with open(tmp / ADAPTER_MANIFEST, "w") as fh:
             fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        for f in tmp.iterdir():  # flush file data before the rename makes it visible
+        for f in tmp.iterdir():  # file data reaches the disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if target.exists():

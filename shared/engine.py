@@ -11,7 +11,9 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import adapters
+import torch
+
+from . import adapters, soft_prompt
 from .adapters import BASE, PERSONAL, AdapterManifest
 from .config import AdapterSpec, BaseModelSpec, TrainSpec
 from .inference import generate
@@ -33,7 +35,15 @@ class Engine:
         self.base_adapter_spec = base_adapter
         self.personal_adapter_spec = personal_adapter
         self.model = adapters.wrap(self.base.model, base_adapter)
-        self._personal_init = adapters.add_slot(self.model, PERSONAL, personal_adapter, seed=seed)
+        # The personal slot is a PEFT adapter stacked on the base one (lora, ia3), or a soft
+        # prompt in front of the input (prompt_tuning), which PEFT cannot stack.
+        self.soft_prompt: Any = None
+        if personal_adapter.peft_type == "prompt_tuning":
+            init = soft_prompt.init_prompt(self.base.model, personal_adapter.num_virtual_tokens, seed)
+            self.soft_prompt = init.to(self.base.device).requires_grad_(False)
+            self._personal_init = {"prompt_embeddings": init.clone()}
+        else:
+            self._personal_init = adapters.add_slot(self.model, PERSONAL, personal_adapter, seed=seed)
         self.personal_loaded: str | None = None  # what the personal slot currently holds
         # One model, many threads (daemon): generation and training must not interleave.
         self.lock = threading.RLock()
@@ -76,8 +86,10 @@ class Engine:
     def reset_personal(self) -> None:
         """Fresh personal weights for the next user, in place (no re-wrapping)."""
         with self.lock:
-            adapters.set_state(self.model, PERSONAL, {k: v.clone() for k, v in self._personal_init.items()})
-            self.personal_loaded = None
+            self.set_personal_state({k: v.clone() for k, v in self._personal_init.items()}, label=None)
+
+    def _personal_names(self) -> list[str]:
+        return [BASE] if self.soft_prompt is not None else [BASE, PERSONAL]
 
     def train_personal(
         self,
@@ -91,34 +103,85 @@ class Engine:
         with self.lock:
             if fresh:
                 self.reset_personal()
-            adapters.activate(self.model, [BASE, PERSONAL], trainable=PERSONAL)
+            if self.soft_prompt is not None:
+                adapters.activate(self.model, [BASE])
+                self.soft_prompt.requires_grad_(True)
+                params, kw = [self.soft_prompt], {**kw, "soft_prompt": self.soft_prompt}
+            else:
+                adapters.activate(self.model, [BASE, PERSONAL], trainable=PERSONAL)
+                params = adapters.trainable_parameters(self.model, PERSONAL)
             try:
-                result = train_adapter(
-                    self.model, self.tokenizer, examples, spec,
-                    adapters.trainable_parameters(self.model, PERSONAL), **kw,
-                )
+                result = train_adapter(self.model, self.tokenizer, examples, spec, params, **kw)
             finally:
                 adapters.activate(self.model, [BASE])
+                if self.soft_prompt is not None:
+                    self.soft_prompt.requires_grad_(False)
             self.personal_loaded = "trained"
             return result
 
     def personal_state(self) -> dict[str, Any]:
+        if self.soft_prompt is not None:
+            return {"prompt_embeddings": self.soft_prompt.detach()}
         return adapters.get_state(self.model, PERSONAL)
 
-    def set_personal_state(self, state: dict[str, Any], label: str = "state") -> None:
+    def set_personal_state(self, state: dict[str, Any], label: str | None = "state") -> None:
         with self.lock:
-            adapters.set_state(self.model, PERSONAL, state)
+            if self.soft_prompt is not None:
+                new = state.get("prompt_embeddings")
+                if set(state) != {"prompt_embeddings"} or new is None or new.shape != self.soft_prompt.shape:
+                    raise ValueError(
+                        f"personal soft prompt must be {{'prompt_embeddings': {tuple(self.soft_prompt.shape)}}}"
+                    )
+                if not bool(torch.isfinite(new).all()):
+                    raise ValueError("personal soft prompt holds NaN or inf")
+                with torch.no_grad():
+                    self.soft_prompt.copy_(new.to(self.soft_prompt.device, self.soft_prompt.dtype))
+            else:
+                adapters.set_state(self.model, PERSONAL, state)
             self.personal_loaded = label
 
     def save_personal(self, target: Path, manifest: AdapterManifest) -> Path:
         with self.lock:
-            return adapters.save_adapter(self.model, PERSONAL, target, manifest)
+            if self.soft_prompt is None:
+                return adapters.save_adapter(self.model, PERSONAL, target, manifest)
+            prompt = self.soft_prompt.detach().clone()
+            write = lambda tmp: soft_prompt.write_peft_files(  # noqa: E731
+                tmp, prompt, self.base.model.config, str(self.base.directory))
+            return adapters.write_adapter_dir(target, write, manifest)
 
     def load_personal(self, directory: Path) -> AdapterManifest:
         with self.lock:
-            m = adapters.load_adapter(self.model, PERSONAL, directory, base_model_hash=self.model_hash)
+            if self.soft_prompt is None:
+                m = adapters.load_adapter(self.model, PERSONAL, directory, base_model_hash=self.model_hash)
+            else:
+                m = adapters.verify_adapter_dir(directory, base_model_hash=self.model_hash)
+                self.set_personal_state({"prompt_embeddings": soft_prompt.read_peft_prompt(directory)})
             self.personal_loaded = str(directory)
             return m
+
+    def example_losses(self, examples: Sequence[Example], *, personal: bool, max_length: int = 512) -> list[float]:
+        """Answer-token loss of each example under base + base adapter (+ personal), no training.
+
+        Used to check what an adapter learned and by loss-threshold membership inference.
+        """
+        from .training import answer_loss, collate, encode_examples
+
+        with self.lock, torch.no_grad():
+            adapters.activate(self.model, self._personal_names() if personal else [BASE])
+            prompt = self.soft_prompt if personal else None
+            pad = self.tokenizer.pad_token_id
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                encoded = encode_examples(self.tokenizer, examples, max_length)
+                out = []
+                for i in range(len(encoded)):
+                    ids, mask, labels = collate(encoded, [i], pad, self.base.device)
+                    out.append(float(answer_loss(self.model, ids, mask, labels, prompt)))
+                return out
+            finally:
+                adapters.activate(self.model, [BASE])
+                self.model.train(was_training)
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -142,7 +205,9 @@ class Engine:
             if raw:
                 with self.model.disable_adapter():
                     return generate(self.model, self.tokenizer, prompts, **kw)
-            adapters.activate(self.model, [BASE, PERSONAL] if personal else [BASE])
+            adapters.activate(self.model, self._personal_names() if personal else [BASE])
+            if personal and self.soft_prompt is not None:
+                kw["soft_prompt"] = self.soft_prompt
             try:
                 return generate(self.model, self.tokenizer, prompts, **kw)
             finally:

@@ -17,8 +17,10 @@ def generate(
     batch_size: int = 8,
     max_prompt_tokens: int = 1024,
     progress: bool | str = False,
+    soft_prompt: Any = None,
 ) -> list[str]:
-    """Greedy answers for `prompts` with whatever adapters are active on `model`."""
+    """Greedy answers for `prompts` with whatever adapters are active on `model`
+    (and a personal soft prompt in front of each prompt when given)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -44,9 +46,19 @@ def generate(
                 n = len(encoded[i])
                 ids[row, width - n :] = torch.tensor(encoded[i])
                 mask[row, width - n :] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            if soft_prompt is None:
+                inputs = {"input_ids": ids, "attention_mask": mask}
+                start = width
+            else:
+                from .soft_prompt import prepend
+
+                base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                embeds, full_mask = prepend(base, soft_prompt, ids, mask)
+                inputs = {"inputs_embeds": embeds, "attention_mask": full_mask}
+                start = 0  # generate() returns only new tokens when given embeddings
             out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
+                **inputs,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,
@@ -58,7 +70,7 @@ def generate(
                 top_k=None,
             )
             for row, i in enumerate(idx):
-                new = out[row, width:].tolist()
+                new = out[row, start:].tolist()
                 cut = next((j for j, t in enumerate(new) if t in stops), len(new))
                 answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
     if was_training:

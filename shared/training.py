@@ -94,14 +94,25 @@ def collate(encoded: list[Encoded], idx: list[int], pad_id: int, device: Any):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def answer_loss(model: Any, ids: Any, mask: Any, labels: Any) -> Any:
-    """Mean cross-entropy over answer tokens, computing the LM head only where it is needed."""
+def answer_loss(model: Any, ids: Any, mask: Any, labels: Any, soft_prompt: Any = None) -> Any:
+    """Mean cross-entropy over answer tokens, computing the LM head only where it is needed.
+
+    With a `soft_prompt` (personal prompt tuning) its vectors are prepended to the embeddings
+    and their positions dropped again before the head.
+    """
     import torch.nn.functional as F
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()
     head = base.get_output_embeddings()
-    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    if soft_prompt is None:
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    else:
+        from .soft_prompt import prepend
+
+        embeds, full_mask = prepend(base, soft_prompt, ids, mask)
+        hidden = decoder(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False).last_hidden_state
+        hidden = hidden[:, soft_prompt.shape[0]:]
     # Position t predicts token t+1: keep positions whose next token is an answer token.
     next_labels = labels[:, 1:]
     keep = next_labels != -100
@@ -119,11 +130,13 @@ def train_adapter(
     progress: bool | str = True,
     on_step: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    soft_prompt: Any = None,
 ) -> TrainResult:
     """Train `params` (the trainable adapter's tensors) on `examples` with answer-only loss.
 
     The caller activates the adapters and marks which are trainable (see shared.adapters).
     `on_step(step, total, loss)` reports progress; `should_stop()` cancels between steps.
+    `soft_prompt`, when given, is prepended to every example (it is then among `params`).
     """
     import torch
     from tqdm.auto import tqdm
@@ -164,7 +177,7 @@ def train_adapter(
                 result.cancelled = True
                 break
             ids, mask, labels = collate(encoded, idx, pad_id, device)
-            loss = answer_loss(model, ids, mask, labels)
+            loss = answer_loss(model, ids, mask, labels, soft_prompt)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr")
             opt.zero_grad(set_to_none=True)

@@ -157,7 +157,8 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
     results: list[UserResult] = []
     users = tqdm(dataset.eval_users, desc="users", disable=not progress, unit="user")
     for user in users:
-        results.append(_run_user(spec, engine, task, retriever, user, run_dir / "users" / _safe(user.user_id)))
+        udir = run_dir / "users" / _safe(user.user_id)
+        results.append(_run_user(spec, engine, task, retriever, user, udir, progress))
 
     # 3. Scores, exactly as LaMP computes them, pooled over all queries and per user.
     metrics = score(task, spec.methods, dataset.eval_users, results)
@@ -179,7 +180,9 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
 
 
-def _run_user(spec: ExperimentSpec, engine: Engine, task: Any, retriever: Any, user: UserData, udir: Path) -> UserResult:
+def _run_user(
+    spec: ExperimentSpec, engine: Engine, task: Any, retriever: Any, user: UserData, udir: Path, progress: bool
+) -> UserResult:
     udir.mkdir(parents=True, exist_ok=True)
     store = open_store(spec, udir / "history", task)
     store.add(user.history)
@@ -202,7 +205,8 @@ def _run_user(spec: ExperimentSpec, engine: Engine, task: Any, retriever: Any, u
         if not methods:
             continue
         examples = history_examples(task, user.history, ctx, aug)
-        tr = engine.train_personal(examples, spec.personal_train, progress=False)
+        label = f"{user.user_id[:14]} personal ({aug})"
+        tr = engine.train_personal(examples, spec.personal_train, progress=label if progress else False)
         res.train[aug] = {"examples": len(examples), "steps": tr.steps, "final_loss": tr.final_loss,
                           "seconds": tr.seconds, "tokens_per_second": tr.tokens_per_second}
         engine.save_personal(udir / f"personal-{aug}", AdapterManifest(

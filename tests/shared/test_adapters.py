@@ -75,3 +75,41 @@ def test_failed_save_keeps_previous_adapter(tiny_engine, tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["p"]  # no temporary leftovers
     verify_adapter_dir(target)
+
+
+@pytest.mark.parametrize("peft_type", ["ia3", "prompt_tuning"])
+def test_other_peft_types_train_stacked_and_load_with_plain_peft(tiny_model_dir, tmp_path, peft_type):
+    """IA3 and prompt tuning are selectable for the personal adapter, stacked on a frozen base
+    adapter, and saved in PEFT's own format."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from shared.config import AdapterSpec, BaseModelSpec
+    from shared.engine import Engine
+
+    if peft_type == "ia3":
+        base_spec = personal_spec = AdapterSpec(peft_type="ia3", target_modules=("k_proj", "v_proj", "down_proj"))
+    else:
+        base_spec, personal_spec = AdapterSpec(), AdapterSpec(peft_type="prompt_tuning", num_virtual_tokens=4)
+    engine = Engine(BaseModelSpec(path=str(tiny_model_dir), quantization="none"), base_spec, personal_spec)
+    base_before = {k: v.clone() for k, v in engine.base_state().items()}
+    prompts = [EXAMPLES[0].prompt]
+    engine.train_personal(EXAMPLES, TrainSpec(epochs=2, lr=5e-2), progress=False)
+    state = {k: v.clone() for k, v in engine.personal_state().items()}
+    assert any(not torch.equal(state[k], engine._personal_init[k]) for k in state)
+    assert all(torch.equal(base_before[k], v) for k, v in engine.base_state().items())
+    # The personal adapter is used at inference, and only when asked for.
+    assert engine.answer(prompts, max_new_tokens=3, personal=False) == engine.answer(prompts, max_new_tokens=3, personal=False)
+    with_personal = sum(engine.example_losses(EXAMPLES, personal=True))
+    without = sum(engine.example_losses(EXAMPLES, personal=False))
+    assert with_personal < without
+
+    target = engine.save_personal(tmp_path / "p", _manifest(engine))
+    engine.reset_personal()
+    engine.load_personal(target)
+    assert all(torch.equal(state[k], v) for k, v in engine.personal_state().items())
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(target))
+    from peft import get_peft_model_state_dict
+
+    theirs = get_peft_model_state_dict(plain)
+    assert set(theirs) == set(state) and all(torch.allclose(state[k].float(), theirs[k].float()) for k in state)
