@@ -234,7 +234,7 @@ def score(task: Any, methods: tuple[str, ...], users: list[UserData], results: l
             per_user.setdefault(r.user_id, {})[m] = task.score(
                 list(r.predictions[m].values()), [golds[q] for q in r.predictions[m]]
             )
-    improvement: dict[str, dict[str, float]] = {}
+    improvement: dict[str, dict[str, float | None]] = {}
     ref = aggregate.get("non-personalized")
     if ref:
         for m, scores in aggregate.items():
@@ -242,7 +242,8 @@ def score(task: Any, methods: tuple[str, ...], users: list[UserData], results: l
             for k, v in scores.items():
                 base = ref[k]
                 sign = 1.0 if METRIC_DIRECTION.get(k, "higher") == "higher" else -1.0
-                improvement[m][k] = sign * (v - base) / abs(base) if base else 0.0
+                # Relative change is undefined against a zero score: report None there.
+                improvement[m][k] = sign * (v - base) / abs(base) if base else None
     return {"task": task.name, "methods": list(methods), "aggregate": aggregate,
             "improvement_over_non_personalized": improvement, "per_user": per_user,
             "training": {r.user_id: r.train for r in results}}
@@ -259,7 +260,7 @@ def render_results(metrics: dict[str, Any], data_info: dict[str, Any]) -> str:
     for m in metrics["methods"]:
         row = [m] + [f"{agg[m][n]:.4f}" for n in names]
         if imp:
-            row += [f"{imp[m][n]:+.1%}" for n in names]
+            row += [f"{imp[m][n]:+.1%}" if imp[m][n] is not None else "n/a (baseline 0)" for n in names]
         rows.append(row)
     lines = [
         f"# {metrics['task']}: {data_info['eval_users']} users, {data_info['queries']} queries",

