@@ -10,6 +10,9 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export ANONYMIZED_TELEMETRY=False
 export TOKENIZERS_PARALLELISM=false
+# Flower (federation): no telemetry, no update check (both reach the network).
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_UPDATE_CHECK=1
 
 .PHONY: install prepare demo test test-all bench clean
 

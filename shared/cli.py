@@ -83,6 +83,35 @@ def cmd_export_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Federated OPPU in Flower's simulation engine: N virtual users, R rounds, one command."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    from shared.config import load_federated
+
+    overrides = _experiment_overrides(args)
+    if args.rounds is not None:
+        overrides.append(f"federation.rounds={args.rounds}")
+    if args.strategy:
+        overrides.append(f'federation.strategy="{args.strategy}"')
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    config = args.config
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = config or str(run_dir / "config.toml")
+    spec = load_federated(config, overrides)
+    from simulations.federated import prepare_only, simulate
+
+    if args.prepare_users:
+        for d in prepare_only(spec, run_dir):
+            print(f"--node-config \"data-dir='{d}'\"")
+        return 0
+    run_dir = simulate(spec, run_dir, verbose=args.verbose)
+    print((run_dir / "results.md").read_text())
+    print(f"Run directory: {run_dir}")
+    return 0
+
+
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="experiment TOML file (see simulations/configs/)")
     p.add_argument("--task", help="task name (oppu tasks lists them)")
@@ -118,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_args(p)
     p.add_argument("dest", help="directory to write {train,dev}_questions.json / _outputs.json into")
     p.set_defaults(func=cmd_export_data)
+
+    p = sub.add_parser("simulate", help="federated OPPU with N virtual users in Flower's simulation engine")
+    _add_experiment_args(p)
+    p.add_argument("--rounds", type=int, help="federated rounds (federation.rounds)")
+    p.add_argument("--strategy", help="fedavg | fedadam | fedprox (federation.strategy)")
+    p.add_argument("--run-dir", help="write into this directory instead of a new one under --out")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--prepare-users", action="store_true",
+                   help="only write the users' data directories (for SuperNodes of a deployment) and print them")
+    p.set_defaults(func=cmd_simulate)
+
+    from client.cli import add_client_commands  # stdlib-only module; the daemon loads lazily
+
+    add_client_commands(sub)
     return parser
 
 

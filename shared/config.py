@@ -20,6 +20,7 @@ RETRIEVERS = ("bm25", "dense", "hybrid")
 STORES = ("chroma", "memory")
 METHODS = ("non-personalized", "RAG", "PAG", "OPPU", "OPPU+RAG", "OPPU+PAG")
 SELECTIONS = ("most-history", "random")
+RECORD_LEVELS = ("none", "personal", "base", "both")
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 
@@ -141,6 +142,12 @@ class PrivacySpec:
     noise_multiplier: float = field(default=0.0, metadata={"help": "Gaussian noise std / clipping norm."})
     delta: float = field(default=1e-5, metadata={"help": "Target delta for the reported epsilon."})
     epsilon_budget: float = field(default=0.0, metadata={"help": "Stop when epsilon would exceed; 0 = none."})
+    record_level: str = field(
+        default="none",
+        metadata={"help": "Record-level DP-SGD (Opacus) on each user's own training: none | personal | base | both."},
+    )
+    record_noise_multiplier: float = field(default=1.0, metadata={"help": "DP-SGD noise std / per-example clip."})
+    record_clipping_norm: float = field(default=1.0, metadata={"help": "DP-SGD L2 clip of each example's gradient."})
 
     def __post_init__(self) -> None:
         _positive("privacy.clipping_norm", self.clipping_norm)
@@ -148,6 +155,9 @@ class PrivacySpec:
         if not 0 < self.delta < 1:
             raise ValueError(f"privacy.delta={self.delta!r} must be in (0, 1)")
         _positive("privacy.epsilon_budget", self.epsilon_budget, allow_zero=True)
+        _choice("privacy.record_level", self.record_level, RECORD_LEVELS)
+        _positive("privacy.record_noise_multiplier", self.record_noise_multiplier)
+        _positive("privacy.record_clipping_norm", self.record_clipping_norm)
 
 
 @dataclass(frozen=True)
@@ -340,3 +350,306 @@ __all__ = [
     "TrainSpec", "METHODS", "EMBEDDED_MODEL", "from_dict", "to_dict", "load_experiment",
     "apply_overrides", "dump_toml",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The client daemon (client/daemon.py): one long-running process per user's data directory.
+
+AUGMENTATIONS = ("plain", "rag", "pag")
+AUGMENTATION_METHOD = {"plain": "OPPU", "rag": "OPPU+RAG", "pag": "OPPU+PAG"}
+
+
+@dataclass(frozen=True)
+class DaemonSpec:
+    """Settings of `oppu client daemon`: the local API, the private adapter's lifecycle, federation.
+
+    Read from DIR/daemon.toml (or --config) plus `--set` overrides; the model/adapter/training
+    sections are the same dataclasses the experiment harness uses.
+    """
+
+    task: str = field(default="amazon-rating", metadata={"help": "Task whose items the history holds (see `oppu tasks`)."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Loopback address the API binds (127.0.0.1 or ::1 only)."})
+    port: int = field(default=8731, metadata={"help": "API port; 0 picks a free one (written to DIR/daemon.json)."})
+    augmentation: str = field(
+        default="rag",
+        metadata={"help": "plain (OPPU) | rag (OPPU+RAG) | pag (OPPU+PAG): prompt context for training and asking."},
+    )
+    keep_versions: int = field(default=3, metadata={"help": "Personal-adapter versions kept on disk (newest first)."})
+    retrain_after: int = field(
+        default=50, metadata={"help": "Start training automatically after this many new history items; 0 = never."}
+    )
+    train_nice: int = field(default=10, metadata={"help": "Niceness added to the training thread (0-19)."})
+    max_batch_items: int = field(default=1000, metadata={"help": "Most history items accepted in one request."})
+    max_field_chars: int = field(default=20000, metadata={"help": "Longest accepted text of one item field or question."})
+    max_request_mb: float = field(default=32.0, metadata={"help": "Largest accepted JSON request body, in MiB."})
+    max_import_mb: float = field(default=1024.0, metadata={"help": "Largest accepted import archive (packed and unpacked), in MiB."})
+    base_adapter_dir: str = field(
+        default="",
+        metadata={"help": "Saved shared base adapter to load; empty: DIR/base_adapter when present, else an untrained one."},
+    )
+    coordinator: str = field(
+        default="",
+        metadata={"help": "HOST:PORT of the federation's SuperLink (Flower 1.42 serves its Fleet API on the "
+                  "SuperLink's --port); empty = local only."},
+    )
+    supernode_command: str = field(
+        default="flower-supernode", metadata={"help": "Executable started to join the federation as a SuperNode."}
+    )
+    backoff_initial: float = field(default=2.0, metadata={"help": "Seconds before the first SuperNode restart."})
+    backoff_max: float = field(default=300.0, metadata={"help": "Longest wait between SuperNode restarts, in seconds."})
+    base_model: BaseModelSpec = field(default_factory=BaseModelSpec)
+    base_adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    personal_adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    personal_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=2, lr=1e-4))
+    retrieval: RetrievalSpec = field(default_factory=RetrievalSpec)
+
+    def __post_init__(self) -> None:
+        import ipaddress
+
+        from .tasks import TASKS
+
+        _choice("daemon.task", self.task, tuple(TASKS))
+        try:
+            loopback = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(f"daemon.host={self.host!r} must be a loopback address (127.0.0.1 or ::1): "
+                             "the API serves one user's private data on their own machine")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"daemon.port={self.port!r} must be in 0-65535 (0 picks a free port)")
+        _choice("daemon.augmentation", self.augmentation, AUGMENTATIONS)
+        _positive("daemon.keep_versions", self.keep_versions)
+        _positive("daemon.retrain_after", self.retrain_after, allow_zero=True)
+        if not 0 <= self.train_nice <= 19:
+            raise ValueError(f"daemon.train_nice={self.train_nice!r} must be in 0-19")
+        for name in ("max_batch_items", "max_field_chars", "max_request_mb", "max_import_mb",
+                     "backoff_initial", "backoff_max"):
+            _positive(f"daemon.{name}", getattr(self, name))
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError(f"daemon.backoff_max={self.backoff_max!r} must be >= daemon.backoff_initial")
+        if self.coordinator:
+            parse_host_port(self.coordinator, "daemon.coordinator")
+        if not self.supernode_command.strip():
+            raise ValueError("daemon.supernode_command is empty; e.g. flower-supernode")
+        if self.retrieval.store != "chroma":
+            raise ValueError("retrieval.store must be 'chroma' for the daemon: the user's history lives on disk")
+
+
+def parse_host_port(text: str, name: str = "address") -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port), with an error naming `name`."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535 or any(c.isspace() for c in host):
+        raise ValueError(f"{name}={text!r} must look like HOST:PORT, e.g. 192.168.1.10:9092")
+    return host, int(port)
+
+
+def load_daemon(path: str | Path | None = None, overrides: list[str] | None = None) -> DaemonSpec:
+    """Parse a daemon TOML file (optional; top-level keys plus model/adapter/training sections)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{p}: not valid TOML: {e}") from None
+    data = apply_overrides(data, overrides or [])
+    try:
+        return from_dict(DaemonSpec, data)
+    except ValueError as e:
+        where = f"{path}: " if path else ""
+        raise ValueError(f"{where}{e}") from None
+
+
+__all__ += ["DaemonSpec", "AUGMENTATIONS", "AUGMENTATION_METHOD", "load_daemon", "parse_host_port"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Federation (coordinator/, client/client_app.py, `oppu simulate`): an experiment plus the rounds.
+
+STRATEGIES = ("fedavg", "fedadam", "fedprox")
+BASE_INITS = ("train", "fresh")
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    """How the coordinator runs rounds over the users' machines (Flower)."""
+
+    rounds: int = field(default=3, metadata={"help": "Federated rounds."})
+    fraction_train: float = field(
+        default=1.0, metadata={"help": "Fraction of connected users sampled each round (at least min_clients)."}
+    )
+    min_clients: int = field(default=2, metadata={"help": "Users that must be connected before a round starts."})
+    strategy: str = field(default="fedavg", metadata={"help": "fedavg | fedadam | fedprox (base-adapter aggregation)."})
+    proximal_mu: float = field(default=0.01, metadata={"help": "FedProx: weight of the proximal term mu/2·||w - w_global||²."})
+    server_lr: float = field(default=1e-3, metadata={"help": "FedAdam: server learning rate (eta)."})
+    server_beta1: float = field(default=0.9, metadata={"help": "FedAdam: first-moment decay."})
+    server_beta2: float = field(default=0.99, metadata={"help": "FedAdam: second-moment decay."})
+    server_tau: float = field(default=1e-3, metadata={"help": "FedAdam: adaptivity (epsilon) term."})
+    ffa_lora: bool = field(
+        default=False,
+        metadata={"help": "FFA-LoRA: freeze the base adapter's LoRA A matrices, train and exchange only B."},
+    )
+    secagg: bool = field(default=False, metadata={"help": "Aggregate base-adapter updates with Flower's SecAgg+."})
+    local_train: TrainSpec = field(
+        default_factory=lambda: TrainSpec(epochs=1, lr=5e-4, batch_size=4),
+        metadata={"help": "Each client's local training of the base adapter in a round."},
+    )
+    personal_refresh_epochs: float = field(
+        default=1.0,
+        metadata={"help": "Epochs that refresh an existing personal adapter in later rounds; 0 keeps it as is."},
+    )
+    base_init: str = field(
+        default="train",
+        metadata={"help": "train (on data.base_users, never evaluated, before round 1) | fresh (untrained)."},
+    )
+    evaluate_every: int = field(
+        default=1, metadata={"help": "Evaluate the global base adapter every k rounds (0: only the final report)."}
+    )
+    round_timeout: float = field(default=1800.0, metadata={"help": "Seconds to wait for replies in one step."})
+    chunk_mb: float = field(default=32.0, metadata={"help": "Size of one streamed artifact chunk, in MiB."})
+    run_dir: str = field(
+        default="", metadata={"help": "Run directory (checkpoint, reports, simulated users); empty: a new one."}
+    )
+    client_cache: str = field(
+        default="",
+        metadata={"help": "Simulation: the clients' artifact cache; empty: $OPPU_CACHE/client-artifacts."},
+    )
+    sim_client_cpus: float = field(default=1.0, metadata={"help": "Simulation: CPU cores per virtual client."})
+    seed: int = field(default=0, metadata={"help": "Seed for client sampling and server-side noise."})
+
+    def __post_init__(self) -> None:
+        _positive("federation.rounds", self.rounds)
+        if not 0 < self.fraction_train <= 1:
+            raise ValueError(f"federation.fraction_train={self.fraction_train!r} must be in (0, 1]")
+        _positive("federation.min_clients", self.min_clients)
+        _choice("federation.strategy", self.strategy, STRATEGIES)
+        _choice("federation.base_init", self.base_init, BASE_INITS)
+        for name in ("proximal_mu", "personal_refresh_epochs", "evaluate_every"):
+            _positive(f"federation.{name}", getattr(self, name), allow_zero=True)
+        for name in ("server_lr", "server_tau", "round_timeout", "chunk_mb", "sim_client_cpus"):
+            _positive(f"federation.{name}", getattr(self, name))
+        for name in ("server_beta1", "server_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"federation.{name}={getattr(self, name)!r} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class FederatedSpec:
+    """One federated run: the experiment sections (data, model, adapters, training, retrieval,
+    privacy, methods) plus [federation]. The TOML layout is an experiment file with a
+    [federation] table; Flower's run-config holds the same keys flattened (`federation.rounds`)."""
+
+    experiment: ExperimentSpec = field(default_factory=ExperimentSpec)
+    federation: FederationSpec = field(default_factory=FederationSpec)
+
+    def __post_init__(self) -> None:
+        p, f, e = self.experiment.privacy, self.federation, self.experiment
+        dp = p.noise_multiplier > 0
+        if dp and not p.federate_base_adapter:
+            raise ValueError("privacy.noise_multiplier > 0 needs privacy.federate_base_adapter = true "
+                             "(noise is added to the aggregated base-adapter updates)")
+        if dp and f.strategy == "fedadam":
+            raise ValueError("federation.strategy='fedadam' cannot be combined with privacy.noise_multiplier > 0: "
+                             "Flower's DP wrapper adds noise after FedAdam's server step; choose fedavg or fedprox")
+        if p.epsilon_budget and not dp:
+            raise ValueError("privacy.epsilon_budget is set but privacy.noise_multiplier = 0 (no DP, epsilon is "
+                             "infinite); set privacy.noise_multiplier > 0 or privacy.epsilon_budget = 0")
+        if f.ffa_lora and e.base_adapter.peft_type != "lora":
+            raise ValueError(f"federation.ffa_lora needs base_adapter.peft_type='lora', not {e.base_adapter.peft_type!r}")
+        if f.secagg and not p.federate_base_adapter:
+            raise ValueError("federation.secagg = true needs privacy.federate_base_adapter = true (nothing to aggregate)")
+        if f.secagg and f.strategy == "fedadam":
+            raise ValueError("federation.secagg supports fedavg and fedprox, not fedadam")
+
+    @property
+    def dp(self) -> bool:
+        return self.experiment.privacy.noise_multiplier > 0
+
+
+def _split_federated(data: dict[str, Any]) -> FederatedSpec:
+    data = dict(data)
+    fed = data.pop("federation", {})
+    if not isinstance(fed, dict):
+        raise ValueError(f"federation must be a table, got {type(fed).__name__}")
+    experiment = from_dict(ExperimentSpec, data)
+    return FederatedSpec(experiment, from_dict(FederationSpec, fed, where="federation"))
+
+
+def load_federated(path: str | Path | None = None, overrides: list[str] | None = None) -> FederatedSpec:
+    """Parse a federated-run TOML file (an experiment file plus [federation]) and overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{p}: not valid TOML: {e}") from None
+    data = apply_overrides(data, overrides or [])
+    try:
+        return _split_federated(data)
+    except ValueError as e:
+        where = f"{path}: " if path else ""
+        raise ValueError(f"{where}{e}") from None
+
+
+def federated_to_dict(spec: FederatedSpec) -> dict[str, Any]:
+    """Nested plain dict in the TOML layout (experiment sections at the top, [federation])."""
+    out = to_dict(spec.experiment)
+    out["federation"] = to_dict(spec.federation)
+    return out
+
+
+def to_run_config(spec: FederatedSpec) -> dict[str, bool | int | float | str]:
+    """Flatten into Flower run-config entries (`section.key` -> scalar; lists as 'a,b')."""
+    flat: dict[str, bool | int | float | str] = {}
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(key + ".", v)
+            elif isinstance(v, (list, tuple)):
+                flat[key] = ",".join(str(x) for x in v)
+            else:
+                flat[key] = v
+
+    walk("", federated_to_dict(spec))
+    return flat
+
+
+def from_run_config(run_config: Any) -> FederatedSpec:
+    """Parse Flower's (flat, dotted) run-config into a FederatedSpec, once per process."""
+    nested: dict[str, Any] = {}
+    for key, value in dict(run_config).items():
+        parts = str(key).split(".")
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"run-config key {key!r}: {p} is both a value and a section")
+        node[parts[-1]] = value
+    try:
+        return _split_federated(nested)
+    except ValueError as e:
+        raise ValueError(f"Flower run-config: {e}") from None
+
+
+def dump_federated_toml(spec: FederatedSpec) -> str:
+    """The resolved run as TOML (`oppu simulate --config` reads it back)."""
+    data = federated_to_dict(spec)
+    fed = data.pop("federation")
+    local = fed.pop("local_train")
+    text = dump_toml({**data, "federation": fed})
+    return text + "\n[federation.local_train]\n" + "".join(
+        f"{k} = {dump_toml({k: v}).split(' = ', 1)[1]}" for k, v in local.items()
+    )
+
+
+__all__ += ["FederationSpec", "FederatedSpec", "STRATEGIES", "load_federated", "from_run_config",
+            "to_run_config", "federated_to_dict", "dump_federated_toml"]

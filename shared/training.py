@@ -131,12 +131,15 @@ def train_adapter(
     on_step: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     soft_prompt: Any = None,
+    dp_sgd: Any = None,
 ) -> TrainResult:
     """Train `params` (the trainable adapter's tensors) on `examples` with answer-only loss.
 
     The caller activates the adapters and marks which are trainable (see shared.adapters).
     `on_step(step, total, loss)` reports progress; `should_stop()` cancels between steps.
     `soft_prompt`, when given, is prepended to every example (it is then among `params`).
+    `dp_sgd` (a shared.dpsgd.DPSGD) makes it record-level DP-SGD: Poisson batches, per-example
+    clipping and noise by Opacus's DPOptimizer (then spec.max_grad_norm is not used).
     """
     import torch
     from tqdm.auto import tqdm
@@ -159,9 +162,13 @@ def train_adapter(
     if frac > 0:  # a fractional epoch: the first part of one more shuffled pass
         extra = length_batches(encoded, spec.batch_size, rng)
         plan += extra[: max(1, round(len(extra) * frac))]
+    if dp_sgd is not None:
+        plan = dp_sgd.plan(len(encoded), spec.epochs)
     total = len(plan)
 
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if dp_sgd is not None:
+        opt = dp_sgd.wrap_optimizer(opt)
     warm = int(total * spec.warmup_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -176,24 +183,36 @@ def train_adapter(
             if should_stop is not None and should_stop():
                 result.cancelled = True
                 break
-            ids, mask, labels = collate(encoded, idx, pad_id, device)
-            loss = answer_loss(model, ids, mask, labels, soft_prompt)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if spec.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            if dp_sgd is not None:  # per-example gradients; an empty Poisson batch still steps
+                opt.zero_grad(set_to_none=True)
+                value = dp_sgd.backward(
+                    lambda i: answer_loss(model, *collate(encoded, [i], pad_id, device), soft_prompt), idx, params)
+                useful = sum(len(encoded[i].input_ids) for i in idx)
+                answered = sum(len(encoded[i].input_ids) - encoded[i].n_prompt for i in idx)
+            else:
+                ids, mask, labels = collate(encoded, idx, pad_id, device)
+                loss = answer_loss(model, ids, mask, labels, soft_prompt)
+                value = loss.item()
+                useful, answered = int(mask.sum()), int((labels != -100).sum())
+            if value is not None and not math.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at step {step}; lower train.lr")
+            if dp_sgd is None:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if spec.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
             opt.step()
             sched.step()
             result.steps += 1
-            result.losses.append(float(loss.item()))
-            result.useful_tokens += int(mask.sum())
-            result.answer_tokens += int((labels != -100).sum())
+            if value is not None:
+                result.losses.append(float(value))
+            result.useful_tokens += useful
+            result.answer_tokens += answered
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if value is not None:
+                bar.set_postfix(loss=f"{value:.3f}")
             if on_step is not None:
-                on_step(step + 1, total, float(loss.item()))
+                on_step(step + 1, total, float(value) if value is not None else float("nan"))
     finally:
         bar.close()
         model.eval()

@@ -1,0 +1,170 @@
+"""The client's content-addressed artifact cache: what the coordinator streams lands here.
+
+Layout under `root`:
+
+    <id>/                 a complete, verified artifact (the directory name is its id)
+    .partial-<id>/        chunks being received: .oppu-partial.json + files growing in order
+    .lock                 flock held while receiving (several processes may share one cache:
+                          virtual users of a simulation, one ClientApp process per message)
+
+A chunk is appended only up to the offset the partial file has reached (bytes already held are
+skipped, so the same chunk may arrive twice), and a chunk that would leave a gap is refused. When
+a file is complete its sha256 is checked; a mismatch deletes the partial
+file and refuses the artifact with `ArtifactRejected` (the complete artifacts already cached are
+untouched). When every file is verified the partial directory is renamed to `<id>/` in one step,
+so a reader sees a whole artifact or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from shared.model import MANIFEST, sha256_file
+from shared.protocol import KIND_MODEL, ArtifactManifest, ChunkHeader, ClientError
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"^[0-9a-f]{64}$")
+PARTIAL_META = ".oppu-partial.json"  # never an artifact file name: those may not start with "."
+
+
+class ArtifactRejected(ClientError):
+    """A received artifact failed verification; the cache keeps what it had."""
+
+
+class ArtifactCache:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def held(self) -> list[str]:
+        """Ids of complete artifacts (only names a completed rename can produce)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _ID.match(p.name))
+
+    def has(self, artifact_id: str) -> bool:
+        return bool(_ID.match(artifact_id)) and (self.root / artifact_id).is_dir()
+
+    def path(self, artifact_id: str) -> Path:
+        if not self.has(artifact_id):
+            raise ClientError(
+                f"artifact {artifact_id[:12]} is not in the client cache; "
+                "the coordinator sends it before the first round this client takes part in"
+            )
+        return self.root / artifact_id
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def receive(self, header: ChunkHeader, data: bytes) -> dict[str, int | str]:
+        """Store one message's segments. Returns {"status": "partial" | "complete" | "held", "held": bytes}.
+
+        Idempotent: bytes already written (another process sharing this cache received the same
+        chunk) are skipped, so several nodes may be sent the same artifact at once."""
+        manifest = ArtifactManifest.from_json(header.manifest)  # checks id == hash(file list), safe paths
+        if len(data) != header.total:
+            raise ArtifactRejected(f"artifact {manifest.id[:12]}: message carries {len(data)} bytes, "
+                                   f"its header says {header.total}")
+        with self._locked():
+            if self.has(manifest.id):
+                return {"status": "held", "held": manifest.total_bytes}
+            partial = self.root / f".partial-{manifest.id}"
+            partial.mkdir(parents=True, exist_ok=True)
+            (partial / PARTIAL_META).write_text(manifest.to_json())
+            pos = 0
+            for rel, offset, length in zip(header.files, header.offsets, header.lengths):
+                self._write_segment(partial, manifest, rel, offset, data[pos:pos + length])
+                pos += length
+            held = sum(min(_size(partial / rel), manifest.sizes[rel]) for rel in manifest.files)
+            if not self._all_verified(partial, manifest):
+                return {"status": "partial", "held": held}
+            self._commit(partial, manifest)
+            return {"status": "complete", "held": held}
+
+    def _write_segment(self, partial: Path, manifest: ArtifactManifest, rel: str, offset: int, data: bytes) -> None:
+        if rel not in manifest.files:
+            raise ArtifactRejected(f"artifact {manifest.id[:12]}: {rel!r} is not one of its files")
+        size = manifest.sizes[rel]
+        if offset < 0 or offset + len(data) > size:
+            raise ArtifactRejected(f"artifact {manifest.id[:12]}: bytes {offset}-{offset + len(data)} lie outside "
+                                   f"{rel} ({size} bytes)")
+        target = partial / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.touch()
+        have = _size(target)
+        if offset > have:
+            raise ArtifactRejected(f"artifact {manifest.id[:12]}: chunk of {rel} starts at {offset}, but only "
+                                   f"{have} bytes are held; the transfer must restart at {have}")
+        if offset + len(data) > have:  # skip what is already there
+            with open(target, "ab") as fh:
+                fh.write(data[have - offset:])
+                fh.flush()
+                os.fsync(fh.fileno())
+        if _size(target) == size and not (partial / f".{rel.replace('/', '__')}.ok").exists():
+            digest = sha256_file(target)
+            if digest != manifest.files[rel]:
+                target.unlink()
+                raise ArtifactRejected(
+                    f"artifact {manifest.id[:12]} ({manifest.kind}): {rel} has sha256 {digest[:12]}, the manifest "
+                    "says " + manifest.files[rel][:12] + "; refused, the cache keeps its previous contents")
+            (partial / f".{rel.replace('/', '__')}.ok").touch()
+
+    def _all_verified(self, partial: Path, manifest: ArtifactManifest) -> bool:
+        return all((partial / f".{rel.replace('/', '__')}.ok").exists() for rel in manifest.files)
+
+    def _commit(self, partial: Path, manifest: ArtifactManifest) -> None:
+        for marker in [partial / PARTIAL_META, *partial.glob(".*.ok")]:
+            marker.unlink()
+        if manifest.kind == KIND_MODEL:
+            # shared.model reads the model hash from here instead of re-hashing hundreds of MB.
+            (partial / MANIFEST).write_text(json.dumps(
+                {"source": "coordinator", "artifact": manifest.id, "files": manifest.files,
+                 "model_hash": manifest.identity or manifest.id}, indent=2))
+        final = self.root / manifest.id
+        os.replace(partial, final)
+        _fsync_dir(self.root)
+        log.info("artifact %s (%s, %d bytes) verified and cached", manifest.id[:12], manifest.kind,
+                 manifest.total_bytes)
+
+    def discard_partial(self) -> None:
+        with self._locked():
+            for p in self.root.glob(".partial-*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,403 @@
+"""`oppu client ...`: start the daemon, and thin commands over its local API.
+
+The commands find the running daemon through DIR/daemon.json and authenticate with DIR/token,
+so they need only `--data-dir` (default $OPPU_CLIENT_DIR or ~/.local/share/oppu/client). This
+module imports only the standard library at parser-building time; `oppu --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def add_client_commands(sub: Any) -> None:
+    """Register `oppu client <command>` on the top-level subparsers."""
+    p = sub.add_parser("client", help="the personal daemon on this machine and commands that talk to it")
+    cs = p.add_subparsers(dest="client_command", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--data-dir", help="the daemon's data directory (default: $OPPU_CLIENT_DIR or "
+                       "~/.local/share/oppu/client)")
+        q.add_argument("--url", help="daemon URL (default: read from DIR/daemon.json)")
+        q.add_argument("--token-file", help="bearer token file (default: DIR/token)")
+
+    q = cs.add_parser("daemon", help="run the daemon (local API, training, federation membership)")
+    q.add_argument("--data-dir", help="where history, adapters and the token live (created 0700)")
+    q.add_argument("--coordinator", metavar="HOST:PORT", help="join this Flower SuperLink as a SuperNode")
+    q.add_argument("--config", help="daemon TOML (default: DIR/daemon.toml when present)")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set "
+                   "retrain_after=100 or --set base_model.threads=2 (repeatable)")
+    q.add_argument("--port", type=int, help="API port on 127.0.0.1 (0 picks a free one)")
+    q.add_argument("--task", help="task of the history items (oppu tasks lists them)")
+    q.add_argument("--model", help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
+    q.add_argument("--quantization", help="nf4 | int8 | none")
+    q.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
+    q.add_argument("--device", help="auto | cpu | cuda")
+    q.set_defaults(func=cmd_daemon)
+
+    q = cs.add_parser("add", help="add history items from a JSON / JSONL file ('-' reads stdin)")
+    common(q)
+    q.add_argument("file", help='items as {"id", "fields": {...}, "time"} or flat LaMP profile objects')
+    q.add_argument("--batch", type=int, default=500, help="items per request")
+    q.set_defaults(func=cmd_add)
+
+    q = cs.add_parser("search", help="top-k history items for a query")
+    common(q)
+    q.add_argument("query")
+    q.add_argument("-k", type=int, default=5)
+    q.set_defaults(func=cmd_search)
+
+    q = cs.add_parser("ask", help="ask the personalized model")
+    common(q)
+    q.add_argument("text", nargs="?", help="the question (or give --field NAME=VALUE)")
+    q.add_argument("--field", action="append", metavar="NAME=VALUE", help="an item field to build the question from")
+    q.add_argument("--no-personal", action="store_true", help="answer without the personal adapter")
+    q.add_argument("--json", action="store_true", help="print the full JSON answer")
+    q.set_defaults(func=cmd_ask)
+
+    q = cs.add_parser("train", help="train the personal adapter now (shows progress; Ctrl-C cancels)")
+    common(q)
+    q.add_argument("--epochs", type=float)
+    q.add_argument("--lr", type=float)
+    q.add_argument("--detach", action="store_true", help="start the job and return")
+    q.set_defaults(func=cmd_train)
+
+    q = cs.add_parser("jobs", help="recent jobs")
+    common(q)
+    q.set_defaults(func=cmd_jobs)
+
+    q = cs.add_parser("cancel", help="cancel a job")
+    common(q)
+    q.add_argument("job")
+    q.set_defaults(func=cmd_cancel)
+
+    q = cs.add_parser("status", help="base model, adapters, history, privacy spent, federation")
+    common(q)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_status)
+
+    q = cs.add_parser("export", help="write history + adapter + manifest to one archive")
+    common(q)
+    q.add_argument("dest", help="archive to write (.tar.gz)")
+    q.set_defaults(func=cmd_export)
+
+    q = cs.add_parser("import", help="import an archive written by export")
+    common(q)
+    q.add_argument("src")
+    q.set_defaults(func=cmd_import)
+
+    q = cs.add_parser("forget", help="delete your history store and every personal-adapter version")
+    common(q)
+    q.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    q.set_defaults(func=cmd_forget)
+
+
+# ------------------------------------------------------------------------------------ daemon
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    from client.daemon import default_data_dir
+
+    return Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from client.daemon import DaemonLocked, resolve_spec, run
+
+    ov = list(args.set or [])
+    for key, value in (("coordinator", args.coordinator), ("port", args.port), ("task", args.task),
+                       ("base_model.path", args.model), ("base_model.quantization", args.quantization),
+                       ("base_model.threads", args.threads), ("base_model.device", args.device)):
+        if value is not None:
+            ov.append(f"{key}={json.dumps(value)}")
+    data_dir = _data_dir(args)
+    spec = resolve_spec(data_dir, args.config, ov)
+    try:
+        return run(data_dir, spec, verbose=args.verbose)
+    except DaemonLocked as e:
+        print(f"oppu: error: {e}", file=sys.stderr)
+        return 3
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+class ApiError(RuntimeError):
+    pass
+
+
+class Api:
+    def __init__(self, args: argparse.Namespace) -> None:
+        import httpx
+
+        d = _data_dir(args)
+        url = args.url
+        if not url:
+            try:
+                info = json.loads((d / "daemon.json").read_text())
+                url = info["url"]
+            except FileNotFoundError:
+                raise ApiError(f"no daemon is running for {d} (no daemon.json); start one with "
+                               f"`oppu client daemon --data-dir {d}`") from None
+        token_path = Path(args.token_file) if args.token_file else d / "token"
+        try:
+            token = token_path.read_text().strip()
+        except FileNotFoundError:
+            raise ApiError(f"{token_path} is missing; the daemon creates it on first start") from None
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"},
+                                   timeout=httpx.Timeout(600.0, connect=5.0))
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        import httpx
+
+        try:
+            r = self.client.request(method, path, **kw)
+        except httpx.ConnectError:
+            raise ApiError(f"cannot reach the daemon at {self.url}; is it running?") from None
+        return self._check(r)
+
+    @staticmethod
+    def _check(r: Any) -> Any:
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail")
+            except ValueError:
+                detail = r.text
+            if isinstance(detail, list):
+                detail = "; ".join(f"{'.'.join(str(x) for x in d.get('loc', []))}: {d.get('msg')}" for d in detail)
+            raise ApiError(f"{r.status_code}: {detail}")
+        ctype = r.headers.get("content-type", "")
+        return r.json() if ctype.startswith("application/json") else r
+
+
+def _with_api(fn: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(Api(args), args)
+        except ApiError as e:
+            print(f"oppu: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def read_items(path: str) -> list[dict[str, Any]]:
+    """Items from JSON (a list, or {"items": [...]}) or JSONL; flat LaMP objects are accepted too."""
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        raw = json.loads(text)
+    elif stripped.startswith("{") and "\n" not in stripped.strip():
+        obj = json.loads(text)
+        raw = obj.get("items", [obj]) if isinstance(obj, dict) else obj
+    else:
+        raw = [json.loads(line) for line in text.splitlines() if line.strip()]
+    out = []
+    for i, obj in enumerate(raw):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: item {i} is not a JSON object")
+        if "fields" in obj:
+            out.append(obj)
+            continue
+        flat = dict(obj)  # a LaMP profile item: {"id", <fields>..., "date"?}
+        item_id = flat.pop("id", None)
+        when = flat.pop("time", flat.pop("date", 0))
+        try:
+            when = int(when)
+        except (TypeError, ValueError):
+            when = 0
+        out.append({"id": str(item_id), "fields": {k: str(v) for k, v in flat.items()}, "time": when})
+    return out
+
+
+@_with_api
+def cmd_add(api: Api, args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    items = read_items(args.file)
+    added = skipped = 0
+    with tqdm(total=len(items), unit="item", desc="adding", disable=len(items) <= args.batch) as bar:
+        for start in range(0, len(items), max(1, args.batch)):
+            chunk = items[start:start + args.batch]
+            try:
+                res = api.call("POST", "/v1/history", json={"items": chunk})
+            except ApiError as e:
+                raise ApiError(f"{e} (batch starting at item {start}; items before it were stored)") from None
+            added += res["added"]
+            skipped += res["skipped"]
+            bar.update(len(chunk))
+    print(f"added {added}, already present {skipped}; history now holds {res['history_count']} items"
+          + (f"; automatic retraining started ({res['auto_train_job']})" if res.get("auto_train_job") else ""))
+    return 0
+
+
+@_with_api
+def cmd_search(api: Api, args: argparse.Namespace) -> int:
+    res = api.call("GET", "/v1/history/search", params={"q": args.query, "k": args.k})
+    for it in res["items"]:
+        print(json.dumps(it, ensure_ascii=False))
+    return 0
+
+
+@_with_api
+def cmd_ask(api: Api, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"personal": not args.no_personal}
+    if args.field:
+        body["fields"] = dict(f.split("=", 1) if "=" in f else (f, "") for f in args.field)
+    elif args.text:
+        body["input"] = args.text
+    else:
+        raise ApiError("give the question as TEXT or the item as --field NAME=VALUE")
+    res = api.call("POST", "/v1/ask", json=body)
+    if args.json:
+        print(json.dumps(res, indent=2, ensure_ascii=False))
+    else:
+        version = f"personal v{res['personal_version']}" if res["personal_version"] else "no personal adapter"
+        print(res["prediction"])
+        print(f"({res['method']}, {version}, {res['seconds']:.2f}s)", file=sys.stderr)
+    return 0
+
+
+def _watch(api: Api, job: dict[str, Any]) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=job.get("steps_total") or None, unit="step", desc=f"training {job['id']}")
+    try:
+        while job["state"] in ("queued", "running"):
+            time.sleep(0.5)
+            job = api.call("GET", f"/v1/jobs/{job['id']}")
+            if job["steps_total"] and bar.total != job["steps_total"]:
+                bar.total = job["steps_total"]
+            bar.n = job["steps_done"]
+            if job["loss"] is not None:
+                bar.set_postfix(loss=f"{job['loss']:.3f}")
+            bar.refresh()
+    except KeyboardInterrupt:
+        bar.close()
+        print("cancelling ...", file=sys.stderr)
+        job = api.call("POST", f"/v1/jobs/{job['id']}/cancel")
+        while job["state"] in ("queued", "running"):
+            time.sleep(0.5)
+            job = api.call("GET", f"/v1/jobs/{job['id']}")
+    bar.close()
+    return job
+
+
+@_with_api
+def cmd_train(api: Api, args: argparse.Namespace) -> int:
+    body = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
+    job = api.call("POST", "/v1/train", json=body)
+    if args.detach:
+        print(job["id"])
+        return 0
+    job = _watch(api, job)
+    if job["state"] == "succeeded":
+        r = job["result"]
+        print(f"personal adapter v{r['version']} published: {r['examples']} examples, {r['steps']} steps, "
+              f"loss {r['final_loss']:.3f}, {r['seconds']:.1f}s")
+        return 0
+    print(f"job {job['id']} {job['state']}" + (f": {job['error']}" if job.get("error") else ""), file=sys.stderr)
+    return 1
+
+
+@_with_api
+def cmd_jobs(api: Api, args: argparse.Namespace) -> int:
+    for j in api.call("GET", "/v1/jobs"):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(j["created"]))
+        print(f"{j['id']}  {j['state']:11s} {j['steps_done']}/{j['steps_total']}  {when}  {j.get('error') or ''}")
+    return 0
+
+
+@_with_api
+def cmd_cancel(api: Api, args: argparse.Namespace) -> int:
+    j = api.call("POST", f"/v1/jobs/{args.job}/cancel")
+    print(f"{j['id']}: {j['state']}")
+    return 0
+
+
+@_with_api
+def cmd_status(api: Api, args: argparse.Namespace) -> int:
+    s = api.call("GET", "/v1/status")
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    p, b, h, priv = s["personal_adapter"], s["base_adapter"], s["history"], s["privacy"]
+    lines = [
+        f"task            {s['daemon']['task']} ({s['daemon']['method']}), data dir {s['daemon']['data_dir']}",
+        f"base model      {s['base_model']['hash'][:12]} ({s['base_model']['quantization']}, "
+        f"{s['base_model']['device']}, {s['base_model']['threads']} threads)",
+        f"base adapter    {b['version']}",
+        "personal        " + (f"v{p['version']}, trained {time.strftime('%Y-%m-%d %H:%M', time.localtime(p['trained_at']))}"
+                              f" on {p['data'].get('history_items')} items" if p else "none yet (oppu client train)"),
+        f"history         {h['count']} items, {h['new_since_training']} new since training",
+        f"privacy spent   {priv['rounds']} federated rounds"
+        + (f", epsilon {priv['epsilon']:.3g} at delta {priv['delta']:.1g}" if priv.get("epsilon") is not None else ""),
+    ]
+    if s["federation"]:
+        f = s["federation"]
+        lines.append(f"federation      {f['coordinator']}: {f['state']}" + (f" ({f['last_error']})" if f["last_error"] else ""))
+    if s["jobs"]["active"]:
+        j = s["jobs"]["active"]
+        lines.append(f"training        {j['id']} {j['steps_done']}/{j['steps_total']}")
+    for problem in s.get("problems", []):
+        lines.append(f"problem         {problem}")
+    print("\n".join(lines))
+    return 0
+
+
+@_with_api
+def cmd_export(api: Api, args: argparse.Namespace) -> int:
+    dest = Path(args.dest)
+    part = dest.with_name(dest.name + ".part")
+    with api.client.stream("GET", "/v1/export") as r:
+        if r.status_code >= 400:
+            r.read()
+            Api._check(r)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            for chunk in r.iter_bytes():
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        n = r.headers.get("x-oppu-history-items", "?")
+    os.replace(part, dest)
+    print(f"exported {n} history items and the personal adapter to {dest}")
+    return 0
+
+
+def _chunks(path: Path) -> Iterable[bytes]:
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            yield block
+
+
+@_with_api
+def cmd_import(api: Api, args: argparse.Namespace) -> int:
+    src = Path(args.src)
+    res = api.call("POST", "/v1/import", content=_chunks(src),
+                   headers={"Content-Type": "application/gzip", "Content-Length": str(src.stat().st_size)})
+    v = res["personal_version"]
+    print(f"imported {res['history_added']} new history items ({res['history_skipped']} already present)"
+          + (f"; personal adapter is now v{v}" if v else ""))
+    return 0
+
+
+@_with_api
+def cmd_forget(api: Api, args: argparse.Namespace) -> int:
+    if not args.yes:
+        answer = input("Delete your history and every personal adapter version? Type 'forget' to confirm: ")
+        if answer.strip() != "forget":
+            print("nothing deleted")
+            return 1
+    res = api.call("POST", "/v1/forget", json={"confirm": True})
+    d = res["deleted"]
+    print(f"deleted {d['history_items']} history items, profile: {'yes' if d['profile'] else 'none'}, "
+          f"adapter versions: {', '.join(d['adapter_versions']) or 'none'}, {d['job_records']} job records")
+    return 0

@@ -1,0 +1,137 @@
+"""Flower ClientApp: message glue only; the work is in client/federated.py.
+
+The same app runs in the simulation engine (virtual users) and under a SuperNode (one user's
+data directory, node config `data-dir`). Replies carry only artifact ids, chunk acks, the
+base adapter's tensors (when the run federates it) and numbers: see shared/protocol.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+
+from shared.protocol import ARRAYS, CHUNK, CONFIG, DATA, METRICS, REPLY, ChunkHeader, ClientError, RoundConfig
+
+log = logging.getLogger("oppu.client")
+
+CLIPPING_NORM_KEY = "clipping_norm"  # flwr.supercore.differential_privacy.KEY_CLIPPING_NORM
+ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+def contain_errors(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
+    """A failure is logged here in full, but only its type (and our own, content-free messages)
+    goes back: an exception's text could quote a history item."""
+    try:
+        return call_next(msg, context)
+    except Exception as e:  # noqa: BLE001 - every failure becomes an error reply
+        log.exception("%s failed", msg.metadata.message_type)
+        reason = f"{type(e).__name__}: {e}" if isinstance(e, ClientError) else (
+            f"{type(e).__name__} (details in the client's log)")
+        return Message(Error(code=ERROR_CODE, reason=reason), reply_to=msg)
+
+
+def clip_when_private(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
+    """Flower's fixedclipping_mod on DP rounds (the coordinator then sends a clipping norm); it is
+    attached to train messages only, since on other messages it would reject the reply."""
+    config = msg.content.config_records.get(CONFIG)
+    if config is not None and CLIPPING_NORM_KEY in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def secagg_when_asked(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
+    """Flower's secaggplus_mod on the SecAgg+ stages of a round (the coordinator's
+    federation.secagg); ordinary train messages pass through untouched."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[contain_errors])
+
+
+def _node(context: Context):  # type: ignore[no-untyped-def]
+    from client.federated import node_from
+
+    return node_from(context.run_config, context.node_config)
+
+
+@app.query("inventory")
+def inventory(msg: Message, context: Context) -> Message:
+    from client.federated import inventory as held
+
+    return Message(RecordDict({REPLY: ConfigRecord({"held": held(_node(context))})}), reply_to=msg)
+
+
+@app.query("artifact")
+def artifact(msg: Message, context: Context) -> Message:
+    header = ChunkHeader.from_record(msg.content[CHUNK])
+    data = msg.content[DATA]["bytes"].numpy().tobytes()
+    ack = _node(context).cache.receive(header, data)
+    return Message(RecordDict({REPLY: ConfigRecord(ack)}), reply_to=msg)
+
+
+@app.train(mods=[secagg_when_asked, clip_when_private])
+def train(msg: Message, context: Context) -> Message:
+    from client.federated import train as train_round
+
+    if LEGACY_FITINS in msg.content.config_records:
+        return _train_secagg(msg, context)
+    cfg = RoundConfig.from_record(msg.content[CONFIG])
+    arrays = {k: a.numpy() for k, a in msg.content[ARRAYS].items()}
+    update, metrics = train_round(_node(context), cfg, arrays)
+    content = RecordDict({METRICS: MetricRecord(metrics)})
+    if update is not None:
+        content[ARRAYS] = ArrayRecord({k: Array(update[k]) for k in arrays})  # same keys, same order
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    from client.federated import evaluate as evaluate_round
+
+    cfg = RoundConfig.from_record(msg.content[CONFIG])
+    arrays = {k: a.numpy() for k, a in msg.content[ARRAYS].items()}
+    metrics = evaluate_round(_node(context), cfg, arrays)
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+LEGACY_FITINS = "fitins.config"  # SecAgg+ speaks Flower's legacy FitIns/FitRes records
+
+
+def _train_secagg(msg: Message, context: Context) -> Message:
+    """A train round under SecAgg+: the same work; the update, clipped here when the run is
+    private, goes back as a legacy FitRes that secaggplus_mod masks before it leaves."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from client.federated import train as train_round
+    from shared.privacy import clip_update
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    keys = str(fitins.config["oppu-keys"]).split(",")
+    arrays = dict(zip(keys, parameters_to_ndarrays(fitins.parameters)))
+    cfg = RoundConfig.from_record(fitins.config)
+    update, metrics = train_round(_node(context), cfg, arrays)
+    if update is None:
+        raise ClientError("a SecAgg+ round needs privacy.federate_base_adapter = true")
+    if CLIPPING_NORM_KEY in fitins.config:
+        update, _ = clip_update(update, arrays, clipping_norm=float(fitins.config[CLIPPING_NORM_KEY]))
+    # Every user weighs the same under SecAgg+: the protocol scales each update by weight / max_weight
+    # before quantizing it, so unequal weights would cost precision (and under DP they must be equal).
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([update[k] for k in keys]), 1, metrics)
+    return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)

@@ -1,0 +1,368 @@
+"""What a user's machine does in a federated round (client/client_app.py is only the Flower glue).
+
+- inventory / artifact: report the cached artifact ids; receive, verify and cache chunks.
+- train: take the global base adapter; train (first time) or refresh the personal adapters on the
+  local history store and publish them on the user's disk; when the run federates the base
+  adapter, train it locally (FedProx's proximal term, FFA-LoRA's frozen A) and return only the
+  updated base-adapter tensors plus numbers.
+- evaluate: answer this user's held-out queries (when the directory has any) for each method and
+  return only the scores.
+
+The base model is loaded once per process and kept in `_ENGINES` (keyed by the model artifact and
+the adapter settings); simulated users served by the same process share it and swap only their
+personal adapters, which live in their own data directories between rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import secrets
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from shared.config import BaseModelSpec, FederatedSpec, from_run_config
+from shared.model import cache_root
+from shared.protocol import ClientError, RoundConfig, is_lora_b
+
+from .artifacts import ArtifactCache
+from .userdir import UserDir
+
+log = logging.getLogger("oppu.client")
+# The quantized artifact carries its own quantization config; transformers warns that ours is ignored.
+warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
+
+_SPECS: dict[Any, FederatedSpec] = {}
+_ENGINES: dict[Any, Any] = {}
+_BASE_LOADED: dict[int, str] = {}  # id(engine) -> base-adapter artifact id loaded in its base slot
+_LOCK = threading.Lock()
+
+
+# ----------------------------------------------------------------------------- node settings
+
+
+@dataclass(frozen=True)
+class Node:
+    """Where this client's data and cache are (node config, or the simulated user's slot)."""
+
+    spec: FederatedSpec
+    user: UserDir
+    cache: ArtifactCache
+
+
+def spec_from_run_config(run_config: Mapping[str, Any]) -> FederatedSpec:
+    key = tuple(sorted((str(k), repr(v)) for k, v in dict(run_config).items()))
+    with _LOCK:
+        if key not in _SPECS:
+            _SPECS[key] = from_run_config(run_config)
+        return _SPECS[key]
+
+
+def node_from(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Node:
+    """Deployment: node config `data-dir` (and optionally `cache-dir`). Simulation: the run
+    directory's users/index.json lists the virtual users; `partition-id` picks one."""
+    spec = spec_from_run_config(run_config)
+    if "data-dir" in node_config:
+        data_dir = Path(str(node_config["data-dir"]))
+    elif "partition-id" in node_config and spec.federation.run_dir:
+        index = Path(spec.federation.run_dir) / "users" / "index.json"
+        try:
+            names = json.loads(index.read_text())
+        except FileNotFoundError:
+            raise ClientError("the run directory has no users/index.json: simulated users are prepared by `oppu simulate`") from None
+        pid = int(node_config["partition-id"])
+        if not 0 <= pid < len(names):
+            raise ClientError(f"partition-id {pid} but only {len(names)} simulated users were prepared")
+        data_dir = index.parent / names[pid]
+    else:
+        raise ClientError("this SuperNode has no user data: start it with --node-config \"data-dir='DIR'\"")
+    if "cache-dir" in node_config:
+        cache = Path(str(node_config["cache-dir"]))
+    elif spec.federation.client_cache:
+        cache = Path(spec.federation.client_cache)
+    else:
+        cache = cache_root(spec.experiment.base_model) / "client-artifacts"
+    return Node(spec, UserDir(data_dir), ArtifactCache(cache))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def engine_for(node: Node, model_id: str) -> Any:
+    """This process's Engine for the model artifact (loaded once, then reused every round)."""
+    e = node.spec.experiment
+    key = (model_id, e.base_model, e.base_adapter, e.personal_adapter, e.personal_train.seed)
+    with _LOCK:
+        if key not in _ENGINES:
+            from shared.engine import Engine
+
+            path = node.cache.path(model_id)
+            spec: BaseModelSpec = dataclasses.replace(e.base_model, path=str(path))
+            t0 = time.perf_counter()
+            _ENGINES[key] = Engine(spec, e.base_adapter, e.personal_adapter, seed=e.personal_train.seed)
+            log.info("base model %s loaded in %.1f s (once per process)", model_id[:12], time.perf_counter() - t0)
+        return _ENGINES[key]
+
+
+def set_global_base(engine: Any, node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> None:
+    """Put the coordinator's base adapter into the base slot (FFA-LoRA: its B over the shared A)."""
+    import torch
+
+    with engine.lock:
+        if cfg.ffa_lora:
+            if _BASE_LOADED.get(id(engine)) != cfg.base_adapter:
+                engine.load_base(node.cache.path(cfg.base_adapter))
+                _BASE_LOADED[id(engine)] = cfg.base_adapter
+            state = {k: v.clone() for k, v in engine.base_state().items()}
+            unknown = sorted(set(arrays) - {k for k in state if is_lora_b(k)})
+            if unknown:
+                raise ClientError(f"FFA-LoRA round carries non-B tensors, e.g. {unknown[0]}")
+        else:
+            state = {}
+            _BASE_LOADED.pop(id(engine), None)
+        dtype = next(iter(engine.base_state().values())).dtype
+        for k, v in arrays.items():
+            state[k] = torch.from_numpy(np.array(v, copy=True)).to(dtype)
+        engine.set_base_state(state)
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def inventory(node: Node) -> list[str]:
+    return node.cache.held()
+
+
+def task_for(node: Node, cfg: RoundConfig) -> Any:
+    from shared.tasks import get_task
+
+    mine = node.user.task_name()
+    if mine and mine != cfg.task:
+        raise ClientError(f"this user's data is for task {mine!r}, the run is {cfg.task!r}")
+    return get_task(cfg.task)
+
+
+def context_for(node: Node, task: Any, store: Any) -> Any:
+    from shared.personalize import Context
+    from shared.retrieval import make_retriever
+
+    r = node.spec.experiment.retrieval
+    profile = store.get_profile() or node.user.cached_profile()
+    return Context(store, make_retriever(r.retriever, task.item_text), r, profile=profile)
+
+
+def ensure_profile(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any]) -> None:
+    """PAG's profile: the store's own, else generated once and kept in DIR/federation/."""
+    if ctx.profile:
+        return
+    from shared.personalize import profile_prompt
+
+    r = node.spec.experiment.retrieval
+    prompt = profile_prompt(task, history, r.profile_items, node.spec.experiment.data.seed, r.item_max_words)
+    ctx.profile = engine.answer([prompt], max_new_tokens=r.profile_max_tokens, personal=False, raw=True)[0]
+    node.user.cache_profile(ctx.profile)
+
+
+def _augmentations(methods: list[str]) -> list[str]:
+    from shared.personalize import METHOD_AUGMENTATION, PERSONAL_METHODS
+
+    return sorted({METHOD_AUGMENTATION[m] for m in methods if m in PERSONAL_METHODS})
+
+
+def train(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
+    """One train round on this user's machine. Returns (updated base adapter or None, numbers)."""
+    t0 = time.perf_counter()
+    engine = engine_for(node, cfg.model)
+    task = task_for(node, cfg)
+    store = node.user.open_store(task, store=node.spec.experiment.retrieval.store,
+                                 retriever=node.spec.experiment.retrieval.retriever)
+    history = store.items()
+    ctx = context_for(node, task, store)
+    metrics: dict[str, float] = {"history-items": float(len(history))}
+    with engine.lock:
+        set_global_base(engine, node, cfg, arrays)
+        # (a) Personal adapters, stacked on the global base adapter, kept on this disk.
+        for aug in _augmentations(cfg.method_list):
+            loss = personalize(engine, node, task, ctx, history, aug)
+            if loss is not None:
+                metrics[f"personal-{aug}-loss"] = loss
+        # (b) The base adapter's local update: the only tensors that may leave.
+        update = None
+        if cfg.federate:
+            examples = base_examples(task, ctx, history, seed=node.spec.federation.seed + cfg.server_round)
+            dp = record_dp(node, "base", node.spec.federation.local_train)
+            result = train_base_locally(engine, examples, node.spec.federation.local_train,
+                                        ffa=cfg.ffa_lora, proximal_mu=cfg.proximal_mu, dp_sgd=dp)
+            if dp:
+                metrics["record-epsilon-base"] = account_record_dp(node, "base", dp)["record_epsilon"]
+            state = engine.base_state()
+            update = {k: state[k].detach().float().cpu().numpy() for k in arrays}
+            metrics.update({"base-loss": result.final_loss, "base-steps": float(result.steps)})
+            metrics["num-examples"] = float(len(examples))
+        else:
+            metrics["num-examples"] = float(len(history))
+    node.user.record_round(epsilon=cfg.epsilon if cfg.epsilon >= 0 else None,
+                           delta=cfg.delta if cfg.epsilon >= 0 else None)
+    metrics["seconds"] = time.perf_counter() - t0
+    return update, metrics
+
+
+def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str) -> float | None:
+    """Train this user's personal adapter (first time) or refresh the published one; publish it."""
+    from client.personal import PersonalAdapters, new_manifest
+    from shared.personalize import history_examples
+
+    spec = node.spec.experiment
+    if aug == "pag":
+        ensure_profile(engine, node, task, ctx, history)
+    examples = history_examples(task, history, ctx, aug)
+    adapters = PersonalAdapters(node.user.personal_root(aug))
+    published, problems = adapters.resolve(base_model_hash=engine.model_hash)
+    for p in problems:
+        log.warning("personal adapter: %s", p)
+    usable = (published is not None and published.manifest.task == task.name
+              and published.manifest.peft_type == spec.personal_adapter.peft_type)
+    refresh = node.spec.federation.personal_refresh_epochs
+    if usable and refresh == 0:
+        return None  # trained once; kept as is
+    train_spec = dataclasses.replace(spec.personal_train, epochs=refresh) if usable else spec.personal_train
+    dp = record_dp(node, "personal", train_spec)
+    if usable:
+        engine.load_personal(published.path)
+    tr = engine.train_personal(examples, train_spec, fresh=not usable, progress=False,
+                               **({"dp_sgd": dp} if dp else {}))
+    privacy = account_record_dp(node, f"personal-{aug}", dp)
+    manifest = new_manifest(base_model_hash=engine.model_hash, task=task.name, peft_type=spec.personal_adapter.peft_type,
+                            data={"history_items": len(history), "examples": len(examples)},
+                            train={"steps": tr.steps, "final_loss": tr.final_loss, "augmentation": aug,
+                                   "refreshed": bool(usable)}, privacy=privacy)
+    adapters.publish(lambda target: engine.save_personal(target, manifest))
+    return tr.final_loss
+
+
+def record_dp(node: Node, what: str, train: Any) -> Any:
+    """A DP-SGD setting for this training when privacy.record_level covers `what`, else None."""
+    p = node.spec.experiment.privacy
+    if p.record_level not in (what, "both"):
+        return None
+    from shared.dpsgd import DPSGD
+
+    return DPSGD(noise_multiplier=p.record_noise_multiplier, max_grad_norm=p.record_clipping_norm,
+                 expected_batch_size=train.batch_size, seed=secrets.randbits(63))  # sampling must be secret
+
+
+def account_record_dp(node: Node, what: str, dp: Any) -> dict[str, float]:
+    """Compose a DP-SGD run into this user's ledger for `what` (kept in DIR/federation/)."""
+    if dp is None:
+        return {}
+    from shared.fileio import atomic_write
+    from shared.privacy import RDPAccountant
+
+    f = node.user.path / "federation" / f"record-privacy-{what}.json"
+    acc = RDPAccountant.from_state_dict(json.loads(f.read_text())) if f.is_file() else RDPAccountant()
+    dp.account(acc)
+    atomic_write(f, json.dumps(acc.state_dict()))
+    delta = node.spec.experiment.privacy.delta
+    return {"record_epsilon": acc.epsilon(delta=delta), "record_delta": delta}
+
+
+def base_examples(task: Any, ctx: Any, history: list[Any], *, seed: int) -> list[Any]:
+    """Base-adapter examples from this user's history: plain, and with earlier items retrieved
+    (the two prompt shapes the shared adapter serves, as in simulations.experiment)."""
+    from shared.personalize import prompt_for
+    from shared.training import Example
+
+    rng = random.Random(seed)
+    out = []
+    for i, item in enumerate(history):
+        query_input, target = task.item_to_example(item)
+        aug = "rag" if i > 0 and ctx.spec.k > 0 and rng.random() < 0.5 else "plain"
+        out.append(Example(prompt_for(task, ctx, query_input, aug, before=i), target))
+    return out
+
+
+def train_base_locally(engine: Any, examples: list[Any], spec: Any, *, ffa: bool, proximal_mu: float,
+                       dp_sgd: Any = None) -> Any:
+    """THE training loop on the base slot. FFA-LoRA freezes lora_A; FedProx adds mu·(w - w_global)
+    to each gradient, which is the gradient of (mu/2)·||w - w_global||² added to the loss."""
+    from shared import adapters
+    from shared.training import train_adapter
+
+    model = engine.model
+    with engine.lock:
+        adapters.activate(model, [adapters.BASE], trainable=adapters.BASE)
+        hooks = []
+        try:
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            if ffa:
+                for n, p in named:
+                    if ".lora_A." in n:
+                        p.requires_grad_(False)
+            params = [p for _, p in named if p.requires_grad]
+            if proximal_mu > 0:
+                for p in params:
+                    anchor = p.detach().clone()
+                    hooks.append(p.register_hook(lambda g, p=p, a=anchor: g + proximal_mu * (p.detach() - a)))
+            kw = {"dp_sgd": dp_sgd} if dp_sgd is not None else {}
+            return train_adapter(model, engine.tokenizer, examples, spec, params, progress=False, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+            adapters.activate(model, [adapters.BASE])
+
+
+def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Score this user's held-out queries per method; predictions stay in the user's directory."""
+    from shared.adapters import AdapterManifest
+    from shared.personalize import METHOD_AUGMENTATION, PERSONAL_METHODS, prompt_for
+
+    engine = engine_for(node, cfg.model)
+    task = task_for(node, cfg)
+    queries = node.user.queries()
+    with engine.lock:
+        set_global_base(engine, node, cfg, arrays)
+        engine.save_base(node.user.path / "base_adapter", AdapterManifest(
+            role="base", base_model_hash=engine.model_hash, task=task.name,
+            peft_type=node.spec.experiment.base_adapter.peft_type, train={"round": cfg.server_round}))
+        metrics: dict[str, float] = {"num-queries": float(len(queries))}
+        if not queries:
+            return metrics
+        store = node.user.open_store(task, store=node.spec.experiment.retrieval.store,
+                                     retriever=node.spec.experiment.retrieval.retriever)
+        history = store.items()
+        ctx = context_for(node, task, store)
+        golds = [q.target for q in queries]
+        predictions: dict[str, dict[str, str]] = {}
+        for method in cfg.method_list:
+            aug = METHOD_AUGMENTATION[method]
+            if aug == "pag":
+                ensure_profile(engine, node, task, ctx, history)
+            prompts = [prompt_for(task, ctx, q.input, aug) for q in queries]
+            personal = method in PERSONAL_METHODS
+            if personal:
+                load_or_train_personal(engine, node, task, ctx, history, aug)
+            answers = engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=personal)
+            preds = [task.parse_output(a) for a in answers]
+            predictions[method] = {q.id: p for q, p in zip(queries, preds)}
+            for name, value in task.score(preds, golds).items():
+                metrics[f"{method}/{name}"] = float(value)
+        node.user.write_predictions(predictions)
+    return metrics
+
+
+def load_or_train_personal(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str) -> None:
+    from client.personal import PersonalAdapters
+
+    published, _ = PersonalAdapters(node.user.personal_root(aug)).resolve(base_model_hash=engine.model_hash)
+    if published is None or published.manifest.task != task.name:
+        personalize(engine, node, task, ctx, history, aug)  # a user never sampled for training
+        published, _ = PersonalAdapters(node.user.personal_root(aug)).resolve(base_model_hash=engine.model_hash)
+    engine.load_personal(published.path)

@@ -1,0 +1,261 @@
+"""Federation membership: the daemon runs a Flower SuperNode as a supervised child process.
+
+Joining a coordinator means running
+
+    flower-supernode --insecure --superlink HOST:PORT --node-config "data-dir='DIR'"
+                     --host 127.0.0.1 --port <free loopback port> --max-retries N --max-wait-time S
+
+(`--port` is the SuperNode's runtime API, which its ClientApp process connects to; Flower's
+default, 9094, would clash between two users' daemons on one machine) in its own process group, so federated rounds execute the same ClientApp (client/client_app.py,
+started by the SuperNode in a subprocess) against this user's data directory. The local API never
+waits for it: rounds run in other processes, and this module only watches the child from a
+thread. When the child exits (the coordinator is unreachable, a crash), it is restarted after an
+exponential back-off (initial, doubling, capped, +-20% jitter; reset after a run that lasted
+`stable_after` seconds), and every exit is logged. Its output goes to DIR/logs/supernode.log.
+Flower's telemetry and update check are switched off in the child's environment.
+
+The contract with the ClientApp, through the data directory (node config key `data-dir`):
+
+- it reads the history store at DIR/history (client.store.ChromaHistoryStore) and writes nothing
+  there;
+- it publishes a personal adapter only through client.personal.PersonalAdapters(DIR/personal),
+  which versions it atomically under a file lock (the daemon picks up the new CURRENT);
+- it may save the shared base adapter it receives to DIR/base_adapter with
+  shared.adapters.write_adapter_dir (atomic; the daemon reloads it when its manifest changes);
+- after each round it rewrites DIR/federation.json atomically (shared.fileio.atomic_write):
+
+      {"rounds": int >= 0,            federated rounds this node took part in
+       "epsilon": float | null,       privacy spent so far at `delta` (null: no DP accounting)
+       "delta": float | null,
+       "updated": float}              unix time of the write
+
+  The daemon only reads it (GET /v1/status, "privacy"); a missing file means no rounds yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.config import parse_host_port
+
+log = logging.getLogger(__name__)
+
+FEDERATION_FILE = "federation.json"
+
+
+def read_privacy(data_dir: str | Path) -> dict[str, Any]:
+    """The privacy spent in federated rounds, from DIR/federation.json (see the module docstring)."""
+    path = Path(data_dir) / FEDERATION_FILE
+    empty = {"rounds": 0, "epsilon": None, "delta": None, "updated": None}
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return empty
+    except (OSError, ValueError) as e:
+        return {**empty, "error": f"{path.name} is unreadable: {e}"}
+    if not isinstance(data, dict):
+        return {**empty, "error": f"{path.name} must hold a JSON object"}
+    out = dict(empty)
+    rounds = data.get("rounds", 0)
+    if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 0:
+        out["rounds"] = rounds
+    else:
+        out["error"] = f"{path.name}: rounds={rounds!r} is not a count"
+    for key in ("epsilon", "delta", "updated"):
+        v = data.get(key)
+        if v is None:
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+            out[key] = float(v)
+        else:
+            out["error"] = f"{path.name}: {key}={v!r} is not a non-negative number"
+    return out
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def supernode_command(executable: str, coordinator: str, data_dir: Path, *, port: int,
+                      max_retries: int = 3, max_wait_time: float = 60.0) -> list[str]:
+    """The SuperNode command line for one data directory (see the module docstring)."""
+    parse_host_port(coordinator, "coordinator")
+    d = str(Path(data_dir).resolve())
+    if "'" in d or any(c in d for c in "\n\r"):
+        # Flower parses node config as TOML; a literal string ('...') cannot hold these.
+        raise ValueError(f"data directory {d!r} contains a quote or newline; Flower's --node-config cannot carry it")
+    return [
+        *_resolve(shlex.split(executable)), "--insecure", "--superlink", coordinator,
+        "--node-config", f"data-dir='{d}'",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-retries", str(max_retries), "--max-wait-time", str(max_wait_time),
+    ]
+
+
+def _resolve(argv: list[str]) -> list[str]:
+    """Find a bare executable name next to this Python first (a venv's bin/ need not be on PATH)."""
+    if not argv:
+        raise ValueError("daemon.supernode_command is empty")
+    if "/" not in argv[0]:
+        beside = Path(sys.executable).parent / argv[0]
+        if beside.is_file() and os.access(beside, os.X_OK):
+            return [str(beside), *argv[1:]]
+        found = shutil.which(argv[0])
+        if found:
+            return [found, *argv[1:]]
+    return argv
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The SuperNode starts `flower-superexec` (which starts the ClientApp) by name from PATH.
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    return env
+
+
+def next_delay(failures: int, initial: float, maximum: float, rng: random.Random | None = None) -> float:
+    """Exponential back-off: initial * 2**(failures-1), capped at `maximum`, with +-20% jitter."""
+    base = min(maximum, initial * (2 ** max(0, failures - 1)))
+    jitter = (rng or random).uniform(0.8, 1.2)
+    return min(maximum, base * jitter)
+
+
+class Supervisor:
+    """Keep one child command running; restart it with back-off; never block the caller.
+
+    `make_command()` is called before every start (so a fresh free port is picked each time).
+    """
+
+    def __init__(self, make_command: Any, *, name: str, log_path: Path, initial: float = 2.0,
+                 maximum: float = 300.0, stable_after: float = 120.0, env: dict[str, str] | None = None) -> None:
+        self._make_command = make_command
+        self.name = name
+        self.log_path = Path(log_path)
+        self.initial, self.maximum, self.stable_after = initial, maximum, stable_after
+        self._env = env
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+        self.state = "stopped"
+        self.starts = 0
+        self.failures = 0  # consecutive short-lived runs
+        self.last_exit: int | None = None
+        self.last_error: str | None = None
+        self.next_start: float | None = None
+        self.delays: list[float] = []  # every back-off waited, for status and tests
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"oppu-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                cmd = self._make_command()
+                with open(self.log_path, "ab") as out:
+                    out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {shlex.join(cmd)}\n".encode())
+                    out.flush()
+                    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                            env=self._env, start_new_session=True)
+                with self._lock:
+                    self._proc, self.state, self.next_start = proc, "running", None
+                    self.starts += 1
+                log.info("%s started (pid %d): %s", self.name, proc.pid, shlex.join(cmd))
+                rc = proc.wait()
+                _signal_group(proc, signal.SIGTERM, group_only=True)  # its children (superexec, ClientApp)
+                with self._lock:
+                    self._proc, self.last_exit = None, rc
+                if self._stop.is_set():
+                    break
+                self.last_error = f"exited with code {rc}"
+            except (OSError, ValueError) as e:
+                self.last_error = f"cannot start: {e}"
+                rc = None
+            ran = time.monotonic() - started
+            self.failures = 1 if ran >= self.stable_after else self.failures + 1
+            delay = next_delay(self.failures, self.initial, self.maximum)
+            self.delays.append(delay)
+            with self._lock:
+                self.state, self.next_start = "backoff", time.time() + delay
+            log.warning("%s %s after %.0fs (coordinator unreachable or the node failed; see %s); "
+                        "retrying in %.1fs", self.name, self.last_error, ran, self.log_path, delay)
+            self._stop.wait(delay)
+        with self._lock:
+            self.state = "stopped"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the child (SIGTERM to its process group, SIGKILL after `timeout`) and the watcher."""
+        self._stop.set()
+        with self._lock:
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(5)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            proc = self._proc
+            return {
+                "state": self.state, "pid": proc.pid if proc is not None else None, "starts": self.starts,
+                "consecutive_failures": self.failures, "last_exit_code": self.last_exit,
+                "last_error": self.last_error,
+                "next_retry_in_s": round(max(0.0, self.next_start - time.time()), 1) if self.next_start else None,
+                "log": str(self.log_path),
+            }
+
+
+def _signal_group(proc: subprocess.Popen, sig: int, *, group_only: bool = False) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the child leads its own session (start_new_session=True)
+    except (ProcessLookupError, PermissionError):
+        if group_only:
+            return
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def supernode_supervisor(coordinator: str, data_dir: Path, *, executable: str = "flower-supernode",
+                         initial: float = 2.0, maximum: float = 300.0) -> Supervisor:
+    """A Supervisor that keeps this data directory's SuperNode connected to `coordinator`."""
+    data_dir = Path(data_dir)
+    supernode_command(executable, coordinator, data_dir, port=1)  # validate now, not in the thread
+    return Supervisor(
+        lambda: supernode_command(executable, coordinator, data_dir, port=free_loopback_port()),
+        name="supernode", log_path=data_dir / "logs" / "supernode.log", initial=initial, maximum=maximum,
+        env=child_env(),
+    )

@@ -1,0 +1,381 @@
+"""What the daemon does, independent of HTTP: one user's history, private adapter and model.
+
+`ClientService` owns the user's Chroma history store, their versioned personal adapters
+(client.personal), the model host (client.host: the Engine shared by answering and training,
+answering first), the job runner (client.jobs) and, with a coordinator, the SuperNode supervisor
+(client.federation). The API (client/api.py) is a thin layer over its methods; tests drive it
+directly too.
+
+Locks, always taken in this order: `_maintenance` (import / forget / starting a job) ->
+`store_lock` (the Chroma store and its caches; never held while waiting for the model) ->
+the model (ModelHost.model_turn / engine.lock) -> the personal directory's flock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from shared import adapters
+from shared.adapters import FRAMEWORK_VERSION, AdapterManifest
+from shared.config import AUGMENTATION_METHOD, DaemonSpec, TrainSpec
+from shared.fileio import atomic_write
+from shared.personalize import Context, ensure_profile, history_examples, prompt_for, retrieve_for
+from shared.records import HistoryItem
+from shared.retrieval import make_retriever, new_items
+from shared.tasks import get_task
+
+from .archive import Archive, ArchiveError, read_archive, write_archive
+from .federation import read_privacy, supernode_supervisor
+from .host import ModelHost
+from .items import parse_items
+from .jobs import JobBusy, JobControl, JobRegistry
+from .personal import PersonalAdapters, new_manifest, version_name
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+NOT_PERSONAL = {"plain": "non-personalized", "rag": "RAG", "pag": "PAG"}
+
+
+class Conflict(ValueError):
+    """The request contradicts what is stored (e.g. an id re-used with different content)."""
+
+
+class Busy(RuntimeError):
+    """Another operation that needs exclusive use is under way."""
+
+
+class ClientService:
+    def __init__(self, spec: DaemonSpec, data_dir: str | Path, *, engine: Any = None) -> None:
+        from client.store import ChromaHistoryStore  # chromadb is imported only here
+        from shared.engine import Engine
+
+        self.spec = spec
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.task = get_task(spec.task)
+        self.started = time.time()
+        self._check_state()
+        engine = engine if engine is not None else Engine(
+            spec.base_model, spec.base_adapter, spec.personal_adapter, seed=spec.personal_train.seed)
+        self._store_cls = ChromaHistoryStore
+        self.store = ChromaHistoryStore(self.dir / "history", self.task.item_text)
+        self.store_lock = threading.RLock()
+        self.retriever = make_retriever(spec.retrieval.retriever, self.task.item_text)
+        self.personal = PersonalAdapters(self.dir / "personal", keep=spec.keep_versions)
+        self.personal.recover()
+        self.jobs = JobRegistry(self.dir / "jobs", nice=spec.train_nice)
+        base_dir = Path(spec.base_adapter_dir).expanduser() if spec.base_adapter_dir else self.dir / "base_adapter"
+        self.host = ModelHost(engine, self.personal, base_dir, base_required=bool(spec.base_adapter_dir))
+        self.engine = engine
+        self._maintenance = threading.Lock()
+        self._auto_attempt_count = 0
+        self.supervisor = None
+        if spec.coordinator:
+            self.supervisor = supernode_supervisor(
+                spec.coordinator, self.dir, executable=spec.supernode_command,
+                initial=spec.backoff_initial, maximum=spec.backoff_max)
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def _check_state(self) -> None:
+        """A data directory serves one task; refuse to reinterpret stored items as another's."""
+        path = self.dir / STATE_FILE
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            state = None
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"{path} is unreadable ({e}); fix or remove it") from None
+        if state is not None and state.get("task") != self.spec.task:
+            raise ValueError(f"{self.dir} holds {state.get('task')!r} history but daemon.task={self.spec.task!r}; "
+                             "use another --data-dir, or export, forget and re-import")
+        # Also read by the federation's ClientApp (client/userdir.py) when daemon.toml is elsewhere.
+        fresh = {"task": self.spec.task, "augmentation": self.spec.augmentation,
+                 "created": (state or {}).get("created", time.time()), "framework_version": FRAMEWORK_VERSION}
+        if state != fresh:
+            atomic_write(path, json.dumps(fresh))
+
+    def start(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.start()
+
+    def close(self, *, timeout: float = 30.0) -> None:
+        """Graceful stop: cancel training (the published adapter stays), stop the SuperNode."""
+        job = self.jobs.cancel_active(wait=timeout)
+        if job is not None:
+            log.info("shutdown: job %s stopped (%s)", job.id, job.state)
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        with self.store_lock:
+            with contextlib.suppress(Exception):
+                self.store.close()
+
+    # -- history -------------------------------------------------------------------------------
+
+    def add(self, items: list[HistoryItem]) -> dict[str, Any]:
+        with self.store_lock:
+            try:
+                added = self.store.add(items)  # checks the whole batch before writing anything
+            except ValueError as e:
+                raise Conflict(str(e)) from None
+            count = self.store.count()
+        job = self._maybe_auto_train(count)
+        return {"added": added, "skipped": len(items) - added, "history_count": count,
+                "auto_train_job": job.id if job else None}
+
+    def count(self) -> int:
+        with self.store_lock:
+            return self.store.count()
+
+    def list_items(self, offset: int, limit: int) -> tuple[int, list[HistoryItem]]:
+        with self.store_lock:
+            items = self.store.items()
+        return len(items), items[offset:offset + limit]
+
+    def search(self, query: str, k: int) -> list[HistoryItem]:
+        with self.store_lock:
+            return self.retriever.retrieve(self.store, query, k)
+
+    def _context(self) -> Context:
+        ctx = Context(self.store, self.retriever, self.spec.retrieval)
+        if self.spec.augmentation == "pag":
+            with self.store_lock:
+                ctx.profile = self.store.get_profile()
+                history = self.store.items() if not ctx.profile else []
+            if history:  # generated once with the bare model, then cached in the store
+                with self.host.model_turn():
+                    ensure_profile(self.engine, self.task, ctx, history, seed=self.spec.personal_train.seed)
+        return ctx
+
+    # -- asking --------------------------------------------------------------------------------
+
+    def ask(self, query_input: str, *, personal: bool = True, max_new_tokens: int | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.host.refresh()
+        aug = self.spec.augmentation
+        ctx = self._context()
+        with self.store_lock:
+            prompt = prompt_for(self.task, ctx, query_input, aug)
+            retrieved = [it.id for it in retrieve_for(self.task, ctx, query_input, None)] if aug != "plain" else []
+        text, published, waited = self.host.answer(prompt, personal=personal,
+                                                    max_new_tokens=max_new_tokens or self.task.max_new_tokens)
+        return {
+            "answer": text, "prediction": self.task.parse_output(text),
+            "method": AUGMENTATION_METHOD[aug] if published is not None else NOT_PERSONAL[aug],
+            "personal_version": published.version if published else None,
+            "base_adapter_version": self.host.base_info["version"],
+            "retrieved": retrieved, "seconds": round(time.perf_counter() - t0, 4),
+            "waited_for_model_s": round(waited, 4),
+        }
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train(self, *, trigger: str = "api", overrides: dict[str, Any] | None = None):
+        """Start a background training job; raises JobBusy/Busy when one cannot start now."""
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        spec = dataclasses.replace(self.spec.personal_train, **overrides)  # validated by TrainSpec
+        if not self._maintenance.acquire(blocking=False):
+            raise Busy("an import or forget is under way; try again when it has finished")
+        try:
+            return self.jobs.submit("train", lambda ctl: self._train_job(ctl, spec), trigger=trigger,
+                                    params={"epochs": spec.epochs, "lr": spec.lr, "augmentation": self.spec.augmentation})
+        finally:
+            self._maintenance.release()
+
+    def _trained_on(self) -> int:
+        pub = self.host.published
+        return int(pub.manifest.data.get("history_items", 0)) if pub else 0
+
+    def _maybe_auto_train(self, count: int):
+        n = self.spec.retrain_after
+        if not n or count - max(self._trained_on(), self._auto_attempt_count) < n or self.jobs.active():
+            return None
+        try:
+            job = self.train(trigger="auto")
+        except (JobBusy, Busy):
+            return None
+        self._auto_attempt_count = count
+        log.info("automatic retraining: %d new history items since the adapter in use (threshold %d): job %s",
+                 count - self._trained_on(), n, job.id)
+        return job
+
+    def _train_job(self, ctl: JobControl, spec: TrainSpec) -> dict[str, Any]:
+        self.host.load_base_adapter()
+        ctx = self._context()
+        with self.store_lock:
+            history = self.store.items()
+            if not history:
+                raise RuntimeError("the history is empty; add items before training")
+            # Example i retrieves only from items before i (no leakage of the future).
+            examples = history_examples(self.task, history, ctx, self.spec.augmentation)
+        if ctl.cancelled():
+            return {"cancelled": True, "steps": 0}
+
+        def summary(result: Any) -> dict[str, Any]:
+            return {"steps": result.steps, "examples": len(examples),
+                    "final_loss": result.final_loss if result.losses else None,
+                    "seconds": round(result.seconds, 3), "tokens_per_second": round(result.tokens_per_second, 1)}
+
+        def manifest(result: Any) -> AdapterManifest:
+            return new_manifest(
+                base_model_hash=self.engine.model_hash, task=self.task.name,
+                peft_type=self.spec.personal_adapter.peft_type,
+                data={"history_items": len(history), "examples": len(examples)},
+                train={**summary(result), "epochs": spec.epochs, "lr": spec.lr, "augmentation": self.spec.augmentation,
+                       "job": ctl.job.id, "base_adapter": self.host.base_info["version"]},
+            )
+
+        result, version = self.host.train(examples, spec, on_step=ctl.progress, cancelled=ctl.cancelled,
+                                           manifest=manifest)
+        out = {**summary(result), "history_items": len(history)}
+        return {**out, "cancelled": True} if version is None else {**out, "version": version}
+
+    # -- status --------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        self.host.refresh()
+        base = self.engine.base
+        active = self.jobs.active()
+        pub = self.host.published
+        count = self.count()
+        return {
+            "daemon": {"pid": os.getpid(), "framework_version": FRAMEWORK_VERSION, "data_dir": str(self.dir),
+                       "uptime_s": round(time.time() - self.started, 1), "task": self.task.name,
+                       "method": AUGMENTATION_METHOD[self.spec.augmentation],
+                       "item_fields": list(self.task.item_fields), "label_field": self.task.label_field,
+                       "labels": list(self.task.labels) if self.task.labels else None},
+            "base_model": {"hash": self.engine.model_hash, "path": str(base.directory),
+                           "quantization": base.quantization, "device": base.device, "dtype": str(base.dtype),
+                           "threads": _torch_threads()},
+            "base_adapter": dict(self.host.base_info),
+            "personal_adapter": {**pub.info(), "path": str(pub.path)} if pub else None,
+            "personal_versions": [version_name(v) for v in self.personal.versions()],
+            "history": {"count": count, "new_since_training": max(0, count - self._trained_on()),
+                        "retrain_after": self.spec.retrain_after},
+            "privacy": read_privacy(self.dir),
+            "federation": ({"coordinator": self.spec.coordinator, **self.supervisor.status()}
+                           if self.supervisor else None),
+            "jobs": {"active": active.public() if active else None,
+                     "interrupted_at_start": [j.id for j in self.jobs.interrupted]},
+            "problems": list(self.host.problems),
+        }
+
+    # -- export / import / forget --------------------------------------------------------------
+
+    def export(self, dest: Path) -> dict[str, Any]:
+        with self.store_lock:
+            items = self.store.items()
+            profile = self.store.get_profile()
+        with self.personal.locked():  # a publish cannot prune the version being copied
+            pub = self.host.published
+            return write_archive(dest, task=self.task.name, base_model_hash=self.engine.model_hash, items=items,
+                                 profile=profile, adapter_dir=pub.path if pub else None,
+                                 personal_version=pub.version if pub else None)
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        if not self._maintenance.acquire(timeout=5):
+            raise Busy(f"another import or forget is under way; {what} later")
+        try:
+            yield
+        finally:
+            self._maintenance.release()
+
+    def import_archive(self, path: Path) -> dict[str, Any]:
+        """Merge an export archive: everything is checked before anything is changed."""
+        with self._exclusive("import"):
+            active = self.jobs.active()
+            if active is not None:
+                raise JobBusy(active)
+            archive = read_archive(path, self.dir / "tmp", max_bytes=int(self.spec.max_import_mb * 2**20),
+                                   task=self.task.name)
+            try:
+                return self._import(archive)
+            finally:
+                archive.cleanup()
+
+    def _import(self, archive: Archive) -> dict[str, Any]:
+        items = parse_items(archive.history, self.task, max_field_chars=self.spec.max_field_chars)
+        with self.store_lock:
+            try:
+                new_items(items, lambda i: next(iter(self.store.get([i])), None))
+            except ValueError as e:
+                raise Conflict(str(e)) from None
+        version, previous = None, self.personal.current_version()
+        if archive.adapter_dir is not None:
+            try:
+                m = adapters.verify_adapter_dir(archive.adapter_dir, base_model_hash=self.engine.model_hash)
+            except (OSError, ValueError) as e:
+                raise ArchiveError(f"the archive's adapter: {e}") from None
+            want = self.spec.personal_adapter.peft_type
+            if m.role != "personal" or m.task != self.task.name or m.peft_type != want:
+                raise ArchiveError(f"the archive's adapter is a {m.role} {m.peft_type} adapter for {m.task!r}; this "
+                                   f"daemon needs a personal {want} adapter for {self.task.name!r}")
+            kept = AdapterManifest(**{**m.__dict__, "files": {}})
+            kept.train = {**kept.train, "imported": time.time()}
+            try:
+                version = self.host.import_adapter(archive.adapter_dir, kept)
+            except (ValueError, RuntimeError) as e:
+                raise ArchiveError(f"the archive's adapter cannot be loaded: {e}") from None
+        try:
+            with self.store_lock:
+                added = self.store.add(items)
+                if archive.profile:
+                    self.store.set_profile(archive.profile)
+        except BaseException:
+            if version is not None and previous is not None:  # roll the adapter back too
+                self.host.roll_back(previous)
+            raise
+        return {"history_added": added, "history_skipped": len(items) - added, "profile": bool(archive.profile),
+                "personal_version": version, "archive_personal_version": archive.manifest.get("personal_version")}
+
+    def forget(self) -> dict[str, Any]:
+        """Delete the history store, the profile, every adapter version and the job records."""
+        with self._exclusive("forget"):
+            job = self.jobs.cancel_active(wait=120)
+            if job is not None and self.jobs.active() is not None:
+                raise Busy(f"job {job.id} did not stop; try again")
+            with self.store_lock:
+                n_items = self.store.count()
+                had_profile = self.store.get_profile() is not None
+                self._wipe_store()
+            versions = self.host.forget()
+            jobs = self.jobs.forget()
+            self.jobs.interrupted = []
+            shutil.rmtree(self.dir / "tmp", ignore_errors=True)
+            self._auto_attempt_count = 0
+        log.warning("forget: deleted %d history items, %d adapter versions, %d job records",
+                    n_items, len(versions), jobs)
+        return {"deleted": {"history_items": n_items, "profile": had_profile, "adapter_versions": versions,
+                            "job_records": jobs},
+                "kept": {"base_adapter": "shared by every user, not yours",
+                         "federation.json": "privacy already spent in federated rounds stays accounted"}}
+
+    def _wipe_store(self) -> None:
+        """Remove the store's files (not just its rows: SQLite keeps deleted pages), then reopen it."""
+        path = self.store.path
+        try:
+            self.store.close()
+            shutil.rmtree(path)
+        except Exception as e:  # noqa: BLE001 - fall back to deleting the collection
+            log.warning("forget: could not remove %s (%s); clearing the collection instead", path, e)
+            self.store = self._store_cls(path, self.task.item_text)
+            self.store.clear()
+            return
+        self.store = self._store_cls(path, self.task.item_text)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -1,0 +1,119 @@
+"""One user's data directory, as the federation's ClientApp sees it.
+
+The same layout the client daemon manages (client/daemon.py), so a SuperNode started by the daemon
+(node config `data-dir`) and a simulated user run the same code:
+
+    history/              the user's Chroma history store (read only here)
+    history.json          ... or the raw items, for runs configured with retrieval.store='memory'
+    daemon.toml           (daemon-managed directories) the daemon's settings: task, augmentation
+    user.json             (simulated users) {"user_id", "task"}
+    queries.json          (simulated users) held-out queries with their answers, for evaluation
+    personal/             the published personal adapter for the primary augmentation
+                          (client.personal.PersonalAdapters: versions + CURRENT)
+    personal-<aug>/       personal adapters for the other augmentations a run evaluates
+    base_adapter/         the latest global base adapter received (atomic)
+    federation.json       {"rounds", "epsilon", "delta", "updated"}: read by the daemon
+    federation/           this ClientApp's own cache (a generated PAG profile)
+    predictions.json      (simulated users) this user's answers per method; never sent
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.fileio import atomic_write
+from shared.protocol import ClientError
+from shared.records import HistoryItem, Query
+
+log = logging.getLogger(__name__)
+
+FEDERATION_STATUS = "federation.json"
+PRIMARY_DEFAULT = "rag"  # DaemonSpec's default augmentation
+
+
+class UserDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_dir():
+            raise ClientError("the user data directory given to this node does not exist")
+
+    # -- what the user's machine knows about itself --------------------------------------------
+
+    def _daemon(self) -> Any:
+        f = self.path / "daemon.toml"
+        if not f.is_file():
+            return None
+        from shared.config import load_daemon
+
+        return load_daemon(f)
+
+    def task_name(self) -> str | None:
+        f = self.path / "user.json"
+        if f.is_file():
+            return str(json.loads(f.read_text()).get("task") or "") or None
+        daemon = self._daemon()
+        return daemon.task if daemon else None
+
+    def primary_augmentation(self) -> str:
+        daemon = self._daemon()
+        return daemon.augmentation if daemon else PRIMARY_DEFAULT
+
+    def personal_root(self, augmentation: str) -> Path:
+        if augmentation == self.primary_augmentation():
+            return self.path / "personal"
+        return self.path / f"personal-{augmentation}"
+
+    # -- history and queries -------------------------------------------------------------------
+
+    def open_store(self, task: Any, *, store: str, retriever: str) -> Any:
+        if (self.path / "history").is_dir() and store == "chroma":
+            from client.store import ChromaHistoryStore
+
+            return ChromaHistoryStore(self.path / "history", task.item_text)
+        from shared.retrieval import InMemoryHistoryStore
+
+        f = self.path / "history.json"
+        if not f.is_file():
+            raise ClientError("the user data directory holds no history store (history/ or history.json)")
+        embed = None
+        if retriever != "bm25":
+            from client.store import MiniLMEmbedder
+
+            embed = MiniLMEmbedder()
+        mem = InMemoryHistoryStore(task.item_text, embed)
+        mem.add([HistoryItem(d["id"], d["fields"], int(d.get("time", 0))) for d in json.loads(f.read_text())])
+        return mem
+
+    def queries(self) -> list[Query]:
+        f = self.path / "queries.json"
+        if not f.is_file():
+            return []
+        return [Query(q["id"], q["input"], q.get("target")) for q in json.loads(f.read_text())]
+
+    # -- what this ClientApp writes ------------------------------------------------------------
+
+    def cached_profile(self) -> str | None:
+        f = self.path / "federation" / "profile.txt"
+        return f.read_text() if f.is_file() else None
+
+    def cache_profile(self, text: str) -> None:
+        atomic_write(self.path / "federation" / "profile.txt", text)
+
+    def record_round(self, *, epsilon: float | None, delta: float | None) -> dict[str, Any]:
+        """Bump federation.json after a round this user took part in (the daemon reads it)."""
+        f = self.path / FEDERATION_STATUS
+        rounds = 0
+        try:
+            rounds = int(json.loads(f.read_text()).get("rounds", 0))
+        except (FileNotFoundError, ValueError, TypeError, AttributeError):
+            pass
+        status = {"rounds": rounds + 1, "epsilon": epsilon, "delta": delta, "updated": time.time()}
+        atomic_write(f, json.dumps(status, indent=2))
+        return status
+
+    def write_predictions(self, predictions: dict[str, dict[str, str]]) -> None:
+        atomic_write(self.path / "predictions.json", json.dumps(predictions, indent=2))

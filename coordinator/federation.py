@@ -1,0 +1,373 @@
+"""The coordinator's run: prepare the artifacts and the base adapter, then rounds, checkpoints,
+privacy accounting, evaluation and the reports (coordinator/server_app.py is only Flower glue).
+
+run_dir/
+  config.toml        the resolved FederatedSpec
+  artifacts/         the initial base adapter (an artifact clients download once)
+  checkpoint/        coordinator/checkpoint.py: written atomically after every round
+  base_adapter/      the final global base adapter
+  federation.json    per-round numbers (updates aggregated/rejected, losses, epsilon, bytes)
+  report.md          the same as tables, and the final per-method scores reported by clients
+  log.txt            the coordinator's log
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from shared.adapters import AdapterManifest
+from shared.config import FederatedSpec, dump_federated_toml, federated_to_dict
+from shared.fileio import atomic_write
+from shared.protocol import (
+    ARRAYS, CONFIG, EVALUATE, KIND_BASE_ADAPTER, KIND_MODEL, METRICS, NUM_QUERIES, RoundConfig, is_lora_b,
+)
+
+from . import checkpoint
+from .report import render_report, round_line
+from .distribution import Artifact, Distributor, export_quantized_model
+from .strategy import (
+    Accounting, SampledGrid, build_strategy, exchanged, for_round, load_strategy_state, mean_metrics, screen,
+    strategy_state,
+)
+
+log = logging.getLogger("oppu.coordinator")
+# The quantized artifact carries its own quantization config; transformers warns that ours is ignored.
+warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
+
+# Settings a resumed run may change; any other difference from the checkpoint is refused.
+RESUMABLE_CHANGES = {("federation", "rounds"), ("federation", "round_timeout"), ("federation", "run_dir"),
+                     ("federation", "client_cache"), ("federation", "sim_client_cpus"),
+                     ("federation", "evaluate_every"), ("privacy", "epsilon_budget"), ("out_dir",)}
+
+
+def new_run_dir(spec: FederatedSpec) -> Path:
+    if spec.federation.run_dir:
+        return Path(spec.federation.run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(spec.experiment.out_dir) / f"{stamp}-federated-{spec.experiment.data.task}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+class Coordinator:
+    def __init__(self, spec: FederatedSpec, run_dir: Path | None = None) -> None:
+        self.spec = spec
+        self.run_dir = Path(run_dir) if run_dir else new_run_dir(spec)
+        self.ckpt_dir = self.run_dir / "checkpoint"
+        self.history: list[dict[str, Any]] = []
+        self.start_round = 1
+        self.status = "running"
+        self.initial: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------ the run
+
+    def run(self, grid: Any) -> dict[str, Any]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.run_dir / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        if logging.getLogger("oppu").getEffectiveLevel() > logging.INFO:
+            logging.getLogger("oppu").setLevel(logging.INFO)  # the run log keeps INFO whatever the console shows
+        try:
+            self._setup()
+            f = self.spec.federation
+            if self.status == "running" and self.start_round == 1 and f.evaluate_every and not self.initial:
+                self.initial = self._evaluate(grid, ("non-personalized",), 0)
+                log.info("before round 1: %s", ", ".join(f"{k} {v:.4f}" for k, v in self.initial.items() if "/" in k))
+            if self.status == "running":
+                for rnd in range(self.start_round, f.rounds + 1):
+                    if not self._round(grid, rnd):
+                        break
+                else:
+                    self.status = "completed"
+            final = self._evaluate(grid, self.spec.experiment.methods, f.rounds, final=True)
+            self._checkpoint(self.history[-1]["round"] if self.history else 0)
+            self.engine.save_base(self.run_dir / "base_adapter", self._base_manifest())
+            return self._report(final)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+    # ------------------------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        from shared.engine import Engine
+        from shared.model import read_or_make_manifest
+        from shared.tasks import get_task
+        from simulations.datasets import load_dataset
+
+        e, f = self.spec.experiment, self.spec.federation
+        atomic_write(self.run_dir / "config.toml", dump_federated_toml(self.spec))
+        self.dataset = load_dataset(e.data)  # the operator's data: base users, never evaluated
+        self.task = get_task(self.dataset.task)
+        model_dir = export_quantized_model(e.base_model)
+        identity = read_or_make_manifest(model_dir)["model_hash"]
+        self.model = Artifact.from_dir(model_dir, KIND_MODEL, identity)
+        self.engine = Engine(dataclasses.replace(e.base_model, path=str(model_dir)), e.base_adapter,
+                             e.personal_adapter, seed=e.personal_train.seed)
+        log.info("base model artifact %s (%s, %.1f MB), hash %s", self.model.id[:12], e.base_model.quantization,
+                 self.model.manifest.total_bytes / 1e6, self.engine.model_hash[:12])
+        self.inner = build_strategy(self.spec)
+        ckpt = checkpoint.load(self.ckpt_dir)
+        init_dir = self.run_dir / "artifacts" / "base-adapter-init"
+        if (init_dir / "oppu_adapter.json").exists():
+            self.engine.load_base(init_dir)  # a restarted run keeps its initial adapter (FFA's A)
+        else:
+            self._train_initial_base()
+            self.engine.save_base(init_dir, self._base_manifest(initial=True))
+        self.base_artifact = Artifact.from_dir(init_dir, KIND_BASE_ADAPTER)
+        accountant = None
+        if ckpt is not None:
+            self._check_resumable(ckpt.config)
+            self.engine.load_base(ckpt.base_adapter_dir)
+            load_strategy_state(self.inner, ckpt.strategy)
+            self.history, accountant, self.initial = ckpt.history, ckpt.accountant, ckpt.initial
+            self.start_round = ckpt.round + 1
+            self.status = "running" if ckpt.status in ("running", "completed") else ckpt.status
+            log.info("resuming from the checkpoint of round %d (next round %d)", ckpt.round, self.start_round)
+        self.accounting = Accounting(self.spec, accountant)
+        self.distributor = Distributor([self.model, self.base_artifact], chunk_bytes=int(f.chunk_mb * 2**20),
+                                       timeout=f.round_timeout)
+
+    def _train_initial_base(self) -> None:
+        from simulations.experiment import base_examples
+
+        e = self.spec.experiment
+        if self.spec.federation.base_init != "train" or not self.dataset.base_users:
+            log.info("initial base adapter: untrained (federation.base_init=%s)", self.spec.federation.base_init)
+            return
+        examples = base_examples(self.task, e, self.dataset.base_users)
+        r = self.engine.train_base(examples, e.base_train, progress=False)
+        log.info("initial base adapter: %d examples from %d users who are never evaluated, loss %.3f, %.0f s",
+                 len(examples), len(self.dataset.base_users), r.final_loss, r.seconds)
+
+    def _check_resumable(self, saved: dict[str, Any]) -> None:
+        now = federated_to_dict(self.spec)
+        # Settings added since the checkpoint was written count as their defaults.
+        defaults = federated_to_dict(FederatedSpec())
+        saved = {k: ({**defaults[k], **v} if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v)
+                 for k, v in {**defaults, **saved}.items()}
+        diffs = []
+        for section in sorted(set(now) | set(saved)):
+            a, b = now.get(section), saved.get(section)
+            if isinstance(a, dict) and isinstance(b, dict):
+                diffs += [f"{section}.{k}" for k in sorted(set(a) | set(b))
+                          if a.get(k) != b.get(k) and (section, k) not in RESUMABLE_CHANGES]
+            elif a != b and (section,) not in RESUMABLE_CHANGES:
+                diffs.append(section)
+        if diffs:
+            raise ValueError(f"{self.ckpt_dir} was written with different settings ({', '.join(diffs[:5])}); "
+                             "use the same configuration to resume, or a new federation.run_dir")
+
+    def _base_manifest(self, initial: bool = False) -> AdapterManifest:
+        return AdapterManifest(role="base", base_model_hash=self.engine.model_hash, task=self.task.name,
+                               peft_type=self.spec.experiment.base_adapter.peft_type,
+                               data={"rounds": len(self.history)}, train={"initial": initial},
+                               privacy={"epsilon": self.accounting.epsilon() or 0.0} if not initial and self.spec.dp else {})
+
+    # ------------------------------------------------------------------------------ rounds
+
+    def _connected(self, grid: Any) -> list[int]:
+        f = self.spec.federation
+        deadline = time.time() + f.round_timeout
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= f.min_clients:
+                return nodes
+            if time.time() > deadline:
+                raise RuntimeError(f"only {len(nodes)} users connected after {f.round_timeout:.0f} s; "
+                                   f"federation.min_clients={f.min_clients}")
+            time.sleep(1.0)
+
+    def _round_config(self, rnd: int, methods: tuple[str, ...], *, epsilon: float | None) -> RoundConfig:
+        f, p = self.spec.federation, self.spec.experiment.privacy
+        return RoundConfig(server_round=rnd, task=self.task.name, model=self.model.id,
+                           base_adapter=self.base_artifact.id, federate=p.federate_base_adapter,
+                           ffa_lora=f.ffa_lora, proximal_mu=f.proximal_mu if f.strategy == "fedprox" else 0.0,
+                           methods=",".join(methods), epsilon=-1.0 if epsilon is None else epsilon,
+                           delta=p.delta if epsilon is not None else 0.0)
+
+    def _round(self, grid: Any, rnd: int) -> bool:
+        f, e = self.spec.federation, self.spec.experiment
+        t0 = time.time()
+        nodes = self._connected(grid)
+        m = min(len(nodes), max(f.min_clients, round(f.fraction_train * len(nodes))))
+        sample = sorted(random.Random(f"{f.seed}:{rnd}").sample(nodes, m))
+        q = m / len(nodes)
+        if self.accounting.would_exceed(sample_rate=q):
+            log.warning("round %d: stopping, epsilon would reach %.3f > budget %.3f", rnd,
+                        self.accounting.projected(sample_rate=q), e.privacy.epsilon_budget)
+            self.status = "budget-exhausted"
+            return False
+        dist = self.distributor.ensure(grid, sample)
+        ready = dist.ok(sample)
+        if not ready:
+            log.warning("round %d: no sampled user could receive the artifacts (%s); the round is skipped",
+                        rnd, "; ".join(f"{n}: {r}" for n, r in list(dist.failed.items())[:3]))
+        state = exchanged(self.engine.base_state(), ffa_lora=f.ffa_lora)
+        cfg = self._round_config(rnd, e.methods, epsilon=self.accounting.projected(sample_rate=q))
+        if f.secagg:
+            out = self._train_secure(grid, rnd, ready, state, cfg)
+        else:
+            out = self._train_plain(grid, rnd, ready, state, cfg, len(sample))
+        if out["new"] is not None:
+            if self.accounting.would_exceed_with(sample_rate=q, sampled=len(sample), aggregated=out["aggregated"]):
+                # Fewer updates than sampled make the noise relatively larger per user; a release
+                # that would break the budget is dropped (nothing published, nothing spent).
+                log.warning("round %d: only %d of %d updates; releasing this aggregate would exceed the "
+                            "epsilon budget, so it is discarded", rnd, out["aggregated"], len(sample))
+                out["aggregated"] = 0
+            else:
+                self._apply(out["new"])
+                self.accounting.record(sample_rate=q, sampled=len(sample), aggregated=out["aggregated"])
+        entry = {
+            "round": rnd, "connected": len(nodes), "sampled": len(sample), "sample_rate": q,
+            "aggregated": out["aggregated"], "replied": out["replied"],
+            "rejected": {str(k): v for k, v in out["rejected"].items()},
+            "failed": {**{str(k): v for k, v in dist.failed.items()}, **{str(k): v for k, v in out["failed"].items()}},
+            "train": out["train"], "epsilon": self.accounting.epsilon(),
+            "delta": e.privacy.delta if self.spec.dp else None,
+            "bytes_per_client": {"artifacts": sum(dist.sent.values()) / max(1, len(dist.sent)),
+                                 "base_adapter_down": out["down"], "base_adapter_up": out["up"]},
+        }
+        if f.evaluate_every and rnd % f.evaluate_every == 0 and rnd < f.rounds:
+            entry["evaluate"] = self._evaluate(grid, ("non-personalized",), rnd)
+        entry["seconds"] = time.time() - t0
+        self.history.append(entry)
+        self._checkpoint(rnd)
+        log.info("%s", round_line(entry, f.rounds))
+        return True
+
+    def _train_plain(self, grid: Any, rnd: int, ready: list[int], state: dict[str, Any], cfg: RoundConfig,
+                     sampled: int) -> dict[str, Any]:
+        """Flower's strategy (and DP wrapper) over individually validated replies."""
+        from flwr.app import ArrayRecord, ConfigRecord
+
+        arrays = ArrayRecord({k: _array(v) for k, v in state.items()})
+        strategy = for_round(self.inner, self.spec, sampled)
+        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(cfg.to_record()),
+                                             SampledGrid(grid, ready))) if ready else []
+        replies = list(grid.send_and_receive(msgs, timeout=self.spec.federation.round_timeout)) if msgs else []
+        answered = {r.metadata.src_node_id for r in replies}
+        screened = screen(replies, {k: v.shape for k, v in state.items()}, federate=cfg.federate, dp=self.spec.dp)
+        aggregated, arrays_new = 0, None
+        if cfg.federate and screened.accepted:
+            new, _ = strategy.aggregate_train(rnd, screened.accepted)
+            if new is not None:
+                arrays_new = {k: a.numpy() for k, a in new.items()}
+                aggregated = len(screened.accepted)
+        up = sum(r.content[ARRAYS].count_bytes() for r in screened.accepted if ARRAYS in r.content.array_records)
+        return {"new": arrays_new, "replied": len(screened.accepted), "aggregated": aggregated,
+                "rejected": screened.rejected,
+                "failed": {n: "no reply" for n in ready if n not in answered},
+                "train": mean_metrics([r.content[METRICS] for r in screened.accepted], "num-examples"),
+                "down": arrays.count_bytes() if msgs else 0, "up": up / max(1, len(screened.accepted))}
+
+    def _train_secure(self, grid: Any, rnd: int, ready: list[int], state: dict[str, Any],
+                      cfg: RoundConfig) -> dict[str, Any]:
+        """SecAgg+: only the sum is revealed; clients clip, the coordinator adds the noise."""
+        import secrets
+
+        import numpy as np
+
+        from shared.privacy import noise_std
+
+        from .secagg import secure_average
+
+        p = self.spec.experiment.privacy
+        config = cfg.to_record()
+        if self.spec.dp:
+            config["clipping_norm"] = p.clipping_norm
+        res = secure_average(grid, ready, state, config, server_round=rnd, timeout=self.spec.federation.round_timeout)
+        out: dict[str, Any] = {"new": None, "replied": res.aggregated, "aggregated": 0, "rejected": {}, "failed": {},
+                               "train": mean_metrics(res.metrics, "num-examples"),
+                               "down": sum(v.nbytes for v in state.values()) if ready else 0,
+                               "up": sum(v.nbytes for v in state.values()) if res.aggregated else 0}
+        for reason in res.failures:
+            log.warning("round %d: SecAgg+ failure: %s", rnd, reason)
+        avg = res.average
+        if avg is None:
+            out["failed"] = {n: "SecAgg+ produced no aggregate" for n in ready}
+            return out
+        bad = [k for k in state if k not in avg or avg[k].shape != state[k].shape or not np.isfinite(avg[k]).all()]
+        if bad or set(avg) != set(state):
+            out["rejected"] = {"aggregate": f"secure aggregate does not fit the base adapter (e.g. {(bad or ['keys'])[0]})"}
+            return out
+        if self.spec.dp:  # the DP wrapper's noise, on the average it cannot see the parts of
+            rng = np.random.default_rng(secrets.randbits(128))
+            std = noise_std(noise_multiplier=p.noise_multiplier, clipping_norm=p.clipping_norm, num_clients=len(ready))
+            avg = {k: (v + rng.normal(0.0, std, size=v.shape)).astype(np.float32) for k, v in avg.items()}
+        out["new"], out["aggregated"] = avg, res.aggregated
+        return out
+
+    def _apply(self, new: dict[str, Any]) -> None:
+        import torch
+
+        state = {k: v.clone() for k, v in self.engine.base_state().items()}
+        dtype = next(iter(state.values())).dtype
+        for k, a in new.items():
+            if self.spec.federation.ffa_lora and not is_lora_b(k):
+                continue
+            state[k] = torch.from_numpy(a.copy()).to(dtype)
+        self.engine.set_base_state(state)
+
+    def _evaluate(self, grid: Any, methods: tuple[str, ...], rnd: int, *, final: bool = False) -> dict[str, float]:
+        from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+        nodes = self._connected(grid)
+        ready = self.distributor.ensure(grid, nodes).ok(nodes)
+        state = exchanged(self.engine.base_state(), ffa_lora=self.spec.federation.ffa_lora)
+        cfg = self._round_config(rnd, methods, epsilon=self.accounting.epsilon())
+        content = RecordDict({ARRAYS: ArrayRecord({k: _array(v) for k, v in state.items()}),
+                              CONFIG: ConfigRecord(cfg.to_record())})
+        msgs = [Message(content, dst_node_id=n, message_type=EVALUATE) for n in ready]
+        replies = list(grid.send_and_receive(msgs, timeout=self.spec.federation.round_timeout))
+        ok = [r.content[METRICS] for r in replies if not r.has_error() and METRICS in r.content.metric_records]
+        for r in replies:
+            if r.has_error():
+                log.warning("evaluation on node %s failed: %s", r.metadata.src_node_id, r.error.reason)
+        out = mean_metrics(ok, NUM_QUERIES)
+        out["users"] = float(sum(1 for r in ok if r.get(NUM_QUERIES, 0)))
+        if final:
+            log.info("final evaluation on %d users: %s", int(out["users"]),
+                     ", ".join(f"{k}={v:.4f}" for k, v in out.items() if "/" in k))
+        return out
+
+    def _checkpoint(self, rnd: int) -> None:
+        ckpt = checkpoint.Checkpoint(
+            round=rnd, accountant=self.accounting.state_dict() if self.spec.dp else None, history=self.history,
+            config=federated_to_dict(self.spec), status=self.status,
+            artifacts={"model": self.model.id, "base_adapter": self.base_artifact.id},
+            strategy=strategy_state(self.inner), initial=self.initial)
+        checkpoint.save(self.ckpt_dir, ckpt, lambda d: self.engine.save_base(d, self._base_manifest()))
+
+    # ------------------------------------------------------------------------------ reports
+
+    def _report(self, final: dict[str, float]) -> dict[str, Any]:
+        summary = {
+            "status": self.status, "task": self.task.name, "initial": self.initial, "rounds": self.history,
+            "final": final, "epsilon": self.accounting.epsilon(),
+            "delta": self.spec.experiment.privacy.delta if self.spec.dp else None,
+            "artifacts": {"model": self.model.id, "model_bytes": self.model.manifest.total_bytes,
+                          "base_adapter": self.base_artifact.id},
+            "run_dir": str(self.run_dir),
+        }
+        atomic_write(self.run_dir / "federation.json", json.dumps(summary, indent=2))
+        atomic_write(self.run_dir / "report.md", render_report(summary, self.spec))
+        return summary
+
+
+def _array(v: Any) -> Any:
+    from flwr.app import Array
+
+    return Array(v)

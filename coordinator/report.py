@@ -1,0 +1,61 @@
+"""The coordinator's reports: one log line per round, and report.md (per-round table and the
+final per-method scores the clients reported)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.config import FederatedSpec
+
+
+def round_line(entry: dict[str, Any], total: int) -> str:
+    parts = [f"round {entry['round']}/{total}: {entry['replied']}/{entry['sampled']} users replied",
+             f"{len(entry['rejected'])} rejected"]
+    if "base-loss" in entry["train"]:
+        parts.append(f"base loss {entry['train']['base-loss']:.3f}")
+    for k, v in entry.get("evaluate", {}).items():
+        if k.startswith("non-personalized/"):
+            parts.append(f"{k} {v:.4f}")
+    if entry["epsilon"] is not None:
+        parts.append(f"epsilon {entry['epsilon']:.3f} (delta {entry['delta']:g})")
+    b = entry["bytes_per_client"]
+    parts.append(f"{(b['artifacts'] + b['base_adapter_down'] + b['base_adapter_up']) / 1e6:.2f} MB per client")
+    parts.append(f"{entry['seconds']:.0f} s")
+    return ", ".join(parts)
+
+
+def render_report(summary: dict[str, Any], spec: FederatedSpec) -> str:
+    from simulations.reporting import markdown_table
+
+    f = spec.federation
+    lines = [f"# Federated OPPU: {summary['task']}, {len(summary['rounds'])} rounds ({summary['status']})", "",
+             f"Strategy {f.strategy}{' + FFA-LoRA' if f.ffa_lora else ''}; base adapter federated: "
+             f"{spec.experiment.privacy.federate_base_adapter}; DP: "
+             + (f"z={spec.experiment.privacy.noise_multiplier}, C={spec.experiment.privacy.clipping_norm}"
+                if spec.dp else "off"), ""]
+    rows = []
+    if summary.get("initial"):
+        ev = {k.split("/", 1)[1]: v for k, v in summary["initial"].items() if k.startswith("non-personalized/")}
+        rows.append(["0 (start)", "-", "-", "-", ", ".join(f"{k} {v:.4f}" for k, v in ev.items()) or "-",
+                     "-", "-", "-", "-"])
+    for r in summary["rounds"]:
+        ev = {k.split("/", 1)[1]: v for k, v in r.get("evaluate", {}).items() if k.startswith("non-personalized/")}
+        b = r["bytes_per_client"]
+        rows.append([str(r["round"]), f"{r['replied']}/{r['sampled']}", str(len(r["rejected"])),
+                     f"{r['train'].get('base-loss', float('nan')):.3f}",
+                     ", ".join(f"{k} {v:.4f}" for k, v in ev.items()) or "-",
+                     "-" if r["epsilon"] is None else f"{r['epsilon']:.3f}",
+                     f"{b['base_adapter_down'] / 1e3:.0f} / {b['base_adapter_up'] / 1e3:.0f}",
+                     f"{b['artifacts'] / 1e6:.1f}", f"{r['seconds']:.0f}"])
+    lines += [markdown_table(["round", "replied", "rejected", "base loss", "base adapter (non-personalized)",
+                              "epsilon", "adapter kB down/up per client", "artifact MB per client", "s"], rows), ""]
+    final = summary["final"]
+    methods = [m for m in spec.experiment.methods if any(k.startswith(f"{m}/") for k in final)]
+    if methods:
+        names = sorted({k.split("/", 1)[1] for k in final if "/" in k})
+        lines += [f"Final evaluation on {int(final.get('users', 0))} users (mean of per-user scores, "
+                  "weighted by queries; clients report numbers only):", "",
+                  markdown_table(["method"] + names,
+                                 [[m] + [f"{final.get(f'{m}/{n}', float('nan')):.4f}" for n in names] for m in methods]),
+                  ""]
+    return "\n".join(lines)

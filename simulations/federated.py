@@ -1,0 +1,184 @@
+"""`oppu simulate`: N virtual users in Flower's simulation engine (Ray backend), in one command.
+
+The scenario only: each evaluated user gets a data directory in the run (history store, held-out
+queries), laid out exactly like a real user's machine (client/userdir.py), so the unchanged
+ClientApp serves them; the coordinator is the unchanged ServerApp logic. Afterwards the users'
+predictions, which never left their directories, are scored here exactly as `oppu experiment`
+scores them (simulations/experiment.py), next to the coordinator's per-round report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.config import FederatedSpec, to_run_config
+from shared.fileio import atomic_write
+
+log = logging.getLogger("oppu.simulate")
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+
+
+def prepare_users(spec: FederatedSpec, run_dir: Path) -> tuple[Any, list[str]]:
+    """Write one data directory per evaluated user (skipped when a resumed run has them)."""
+    from shared.tasks import get_task
+    from simulations.datasets import load_dataset
+
+    dataset = load_dataset(spec.experiment.data)
+    task = get_task(dataset.task)
+    users = run_dir / "users"
+    index = users / "index.json"
+    if index.exists():
+        return dataset, json.loads(index.read_text())
+    names = []
+    for u in dataset.eval_users:
+        name = _safe(u.user_id)
+        d = users / name
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write(d / "user.json", json.dumps({"user_id": u.user_id, "task": dataset.task}))
+        if spec.experiment.retrieval.store == "chroma":
+            from client.store import ChromaHistoryStore
+
+            with ChromaHistoryStore(d / "history", task.item_text) as store:
+                store.add(u.history)
+                if u.profile_text:
+                    store.set_profile(u.profile_text)
+        else:
+            atomic_write(d / "history.json", json.dumps(
+                [{"id": it.id, "fields": dict(it.fields), "time": it.time} for it in u.history]))
+        atomic_write(d / "queries.json", json.dumps([{"id": q.id, "input": q.input, "target": q.target}
+                                                      for q in u.queries]))
+        names.append(name)
+    atomic_write(index, json.dumps(names))
+    return dataset, names
+
+
+def prepare_only(spec: FederatedSpec, run_dir: Path | None) -> list[Path]:
+    """The users' data directories of a deployment: one per SuperNode (node config `data-dir`)."""
+    from coordinator.federation import new_run_dir
+
+    run_dir = (Path(run_dir) if run_dir else new_run_dir(spec)).resolve()
+    _, names = prepare_users(spec, run_dir)
+    return [run_dir / "users" / n for n in names]
+
+
+def _app_dir(run_dir: Path, run_config: dict[str, Any]) -> Path:
+    """A minimal Flower app directory whose run-config defaults are this run's settings, so the
+    simulation engine hands the same run-config to the ServerApp and to every ClientApp."""
+    from shared.config import dump_toml
+
+    d = run_dir / "flower-app"
+    d.mkdir(parents=True, exist_ok=True)
+    nested: dict[str, Any] = {}
+    for k, v in run_config.items():
+        nested[f'"{k}"'] = v
+    text = ('[project]\nname = "oppu"\nversion = "0.1.0"\n\n[tool.flwr.app]\npublisher = "oppu"\n\n'
+            '[tool.flwr.app.components]\nserverapp = "coordinator.server_app:app"\n'
+            'clientapp = "client.client_app:app"\n\n[tool.flwr.app.config]\n'
+            + dump_toml(nested))
+    atomic_write(d / "pyproject.toml", text)
+    return d
+
+
+def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool = False) -> Path:
+    """Run the federation over the evaluated users of `spec.experiment.data`; returns the run dir."""
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+
+    from client.client_app import app as client_app
+    from coordinator.federation import new_run_dir
+    from coordinator.server_app import app as server_app
+
+    run_dir = (Path(run_dir) if run_dir else new_run_dir(spec)).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = spec.federation
+    spec = dataclasses.replace(spec, federation=dataclasses.replace(f, run_dir=str(run_dir)))
+    t0 = time.time()
+    dataset, names = prepare_users(spec, run_dir)
+    if len(names) < f.min_clients:
+        raise ValueError(f"{len(names)} users but federation.min_clients={f.min_clients}; raise data.users")
+    run_config = to_run_config(spec)
+    app_dir = _app_dir(run_dir, run_config)
+    run = _new_run()
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    backend = {
+        "client_resources": {"num_cpus": f.sim_client_cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR", "log_to_driver": verbose,
+                      "include_dashboard": False},
+    }
+    log.info("simulating %d users for %d rounds in %s", len(names), f.rounds, run_dir)
+    _run_simulation(num_supernodes=len(names), exit_event=_exit_event(), client_app=client_app,
+                    server_app=server_app, backend_name="ray", backend_config=backend, app_dir=str(app_dir),
+                    run=run, server_app_context=context, verbose_logging=verbose, is_app=True)
+    seconds = time.time() - t0
+    summary_file = run_dir / "federation.json"
+    if not summary_file.exists():
+        raise RuntimeError(f"the coordinator did not finish; see {run_dir / 'log.txt'}")
+    write_results(spec, dataset, names, run_dir, seconds)
+    return run_dir
+
+
+def _new_run() -> Any:
+    """A Run as flwr's own `run_simulation` makes one (it does not take a run-config itself)."""
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    return run
+
+
+def _exit_event() -> Any:
+    from flwr.supercore.telemetry import EventType
+
+    return EventType.PYTHON_API_RUN_SIMULATION_LEAVE
+
+
+def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: Path, seconds: float) -> None:
+    """Score the users' predictions (read from their own directories) as `oppu experiment` does."""
+    from shared.tasks import get_task
+    from simulations.experiment import UserResult, render_results, score
+
+    task = get_task(dataset.task)
+    methods = spec.experiment.methods
+    results, users = [], []
+    for name, user in zip(names, dataset.eval_users):
+        f = run_dir / "users" / name / "predictions.json"
+        if not f.exists():
+            log.warning("user %s has no predictions (evaluation failed there); left out of the table", name)
+            continue
+        preds = json.loads(f.read_text())
+        if not all(m in preds for m in methods):
+            continue
+        results.append(UserResult(user.user_id, len(user.history), {m: preds[m] for m in methods}))
+        users.append(user)
+    summary = json.loads((run_dir / "federation.json").read_text())
+    data_info = {"task": dataset.task, "source": dataset.source, "notes": dataset.notes,
+                 "eval_users": len(users), "queries": sum(len(u.queries) for u in users)}
+    text = ""
+    if results:
+        metrics = score(task, methods, users, results)
+        metrics["seconds"] = seconds
+        metrics["federation"] = {"rounds": len(summary["rounds"]), "status": summary["status"],
+                                 "epsilon": summary["epsilon"], "delta": summary["delta"]}
+        atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        text = render_results(metrics, data_info)
+    report = (run_dir / "report.md").read_text()
+    atomic_write(run_dir / "results.md", report + "\n" + text + f"\nWall time: {seconds:.0f} s\n")

@@ -1,0 +1,88 @@
+"""The coordinator checkpoints the base adapter, round, accountant state and config atomically
+each round; killed (SIGKILL) during round 3, a restarted coordinator resumes at round 3 with the
+accountant state of round 2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import fedkit
+from shared.privacy import RDPAccountant
+
+DP = ["privacy.federate_base_adapter=true", "privacy.noise_multiplier=1.0", "privacy.clipping_norm=0.5",
+      "federation.rounds=3", "data.users=3", "federation.fraction_train=0.67", 'methods=["non-personalized"]']
+
+CHILD = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    import fedkit
+    model, run = Path(sys.argv[1]), Path(sys.argv[2])
+    spec = fedkit.tiny_spec(model, run, *json.loads(sys.argv[3]))
+    _, names = fedkit.prepare(spec, run)
+    grid = fedkit.local_grid(spec, run, names)
+    real = grid.send_and_receive
+    def slow_after_round_2(messages, **kw):
+        state = run / "checkpoint" / "state.json"
+        if state.exists() and json.loads(state.read_text())["round"] >= 2:
+            time.sleep(600)  # round 3 is under way: the test kills us here
+        return real(messages, **kw)
+    grid.send_and_receive = slow_after_round_2
+    fedkit.run(spec, run, grid)
+""")
+
+
+def test_killed_after_round_2_resumes_at_round_3_with_the_same_accountant(tmp_path, tiny_model_dir, caplog):
+    run = tmp_path / "run"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    tests_dir = Path(fedkit.__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir.parent), str(tests_dir)])}
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(run), json.dumps(DP)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    state = run / "checkpoint" / "state.json"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if state.exists() and json.loads(state.read_text())["round"] == 2:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the coordinator did not reach round 2 in time")
+        time.sleep(1.0)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    saved = json.loads(state.read_text())
+    assert saved["round"] == 2 and len(saved["history"]) == 2
+    acc2 = RDPAccountant.from_state_dict(saved["accountant"])
+    assert acc2.steps == 2 and saved["history"][1]["epsilon"] == acc2.epsilon(delta=1e-5)
+
+    spec = fedkit.tiny_spec(tiny_model_dir, run, *DP)
+    _, names = fedkit.prepare(spec, run)
+    with caplog.at_level("INFO", logger="oppu.coordinator"):
+        summary = fedkit.run(spec, run, fedkit.local_grid(spec, run, names))
+    assert "resuming from the checkpoint of round 2 (next round 3)" in caplog.text
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    assert summary["rounds"][:2] == saved["history"]
+    # Round 3 composed exactly one more step onto the saved accountant.
+    r3 = summary["rounds"][2]
+    acc2.step(noise_multiplier=1.0 * r3["aggregated"] / r3["sampled"], sample_rate=r3["sample_rate"])
+    final = json.loads(state.read_text())
+    assert RDPAccountant.from_state_dict(final["accountant"]) == acc2
+    assert summary["epsilon"] == acc2.epsilon(delta=1e-5) > saved["history"][1]["epsilon"]
+
+    # The same settings are required to resume; a change is refused with the differing field.
+    other = fedkit.tiny_spec(tiny_model_dir, run, *DP, "privacy.noise_multiplier=2.0")
+    try:
+        fedkit.run(other, run, fedkit.local_grid(other, run, names))
+    except ValueError as e:
+        assert "privacy.noise_multiplier" in str(e)
+    else:
+        raise AssertionError("resuming with different privacy settings was accepted")

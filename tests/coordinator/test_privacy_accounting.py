@@ -1,0 +1,124 @@
+"""shared/privacy.py: RDP accounting of the sampled Gaussian mechanism (Opacus's analysis), state
+that survives save/load, keyword-only privacy parameters, clipping."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from shared.privacy import RDPAccountant, clip_update, l2_norm, noise_std, rdp_sampled_gaussian
+
+
+def test_epsilon_matches_opacus_and_grows_with_rounds():
+    from opacus.accountants import RDPAccountant as OpacusRDP
+
+    ours, theirs, eps = RDPAccountant(), OpacusRDP(), []
+    for _ in range(3):
+        ours.step(noise_multiplier=1.1, sample_rate=0.5)
+        theirs.step(noise_multiplier=1.1, sample_rate=0.5)
+        eps.append(ours.epsilon(delta=1e-5))
+    assert eps == sorted(eps) and eps[0] > 0
+    # Same maths (our order grid is a superset of Opacus's, so ours is at least as tight).
+    assert eps[-1] <= theirs.get_epsilon(delta=1e-5) + 1e-9
+    assert eps[-1] == pytest.approx(theirs.get_epsilon(delta=1e-5), rel=0.05)
+
+
+def test_sampling_amplifies_and_more_noise_helps():
+    def eps(z, q):
+        a = RDPAccountant()
+        a.step(noise_multiplier=z, sample_rate=q, steps=5)
+        return a.epsilon(delta=1e-5)
+
+    assert eps(1.0, 0.1) < eps(1.0, 1.0)
+    assert eps(2.0, 0.5) < eps(1.0, 0.5)
+    assert math.isinf(eps(0.0, 0.5))
+
+
+def test_state_dict_round_trips_through_json():
+    a = RDPAccountant()
+    a.step(noise_multiplier=1.0, sample_rate=0.25)
+    a.step(noise_multiplier=1.0, sample_rate=0.25)
+    a.step(noise_multiplier=0.75, sample_rate=0.25)  # a round with a dropped client
+    b = RDPAccountant.from_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b == a and b.steps == 3
+    assert b.epsilon(delta=1e-5) == a.epsilon(delta=1e-5)
+    with pytest.raises(ValueError, match="not sampled-gaussian"):
+        RDPAccountant.from_state_dict({"mechanism": "laplace", "orders": [2], "history": []})
+
+
+def test_budget_projection_does_not_change_the_state():
+    a = RDPAccountant()
+    a.step(noise_multiplier=1.0, sample_rate=0.5)
+    before = a.state_dict()
+    after = a.epsilon_after(delta=1e-5, noise_multiplier=1.0, sample_rate=0.5)
+    assert a.state_dict() == before and after > a.epsilon(delta=1e-5)
+    assert a.would_exceed(budget=after - 1e-6, delta=1e-5, noise_multiplier=1.0, sample_rate=0.5)
+    assert not a.would_exceed(budget=after + 1e-6, delta=1e-5, noise_multiplier=1.0, sample_rate=0.5)
+    assert not a.would_exceed(budget=0, delta=1e-5, noise_multiplier=1.0, sample_rate=0.5)  # 0 = no budget
+
+
+def test_privacy_parameters_are_keyword_only_and_checked():
+    a = RDPAccountant()
+    with pytest.raises(TypeError):
+        a.step(1.0, 0.5)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        rdp_sampled_gaussian(1.0, 0.5, 1)  # type: ignore[misc]
+    with pytest.raises(ValueError, match="sample_rate"):
+        a.step(noise_multiplier=1.0, sample_rate=1.5)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        a.step(noise_multiplier=-1.0, sample_rate=0.5)
+
+
+def test_clipping_bounds_the_update_not_the_weights():
+    old = {"a": np.ones(4, dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
+    new = {"a": old["a"] + 3.0, "b": np.full(3, 4.0, dtype=np.float32)}
+    clipped, norm = clip_update(new, old, clipping_norm=1.0)
+    delta = {k: clipped[k] - old[k] for k in old}
+    assert norm == pytest.approx(math.sqrt(4 * 9 + 3 * 16))
+    assert l2_norm(delta) == pytest.approx(1.0, rel=1e-5)
+    small = {"a": old["a"] + 0.1, "b": old["b"]}
+    assert np.allclose(clip_update(small, old, clipping_norm=1.0)[0]["a"], small["a"])
+    assert noise_std(noise_multiplier=1.0, clipping_norm=0.5, num_clients=4) == pytest.approx(0.125)
+
+
+def test_record_level_dp_sgd_in_the_training_loop(tiny_engine):
+    """Opacus DP-SGD through THE training loop: Poisson batches (some empty), per-example clipping
+    and noise; the run is accounted as steps x sampled Gaussian with q = batch / n."""
+    import torch
+
+    from shared.config import TrainSpec
+    from shared.dpsgd import DPSGD
+    from shared.training import Example
+
+    examples = [Example(f"Tag this movie: a space opera {i}", "sci-fi") for i in range(40)]
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=0.5, expected_batch_size=1, seed=3)
+    before = {k: v.clone() for k, v in tiny_engine.personal_state().items()}
+    r = tiny_engine.train_personal(examples, TrainSpec(epochs=1, lr=1e-2, batch_size=1), progress=False, dp_sgd=dp)
+    assert dp.sample_rate == pytest.approx(1 / 40) and dp.steps == 40 and r.steps == 40
+    assert len(r.losses) < r.steps  # empty Poisson batches happened and did not crash the optimizer
+    after = tiny_engine.personal_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    acc = RDPAccountant()
+    dp.account(acc)
+    ref = RDPAccountant()
+    ref.step(noise_multiplier=1.0, sample_rate=1 / 40, steps=40)
+    assert acc == ref and 0 < acc.epsilon(delta=1e-5) < 10
+
+
+def test_the_run_stops_cleanly_before_the_budget_is_exceeded(tmp_path, tiny_model_dir):
+    """z=2, every user every round (q=1): epsilon 2.17, 3.19, 4.01 after rounds 1-3 at delta=1e-5;
+    with a budget of 3.5 the third round is never run, and the run still reports and evaluates."""
+    import fedkit
+
+    run = tmp_path / "run"
+    spec = fedkit.tiny_spec(tiny_model_dir, run, "federation.rounds=4", "data.users=2", 'methods=["non-personalized"]',
+                            "privacy.federate_base_adapter=true", "privacy.noise_multiplier=2.0",
+                            "privacy.clipping_norm=0.5", "privacy.epsilon_budget=3.5")
+    _, names = fedkit.prepare(spec, run)
+    summary = fedkit.run(spec, run, fedkit.local_grid(spec, run, names))
+    assert summary["status"] == "budget-exhausted"
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert [round(r["epsilon"], 2) for r in summary["rounds"]] == [2.17, 3.19]
+    assert summary["epsilon"] <= 3.5 and summary["final"]["users"] == 2
+    assert "budget-exhausted" in (run / "report.md").read_text()
