@@ -209,10 +209,17 @@ def train(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> tup
             metrics["num-examples"] = float(len(examples))
         else:
             metrics["num-examples"] = float(len(history))
+    _close(store)
     node.user.record_round(epsilon=cfg.epsilon if cfg.epsilon >= 0 else None,
                            delta=cfg.delta if cfg.epsilon >= 0 else None)
     metrics["seconds"] = time.perf_counter() - t0
     return update, metrics
+
+
+def _close(store: Any) -> None:
+    close = getattr(store, "close", None)
+    if close is not None:
+        close()
 
 
 def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str) -> float | None:
@@ -354,6 +361,7 @@ def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> 
             predictions[method] = {q.id: p for q, p in zip(queries, preds)}
             for name, value in task.score(preds, golds).items():
                 metrics[f"{method}/{name}"] = float(value)
+        _close(store)
         node.user.write_predictions(predictions)
     return metrics
 

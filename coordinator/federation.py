@@ -359,7 +359,9 @@ class Coordinator:
             "final": final, "epsilon": self.accounting.epsilon(),
             "delta": self.spec.experiment.privacy.delta if self.spec.dp else None,
             "artifacts": {"model": self.model.id, "model_bytes": self.model.manifest.total_bytes,
-                          "base_adapter": self.base_artifact.id},
+                          "base_adapter": self.base_artifact.id,
+                          "base_adapter_bytes": self.base_artifact.manifest.total_bytes,
+                          "streamed_bytes_per_client": {str(n): b for n, b in self.distributor.bytes_total.items()}},
             "run_dir": str(self.run_dir),
         }
         atomic_write(self.run_dir / "federation.json", json.dumps(summary, indent=2))

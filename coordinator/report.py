@@ -33,6 +33,13 @@ def render_report(summary: dict[str, Any], spec: FederatedSpec) -> str:
              f"{spec.experiment.privacy.federate_base_adapter}; DP: "
              + (f"z={spec.experiment.privacy.noise_multiplier}, C={spec.experiment.privacy.clipping_norm}"
                 if spec.dp else "off"), ""]
+    a = summary.get("artifacts", {})
+    if a:
+        streamed = a.get("streamed_bytes_per_client", {})
+        lines += [f"Artifacts: base model {a['model'][:12]} ({a['model_bytes'] / 1e6:.1f} MB), initial base adapter "
+                  f"{a['base_adapter'][:12]} ({a.get('base_adapter_bytes', 0) / 1e3:.0f} kB); streamed to "
+                  f"{sum(1 for b in streamed.values() if b)} of {len(streamed)} clients "
+                  f"(max {max(streamed.values(), default=0) / 1e6:.1f} MB; the others held them already).", ""]
     rows = []
     if summary.get("initial"):
         ev = {k.split("/", 1)[1]: v for k, v in summary["initial"].items() if k.startswith("non-personalized/")}

@@ -91,18 +91,18 @@ def test_record_level_dp_sgd_in_the_training_loop(tiny_engine):
     from shared.dpsgd import DPSGD
     from shared.training import Example
 
-    examples = [Example(f"Tag this movie: a space opera {i}", "sci-fi") for i in range(40)]
+    examples = [Example(f"Tag this movie: a space opera {i}", "sci-fi") for i in range(24)]
     dp = DPSGD(noise_multiplier=1.0, max_grad_norm=0.5, expected_batch_size=1, seed=3)
     before = {k: v.clone() for k, v in tiny_engine.personal_state().items()}
     r = tiny_engine.train_personal(examples, TrainSpec(epochs=1, lr=1e-2, batch_size=1), progress=False, dp_sgd=dp)
-    assert dp.sample_rate == pytest.approx(1 / 40) and dp.steps == 40 and r.steps == 40
+    assert dp.sample_rate == pytest.approx(1 / 24) and dp.steps == 24 and r.steps == 24
     assert len(r.losses) < r.steps  # empty Poisson batches happened and did not crash the optimizer
     after = tiny_engine.personal_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     acc = RDPAccountant()
     dp.account(acc)
     ref = RDPAccountant()
-    ref.step(noise_multiplier=1.0, sample_rate=1 / 40, steps=40)
+    ref.step(noise_multiplier=1.0, sample_rate=1 / 24, steps=24)
     assert acc == ref and 0 < acc.epsilon(delta=1e-5) < 10
 
 

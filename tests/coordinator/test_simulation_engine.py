@@ -23,7 +23,7 @@ def test_oppu_simulate_runs_the_flower_simulation_engine(tmp_path, tiny_model_di
     assert all(r["replied"] == 3 and r["aggregated"] == 3 for r in summary["rounds"])
     assert "non-personalized/accuracy" in summary["rounds"][0]["evaluate"]
     # The coordinator's per-round table and the OPPU table scored from the users' own predictions.
-    assert "| round |" in out and "OPPU+RAG" in out and "Δaccuracy vs non-pers." in out
+    assert "base adapter (non-personalized)" in out and "OPPU+RAG" in out and "Δaccuracy vs non-pers." in out
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["aggregate"]) == {"non-personalized", "OPPU", "OPPU+RAG"}
     assert metrics["federation"]["rounds"] == 2
