@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from shared.fileio import fsync_dir
 from shared.model import MANIFEST, sha256_file
 from shared.protocol import KIND_MODEL, ArtifactManifest, ChunkHeader, ClientError
 
@@ -142,7 +143,7 @@ class ArtifactCache:
                  "model_hash": manifest.identity or manifest.id}, indent=2))
         final = self.root / manifest.id
         os.replace(partial, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         log.info("artifact %s (%s, %d bytes) verified and cached", manifest.id[:12], manifest.kind,
                  manifest.total_bytes)
 
@@ -157,14 +158,3 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.fileio import fsync_dir
+
 STATE = "state.json"
 BASE = "base_adapter"
 STRATEGY = "strategy.safetensors"
@@ -71,7 +73,7 @@ def save(target: Path, ckpt: Checkpoint, write_base: Any) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -103,14 +105,3 @@ def _fsync_tree(root: Path) -> None:
         if p.is_file():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

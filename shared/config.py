@@ -10,7 +10,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Callable, get_type_hints
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -301,8 +301,13 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentSpec:
-    """Parse an experiment TOML file (optional) plus overrides into an ExperimentSpec."""
+def parse_config_file(
+    path: str | Path | None, overrides: list[str] | None, build: Callable[[dict[str, Any]], Any]
+) -> Any:
+    """Read an optional TOML file, apply `section.key=value` overrides, build the typed spec.
+
+    Every error names the file: a missing file, invalid TOML, or the field `build` rejects.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -314,10 +319,15 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
             raise ValueError(f"{p}: not valid TOML: {e}") from None
     data = apply_overrides(data, overrides or [])
     try:
-        return from_dict(ExperimentSpec, data)
+        return build(data)
     except ValueError as e:
         where = f"{path}: " if path else ""
         raise ValueError(f"{where}{e}") from None
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentSpec:
+    """Parse an experiment TOML file (optional) plus overrides into an ExperimentSpec."""
+    return parse_config_file(path, overrides, lambda data: from_dict(ExperimentSpec, data))
 
 
 def dump_toml(data: dict[str, Any]) -> str:
@@ -447,21 +457,7 @@ def parse_host_port(text: str, name: str = "address") -> tuple[str, int]:
 
 def load_daemon(path: str | Path | None = None, overrides: list[str] | None = None) -> DaemonSpec:
     """Parse a daemon TOML file (optional; top-level keys plus model/adapter/training sections)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file {p} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{p}: not valid TOML: {e}") from None
-    data = apply_overrides(data, overrides or [])
-    try:
-        return from_dict(DaemonSpec, data)
-    except ValueError as e:
-        where = f"{path}: " if path else ""
-        raise ValueError(f"{where}{e}") from None
+    return parse_config_file(path, overrides, lambda data: from_dict(DaemonSpec, data))
 
 
 __all__ += ["DaemonSpec", "AUGMENTATIONS", "AUGMENTATION_METHOD", "load_daemon", "parse_host_port"]
@@ -581,21 +577,7 @@ def _split_federated(data: dict[str, Any]) -> FederatedSpec:
 
 def load_federated(path: str | Path | None = None, overrides: list[str] | None = None) -> FederatedSpec:
     """Parse a federated-run TOML file (an experiment file plus [federation]) and overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file {p} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{p}: not valid TOML: {e}") from None
-    data = apply_overrides(data, overrides or [])
-    try:
-        return _split_federated(data)
-    except ValueError as e:
-        where = f"{path}: " if path else ""
-        raise ValueError(f"{where}{e}") from None
+    return parse_config_file(path, overrides, _split_federated)
 
 
 def federated_to_dict(spec: FederatedSpec) -> dict[str, Any]:

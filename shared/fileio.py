@@ -25,3 +25,15 @@ def atomic_write(path: str | Path, data: str | bytes, *, mode: int | None = None
             os.unlink(tmp)
         raise
     return path
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Persist a rename inside `directory` (best effort: some filesystems refuse to open dirs)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
