@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.adapters import AdapterManifest
-from shared.config import FederatedSpec, dump_federated_toml, federated_to_dict
+from shared.config import METHODS, FederatedSpec, dump_federated_toml, federated_to_dict
 from shared.fileio import atomic_write
 from shared.protocol import (
     ARRAYS, CONFIG, EVALUATE, KIND_BASE_ADAPTER, KIND_MODEL, METRICS, NUM_QUERIES, RoundConfig, is_lora_b,
@@ -194,7 +194,8 @@ class Coordinator:
         return RoundConfig(server_round=rnd, task=self.task.name, model=self.model.id,
                            base_adapter=self.base_artifact.id, federate=p.federate_base_adapter,
                            ffa_lora=f.ffa_lora, proximal_mu=f.proximal_mu if f.strategy == "fedprox" else 0.0,
-                           methods=",".join(methods), epsilon=-1.0 if epsilon is None else epsilon,
+                           # Baselines (the centralized one) run in the harness, never on a user's machine.
+                           methods=",".join(m for m in methods if m in METHODS), epsilon=-1.0 if epsilon is None else epsilon,
                            delta=p.delta if epsilon is not None else 0.0)
 
     def _round(self, grid: Any, rnd: int) -> bool:

@@ -83,23 +83,57 @@ def cmd_export_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    """Federated OPPU in Flower's simulation engine: N virtual users, R rounds, one command."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+DEFAULT_SIMULATION = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "simulate.toml"
+
+
+def _simulate_overrides(args: argparse.Namespace) -> list[str]:
+    """The experiment options plus the federation's and the study knobs, as `--set` strings."""
+    ov = _experiment_overrides(args)
+    if args.rounds is not None:
+        ov.append(f"federation.rounds={args.rounds}")
+    if args.strategy:
+        ov.append(f'federation.strategy="{args.strategy}"')
+    if args.select:
+        ov.append(f'data.select="{args.select}"')
+    if args.peft:
+        ov.append(f'personal_adapter.peft_type="{args.peft}"')
+    if args.retriever:
+        ov.append(f'retrieval.retriever="{args.retriever}"')
+    if args.k is not None:
+        ov.append(f"retrieval.k={args.k}")
+    if args.seed is not None:  # one seed for every random choice of the run
+        ov += [f"data.seed={args.seed}", f"base_train.seed={args.seed}", f"personal_train.seed={args.seed}",
+               f"federation.seed={args.seed}", f"federation.local_train.seed={args.seed}"]
+    return ov
+
+
+def load_simulation(args: argparse.Namespace) -> tuple[object, Path | None]:
+    """The FederatedSpec of `oppu simulate` (default config: simulations/configs/simulate.toml)."""
     from shared.config import load_federated
 
-    overrides = _experiment_overrides(args)
-    if args.rounds is not None:
-        overrides.append(f"federation.rounds={args.rounds}")
-    if args.strategy:
-        overrides.append(f'federation.strategy="{args.strategy}"')
     run_dir = Path(args.run_dir) if args.run_dir else None
     config = args.config
     if args.resume:
         run_dir = Path(args.resume)
         config = config or str(run_dir / "config.toml")
+    config = config or str(DEFAULT_SIMULATION)
+    overrides = _simulate_overrides(args)
     spec = load_federated(config, overrides)
+    if args.clients_per_round is not None:
+        users, n = spec.experiment.data.users, args.clients_per_round
+        if not 0 < n <= users:
+            raise ValueError(f"--clients-per-round={n} must be between 1 and data.users={users}")
+        overrides += [f"federation.fraction_train={n / users!r}",
+                      f"federation.min_clients={min(n, spec.federation.min_clients)}"]
+        spec = load_federated(config, overrides)
+    return spec, run_dir
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Federated OPPU in Flower's simulation engine: N virtual users, R rounds, one command."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    spec, run_dir = load_simulation(args)
     from simulations.federated import prepare_only, simulate
 
     if args.prepare_users:
@@ -112,12 +146,66 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_ABLATION = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "ablate-privacy.toml"
+
+
+def _floats(text: str) -> str:
+    return "[" + ", ".join(v.strip() for v in text.split(",") if v.strip()) + "]"
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from shared.config import load_ablation
+
+    ov = list(args.set or [])
+    for flag, key in (("noise", "noise_multipliers"), ("clip", "clipping_norms"), ("clients", "clients_per_round"),
+                      ("populations", "populations")):
+        if getattr(args, flag):
+            ov.append(f"grid.{key}={_floats(getattr(args, flag))}")
+    if args.rounds is not None:
+        ov.append(f"grid.rounds={args.rounds}")
+    if args.layout:
+        ov.append(f'grid.layout="{args.layout}"')
+    if args.model:
+        ov.append(f'base_model.path="{args.model}"')
+    if args.quantization:
+        ov.append(f'base_model.quantization="{args.quantization}"')
+    if args.out:
+        ov.append(f'out_dir="{args.out}"')
+    spec = load_ablation(args.config or str(DEFAULT_ABLATION), ov)
+    from simulations.ablation import run_ablation
+
+    run_dir = run_ablation(spec, Path(args.run_dir) if args.run_dir else None, progress=not args.quiet)
+    print((run_dir / "metrics.md").read_text())
+    print(f"Run directory: {run_dir}  (page with the plot: {run_dir / 'REPORT.md'})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from simulations.report import write_report
+
+    out = write_report([Path(r) for r in args.run_dirs], Path(args.out) if args.out else None)
+    print(f"Report: {out}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    from simulations.reproduce import render, reproduce
+
+    out, result = reproduce(Path(args.run_dir), Path(args.into) if args.into else None,
+                            tolerance=args.tolerance, progress=not args.quiet)
+    print(render(result))
+    print(f"Rerun directory: {out}")
+    return 0 if result["reproduced"] else 1
+
+
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="experiment TOML file (see simulations/configs/)")
     p.add_argument("--task", help="task name (oppu tasks lists them)")
     p.add_argument("--users", type=int, help="number of evaluated users")
     p.add_argument("--source", help="auto | real | synthetic | a LaMP directory")
-    p.add_argument("--methods", help="comma-separated: non-personalized,RAG,PAG,OPPU,OPPU+RAG,OPPU+PAG")
+    p.add_argument("--methods", help="comma-separated: non-personalized,RAG,PAG,OPPU,OPPU+RAG,OPPU+PAG,centralized")
     p.add_argument("--model", help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--quantization", help="nf4 | int8 | none")
     p.add_argument("--out", help="parent directory for run directories (default: runs)")
@@ -148,15 +236,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="directory to write {train,dev}_questions.json / _outputs.json into")
     p.set_defaults(func=cmd_export_data)
 
-    p = sub.add_parser("simulate", help="federated OPPU with N virtual users in Flower's simulation engine")
+    p = sub.add_parser("simulate", help="federated OPPU with N virtual users in Flower's simulation engine",
+                       description="Without --config the defaults are simulations/configs/simulate.toml: "
+                       "amazon-rating, 6 users, 2 rounds, the embedded model.")
     _add_experiment_args(p)
+    p.add_argument("--select", help="how users are chosen: most-history | random | activity (data.select)")
     p.add_argument("--rounds", type=int, help="federated rounds (federation.rounds)")
+    p.add_argument("--clients-per-round", type=int, help="users sampled per round (sets federation.fraction_train)")
     p.add_argument("--strategy", help="fedavg | fedadam | fedprox (federation.strategy)")
+    p.add_argument("--peft", help="personal adapter type: lora | ia3 | prompt_tuning (personal_adapter.peft_type)")
+    p.add_argument("--retriever", help="bm25 | dense | hybrid (retrieval.retriever)")
+    p.add_argument("--k", type=int, help="history items retrieved per prompt (retrieval.k)")
+    p.add_argument("--seed", type=int, help="one seed for user selection, training and the federation")
     p.add_argument("--run-dir", help="write into this directory instead of a new one under --out")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     p.add_argument("--prepare-users", action="store_true",
                    help="only write the users' data directories (for SuperNodes of a deployment) and print them")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("ablate", help="ablation studies (privacy: utility, epsilon and attack AUC over a grid)")
+    p.add_argument("what", choices=["privacy"], help="privacy: grid over noise, clipping, clients per round, population")
+    p.add_argument("--config", help="ablation TOML (default: simulations/configs/ablate-privacy.toml)")
+    p.add_argument("--noise", help="noise multipliers, e.g. 0,0.2,2 (grid.noise_multipliers)")
+    p.add_argument("--clip", help="clipping norms, e.g. 0.5,1 (grid.clipping_norms)")
+    p.add_argument("--clients", help="clients per round, e.g. 2,4 (grid.clients_per_round)")
+    p.add_argument("--populations", help="population sizes, e.g. 4,8 (grid.populations)")
+    p.add_argument("--rounds", type=int, help="rounds per cell (grid.rounds)")
+    p.add_argument("--layout", help="one-at-a-time | full (grid.layout)")
+    p.add_argument("--model", help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--quantization", help="nf4 | int8 | none")
+    p.add_argument("--out", help="parent directory for run directories (default: runs)")
+    p.add_argument("--run-dir", help="write into this directory instead of a new one under --out")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any setting (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("report", help="render run directories as one Markdown page with their plots")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (experiment, simulate, study, ablate)")
+    p.add_argument("--out", help="Markdown file to write (default: RUN_DIR/REPORT.md for one run, ./report.md for several)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("reproduce", help="rerun a run directory from its config and compare the scores")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--into", help="directory for the rerun (default: RUN_DIR-rerun)")
+    p.add_argument("--tolerance", type=float, default=0.0, help="largest accepted |difference| of a score (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_reproduce)
 
     from client.cli import add_client_commands  # stdlib-only module; the daemon loads lazily
 

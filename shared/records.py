@@ -66,3 +66,6 @@ class TaskDataset:
     eval_users: list[UserData]
     source: str
     notes: list[str] = field(default_factory=list)
+    # user id -> activity level (low | medium | high: tertile of history size among the users the
+    # evaluated ones were chosen from; shared/data/selection.py), when the source knows it.
+    levels: dict[str, str] = field(default_factory=dict)

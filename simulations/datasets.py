@@ -1,12 +1,14 @@
-"""Pick the users an experiment runs on: real data when present, else the synthetic task."""
+"""Pick the users an experiment runs on: real data when present, else the synthetic task; which
+users (data.select) and which part of their history (data.history_topics: behaviour shift)."""
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from shared.config import DataSpec
-from shared.records import TaskDataset, UserData
+from shared.records import HistoryItem, TaskDataset, UserData
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +55,57 @@ def load_dataset(spec: DataSpec) -> TaskDataset:
             f"data.task={task!r} with data.source={source!r}: real LaMP tasks need data.source set to a "
             f"directory holding LaMP files; built-in tasks: {', '.join(REAL_TASKS + SYNTHETIC_TASKS)}"
         )
-    ds.eval_users = _trim(ds.eval_users[: spec.users], spec.max_history, spec.queries)
+    ds.eval_users = ds.eval_users[: spec.users]
+    if spec.history_topics != "all":
+        ds.eval_users = [topic_split(u, spec.history_topics) for u in ds.eval_users]
+        ds.notes.append(f"history_topics={spec.history_topics}: each evaluated user keeps the half of their history "
+                        f"whose words are {'most' if spec.history_topics == 'similar' else 'least'} like their queries'")
+    ds.eval_users = _trim(ds.eval_users, spec.max_history, spec.queries)
     ds.base_users = _trim(ds.base_users, spec.max_history, spec.queries)
     return ds
 
 
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if len(w) > 2}
+
+
+def topic_split(user: UserData, which: str) -> UserData:
+    """The half of `user`'s history most ("similar") or least ("shifted") like their queries.
+
+    Similarity is the share of an item's words (3+ letters) that occur in any of the user's
+    queries; chronological order is kept, so retrieval still sees only earlier items.
+    """
+    query_words = set().union(*(_words(q.input) for q in user.queries)) if user.queries else set()
+
+    def overlap(item: HistoryItem) -> float:
+        w = _words(" ".join(str(v) for v in item.fields.values()))
+        return len(w & query_words) / len(w) if w else 0.0
+
+    ranked = sorted(range(len(user.history)), key=lambda i: (overlap(user.history[i]), i),
+                    reverse=(which == "similar"))
+    keep = sorted(ranked[: (len(user.history) + 1) // 2])
+    return UserData(user.user_id, [user.history[i] for i in keep], user.queries, user.profile_text)
+
+
 def _synthetic(task: str, spec: DataSpec) -> TaskDataset:
     from shared.data import make_synthetic
+    from shared.data.selection import activity_levels, choose_users
 
     hist = (max(spec.min_history, 4), max(spec.min_history, spec.max_history))
-    return make_synthetic(
-        task, n_base_users=spec.base_users, n_eval_users=spec.users, history_size=hist,
+    # Activity selection draws from a larger pool so each level has users to choose from.
+    pool = spec.users * 3 if spec.select == "activity" else spec.users
+    ds = make_synthetic(
+        task, n_base_users=spec.base_users, n_eval_users=pool, history_size=hist,
         n_queries=spec.queries, seed=spec.seed,
     )
+    sizes = {u.user_id: len(u.history) for u in ds.eval_users}
+    levels = activity_levels(sizes)
+    if spec.select != "most-history" or pool != spec.users:
+        keep = choose_users(sizes, spec.users, spec.select, spec.seed)
+        by_id = {u.user_id: u for u in ds.eval_users}
+        ds.eval_users = [by_id[k] for k in keep]
+    ds.levels = {u.user_id: levels[u.user_id] for u in ds.eval_users}
+    return ds

@@ -9,6 +9,7 @@ run_dir/
   predictions/<m>.json   all users' predictions per method, LaMP outputs format
   metrics.json           aggregate + per-user metrics, improvement over non-personalized
   results.md             the aggregate table
+  metrics.md, plots/, REPORT.md, run.json   see simulations/results.py
   log.txt                the run's log
 """
 
@@ -85,7 +86,7 @@ def base_examples(task: Any, spec: ExperimentSpec, users: list[UserData]) -> lis
     one per base user would cost a generation pass each).
     """
     rng = random.Random(spec.data.seed)
-    wants_context = any(METHOD_AUGMENTATION[m] != "plain" for m in spec.methods)
+    wants_context = any(METHOD_AUGMENTATION.get(m, "plain") != "plain" for m in spec.methods)
     examples: list[Example] = []
     for u in users:
         store = InMemoryHistoryStore(task.item_text)
@@ -129,6 +130,8 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
         "base_users": len(dataset.base_users),
         "queries": sum(len(u.queries) for u in dataset.eval_users),
         "history_per_user": {u.user_id: len(u.history) for u in dataset.eval_users},
+        "users": {u.user_id: {"history": len(u.history), "level": dataset.levels.get(u.user_id)}
+                  for u in dataset.eval_users},
     }
     atomic_write(run_dir / "data.json", json.dumps(data_info, indent=2))
     for note in dataset.notes:
@@ -160,6 +163,16 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
         udir = run_dir / "users" / _safe(user.user_id)
         results.append(_run_user(spec, engine, task, retriever, user, udir, progress))
 
+    # 2b. The centralized baseline: one adapter on all evaluated users' pooled histories.
+    if "centralized" in spec.methods:
+        from .centralized import run_centralized
+
+        central = run_centralized(engine, task, spec, dataset.eval_users, run_dir / "centralized_adapter",
+                                  progress="centralized adapter" if progress else False)
+        for r in results:
+            r.predictions["centralized"] = central.predictions[r.user_id]
+            r.train["centralized"] = central.train
+
     # 3. Scores, exactly as LaMP computes them, pooled over all queries and per user.
     metrics = score(task, spec.methods, dataset.eval_users, results)
     metrics["base_adapter"] = {"examples": len(examples), "steps": base_result.steps,
@@ -170,7 +183,9 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
     for m in spec.methods:
         merged = {qid: a for r in results for qid, a in r.predictions[m].items()}
         write_predictions(run_dir / "predictions" / f"{_safe(m)}.json", dataset.task, merged)
-    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    from .results import write_outputs
+
+    write_outputs(run_dir, "experiment", metrics, data_info, seconds=metrics["seconds"])
     atomic_write(run_dir / "results.md", render_results(metrics, data_info))
     log.info("run finished in %.0f s: %s", metrics["seconds"], run_dir)
     return run_dir
@@ -190,13 +205,13 @@ def _run_user(
     if user.profile_text:
         store.set_profile(user.profile_text)
     res = UserResult(user.user_id, len(user.history))
-    augs_needed = {METHOD_AUGMENTATION[m] for m in spec.methods}
+    augs_needed = {METHOD_AUGMENTATION[m] for m in spec.methods if m in METHOD_AUGMENTATION}
     if "pag" in augs_needed:
         ensure_profile(engine, task, ctx, user.history, seed=spec.data.seed)
     # Queries come after all history, so they retrieve from the whole store.
     prompts = {aug: [prompt_for(task, ctx, q.input, aug) for q in user.queries] for aug in augs_needed}
 
-    for m in [m for m in spec.methods if m not in PERSONAL_METHODS]:
+    for m in [m for m in spec.methods if m in METHOD_AUGMENTATION and m not in PERSONAL_METHODS]:
         answers = engine.answer(prompts[METHOD_AUGMENTATION[m]], max_new_tokens=task.max_new_tokens, personal=False)
         res.predictions[m] = {q.id: task.parse_output(a) for q, a in zip(user.queries, answers)}
 

@@ -119,6 +119,11 @@ def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool 
                       "include_dashboard": False},
     }
     log.info("simulating %d users for %d rounds in %s", len(names), f.rounds, run_dir)
+    # Simulation only: Flower's DP wrapper draws its noise from NumPy's global generator; seeding
+    # it makes a rerun of this run directory draw the same noise (a deployment leaves it unseeded).
+    import numpy as np
+
+    np.random.seed(f.seed)
     _run_simulation(num_supernodes=len(names), exit_event=_exit_event(), client_app=client_app,
                     server_app=server_app, backend_name="ray", backend_config=backend, app_dir=str(app_dir),
                     run=run, server_app_context=context, verbose_logging=verbose, is_app=True)
@@ -152,12 +157,16 @@ def _exit_event() -> Any:
 
 
 def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: Path, seconds: float) -> None:
-    """Score the users' predictions (read from their own directories) as `oppu experiment` does."""
+    """Score the users' predictions (read from their own directories) as `oppu experiment` does,
+    add the centralized baseline when asked for, and write the run's tables, plots and REPORT.md."""
     from shared.tasks import get_task
     from simulations.experiment import UserResult, render_results, score
+    from simulations.results import write_outputs
 
+    t0 = time.time()
     task = get_task(dataset.task)
     methods = spec.experiment.methods
+    on_users = [m for m in methods if m != "centralized"]
     results, users = [], []
     for name, user in zip(names, dataset.eval_users):
         f = run_dir / "users" / name / "predictions.json"
@@ -165,20 +174,71 @@ def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: 
             log.warning("user %s has no predictions (evaluation failed there); left out of the table", name)
             continue
         preds = json.loads(f.read_text())
-        if not all(m in preds for m in methods):
+        if not all(m in preds for m in on_users):
             continue
-        results.append(UserResult(user.user_id, len(user.history), {m: preds[m] for m in methods}))
+        results.append(UserResult(user.user_id, len(user.history), {m: preds[m] for m in on_users}))
         users.append(user)
     summary = json.loads((run_dir / "federation.json").read_text())
     data_info = {"task": dataset.task, "source": dataset.source, "notes": dataset.notes,
-                 "eval_users": len(users), "queries": sum(len(u.queries) for u in users)}
+                 "eval_users": len(users), "queries": sum(len(u.queries) for u in users),
+                 "users": {u.user_id: {"history": len(u.history), "level": dataset.levels.get(u.user_id)}
+                           for u in dataset.eval_users}}
     text = ""
     if results:
+        if "centralized" in methods:
+            central = centralized_baseline(spec, task, users, run_dir)
+            for r in results:
+                r.predictions["centralized"] = central.predictions[r.user_id]
+                r.train["centralized"] = central.train
         metrics = score(task, methods, users, results)
-        metrics["seconds"] = seconds
+        from shared.data import write_predictions
+
+        for m in methods:  # all users' answers per method, as `oppu experiment` writes them
+            write_predictions(run_dir / "predictions" / f"{_safe(m)}.json", dataset.task,
+                              {qid: a for r in results for qid, a in r.predictions[m].items()})
         metrics["federation"] = {"rounds": len(summary["rounds"]), "status": summary["status"],
                                  "epsilon": summary["epsilon"], "delta": summary["delta"]}
-        atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        seconds += time.time() - t0  # the centralized baseline counts too
+        write_outputs(run_dir, "simulate", metrics, data_info, summary, privacy_spent(spec, summary, run_dir), seconds)
         text = render_results(metrics, data_info)
     report = (run_dir / "report.md").read_text()
-    atomic_write(run_dir / "results.md", report + "\n" + text + f"\nWall time: {seconds:.0f} s\n")
+    atomic_write(run_dir / "results.md", report + "\n" + text + f"\nWall time: {seconds:.0f} s\n"
+                 f"Report with plots: {run_dir / 'REPORT.md'}\n")
+
+
+def centralized_baseline(spec: FederatedSpec, task: Any, users: list[Any], run_dir: Path) -> Any:
+    """The pooled-data adapter on top of the run's final global base adapter, in this process,
+    on the same quantized model artifact the coordinator distributed."""
+    from coordinator.distribution import export_quantized_model
+    from shared.engine import Engine
+    from simulations.centralized import run_centralized
+
+    e = spec.experiment
+    model_dir = export_quantized_model(e.base_model)
+    engine = Engine(dataclasses.replace(e.base_model, path=str(model_dir)), e.base_adapter, e.personal_adapter,
+                    seed=e.personal_train.seed)
+    engine.load_base(run_dir / "base_adapter")
+    log.info("centralized baseline: one adapter on the pooled histories of %d users", len(users))
+    return run_centralized(engine, task, e, users, run_dir / "centralized_adapter")
+
+
+def privacy_spent(spec: FederatedSpec, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """User-level (epsilon, delta) from the coordinator's accountant; record-level from each
+    user's own DP-SGD ledger (DIR/federation/record-privacy-*.json)."""
+    from shared.privacy import RDPAccountant
+
+    p = spec.experiment.privacy
+    rounds = summary.get("rounds", [])
+    user_level = {"federate_base_adapter": p.federate_base_adapter, "noise_multiplier": p.noise_multiplier,
+                  "clipping_norm": p.clipping_norm, "delta": p.delta if spec.dp else None,
+                  "epsilon": summary.get("epsilon") if spec.dp else None,  # None: no noise, epsilon is infinite
+                  "rounds_accounted": sum(1 for r in rounds if r.get("aggregated")),
+                  "sample_rates": [r.get("sample_rate") for r in rounds]}
+    record = {"level": p.record_level, "noise_multiplier": p.record_noise_multiplier,
+              "clipping_norm": p.record_clipping_norm, "epsilon_per_user": {}}
+    for f in sorted((run_dir / "users").glob("*/federation/record-privacy-*.json")):
+        acc = RDPAccountant.from_state_dict(json.loads(f.read_text()))
+        eps = acc.epsilon(delta=p.delta)
+        user = f.parent.parent.name
+        record["epsilon_per_user"][user] = max(eps, record["epsilon_per_user"].get(user, 0.0))
+    return {"user_level": user_level, "record_level": record}

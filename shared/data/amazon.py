@@ -23,9 +23,10 @@ from typing import NamedTuple
 
 from ..records import HistoryItem, Query, TaskDataset, UserData
 from ..tasks import get_task
+from .selection import activity_levels, choose_users
 
 AMAZON_TASKS = ("amazon-rating", "amazon-title")
-SELECT_RULES = ("most-history", "random")
+SELECT_RULES = ("most-history", "random", "activity")
 REVIEWS_FILE = Path("amazon-musical-instruments") / "reviews_Musical_Instruments_5.json.gz"
 REVIEWS_SHA256 = "03f9cc27ae13a454cb4ea6cb620fb10546cc1194ef921441d1c5f34addff2748"
 
@@ -120,7 +121,8 @@ def build_amazon(
     """The amazon-rating or amazon-title task as a TaskDataset.
 
     Evaluated reviewers are chosen among those with >= min_history history reviews, by `select`:
-    "most-history" (the longest histories; ties by reviewer id) or "random" (seeded). Base users
+    "most-history" (the longest histories; ties by reviewer id), "random" (seeded) or "activity" (equal
+    shares of the low/medium/high tertiles of history size; shared/data/selection.py). Base users
     are `n_base_users` of the other reviewers (seeded sample; None = all of them).
     """
     if task not in AMAZON_TASKS:
@@ -146,10 +148,14 @@ def build_amazon(
     splits = {rid: _split_user(rs, n_queries) for rid, rs in sorted(by_reviewer.items()) if len(rs) > n_queries}
     eligible = [rid for rid, (hist, _, _) in splits.items() if len(hist) >= max(min_history, 1)]
     rng = random.Random(seed)
+    sizes = {rid: len(splits[rid][0]) for rid in eligible}
     if select == "most-history":
         chosen = sorted(eligible, key=lambda rid: (-len(splits[rid][0]), rid))[:n_eval_users]
-    else:
+    elif select == "random":
         chosen = rng.sample(eligible, min(n_eval_users, len(eligible)))
+    else:
+        chosen = choose_users(sizes, n_eval_users, "activity", seed)
+    levels = activity_levels(sizes)
     chosen_set = set(chosen)
     others = [rid for rid, (hist, _, _) in splits.items() if rid not in chosen_set and hist]
     if n_base_users is not None and n_base_users < len(others):
@@ -179,7 +185,7 @@ def build_amazon(
     ]
     if len(eval_users) < n_eval_users:
         notes.append(f"asked for {n_eval_users} evaluated reviewers but only {len(eval_users)} qualify")
-    return TaskDataset(task, base_users, eval_users, str(path), notes)
+    return TaskDataset(task, base_users, eval_users, str(path), notes, {rid: levels[rid] for rid in chosen})
 
 
 def _item(task: str, r: Review, max_words: int) -> HistoryItem:

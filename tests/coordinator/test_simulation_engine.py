@@ -12,7 +12,9 @@ def test_oppu_simulate_runs_the_flower_simulation_engine(tmp_path, tiny_model_di
     run = tmp_path / "run"
     args = ["simulate", "--model", str(tiny_model_dir), "--users", "3", "--rounds", "2", "--run-dir", str(run),
             "--methods", "non-personalized,OPPU,OPPU+RAG"]
+    # Every user trains every round (the default simulation samples half of them).
     for ov in fedkit.BASE_OVERRIDES + ["privacy.federate_base_adapter=true", "federation.evaluate_every=1",
+                                       "federation.fraction_train=1.0",
                                        f'federation.client_cache="{tmp_path / "cache"}"']:
         if not ov.startswith(("methods", "data.users", "federation.rounds")):
             args += ["--set", ov]
@@ -27,3 +29,7 @@ def test_oppu_simulate_runs_the_flower_simulation_engine(tmp_path, tiny_model_di
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["aggregate"]) == {"non-personalized", "OPPU", "OPPU+RAG"}
     assert metrics["federation"]["rounds"] == 2
+    # The run directory a researcher reads: tables, plots, privacy spent, the one-page report.
+    for name in ("metrics.md", "privacy.json", "plots/methods.png", "plots/rounds.png", "REPORT.md", "run.json"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "privacy.json").read_text())["user_level"]["rounds_accounted"] == 2

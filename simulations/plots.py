@@ -1,0 +1,160 @@
+"""PNG figures for run directories (matplotlib, Agg backend: no display needed).
+
+Every figure has a title, axis labels with units or directions, and a legend where there is more
+than one series, so it can be read on its own in a Markdown report.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from shared.metrics import METRIC_DIRECTION
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _arrow(metric: str) -> str:
+    return "higher is better" if METRIC_DIRECTION.get(metric, "higher") == "higher" else "lower is better"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    _plt().close(fig)
+    tmp.replace(path)  # atomic: a report never links a half-written image
+    return path
+
+
+def methods_plot(metrics: Mapping[str, Any], metric: str, path: Path, title: str) -> Path:
+    """Bars: the pooled score of each method; dots: each user's own score."""
+    plt = _plt()
+    methods = list(metrics["methods"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(methods) + 2), 4.2))
+    agg = [metrics["aggregate"][m][metric] for m in methods]
+    ax.bar(range(len(methods)), agg, color="#7aa6d6", label="all queries pooled")
+    per_user = metrics.get("per_user", {})
+    for i, m in enumerate(methods):
+        ys = [u[m][metric] for u in per_user.values() if m in u]
+        xs = [i + (j - (len(ys) - 1) / 2) * 0.06 for j in range(len(ys))]
+        ax.scatter(xs, ys, color="#1f3b5c", s=14, zorder=3, label="one user" if i == 0 else None)
+    ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
+    ax.set_ylabel(f"{metric} ({_arrow(metric)})")
+    ax.set_xlabel("method")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def rounds_plot(rounds: Sequence[Mapping[str, Any]], initial: Mapping[str, float], metric: str, path: Path,
+                title: str) -> Path:
+    """Per federated round: the clients' mean base-adapter training loss, the global base adapter's
+    (non-personalized) score, and the user-level epsilon spent so far."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    xs = [r["round"] for r in rounds]
+    loss = [r.get("train", {}).get("base-loss", math.nan) for r in rounds]
+    axes[0].plot(xs, loss, marker="o", label="mean of sampled clients")
+    axes[0].set_title("base-adapter training loss")
+    axes[0].set_xlabel("round")
+    axes[0].set_ylabel("answer cross-entropy (nats/token)")
+    key = f"non-personalized/{metric}"
+    ex = ([0] if key in initial else []) + [r["round"] for r in rounds if key in r.get("evaluate", {})]
+    ey = ([initial[key]] if key in initial else []) + [r["evaluate"][key] for r in rounds if key in r.get("evaluate", {})]
+    axes[1].plot(ex, ey, marker="o", color="#2a7", label="global base adapter")
+    axes[1].set_title(f"non-personalized {metric} during training")
+    axes[1].set_xlabel("round (0 = before round 1)")
+    axes[1].set_ylabel(f"{metric} ({_arrow(metric)})")
+    eps = [r["epsilon"] if r.get("epsilon") is not None else math.nan for r in rounds]
+    axes[2].plot(xs, eps, marker="o", color="#c33", label="user-level epsilon (RDP)")
+    axes[2].set_title("privacy spent (user level)")
+    axes[2].set_xlabel("round")
+    axes[2].set_ylabel("epsilon at the run's delta")
+    if all(math.isnan(e) for e in eps):
+        axes[2].text(0.5, 0.5, "no DP noise:\nepsilon is infinite", ha="center", va="center",
+                     transform=axes[2].transAxes)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def levels_plot(levels: Mapping[str, Mapping[str, float]], metric: str, path: Path, title: str) -> Path:
+    """Grouped bars: each method's gain over non-personalized, per activity level."""
+    plt = _plt()
+    order = [lv for lv in ("low", "medium", "high") if lv in levels]
+    methods = sorted({m for lv in order for m in levels[lv]})
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        ys = [levels[lv].get(m, math.nan) for lv in order]
+        ax.bar([i + (j - (len(methods) - 1) / 2) * width for i in range(len(order))], ys, width, label=m)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(order)), [f"{lv} activity" for lv in order])
+    ax.set_xlabel("users bucketed by history size (tertiles)")
+    ax.set_ylabel(f"gain in {metric} over non-personalized\n(positive = better)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def tradeoff_plot(cells: Sequence[Mapping[str, Any]], metric: str, path: Path, title: str,
+                  reference_auc: float | None = None) -> Path:
+    """Left: utility against epsilon (infinite epsilon drawn at the right edge). Right: the
+    membership-inference attack AUC of each cell against its epsilon, with 0.5 (chance) marked."""
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    finite = [c["epsilon"] for c in cells if c.get("epsilon") is not None and 0 < c["epsilon"] < math.inf]
+    right = max(finite) * 4 if finite else 10.0
+    left = min(finite) / 4 if finite else 0.1
+
+    def x(c: Mapping[str, Any]) -> float:
+        e = c.get("epsilon")
+        if e is None or not math.isfinite(e):
+            return right  # no noise: epsilon is infinite
+        return left if e <= 0 else e  # nothing shared: epsilon 0
+
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault(c.get("series", "cells"), []).append(c)
+    markers = "osD^v<>phX*"
+    for j, (name, cs) in enumerate(groups.items()):
+        cs = sorted(cs, key=x)
+        style = dict(marker=markers[j % len(markers)], ls="-" if len(cs) > 1 else "none", ms=7)
+        ax.plot([x(c) for c in cs], [c["utility"] for c in cs], label=name, **style)
+        ax2.plot([x(c) for c in cs], [c["auc_base"] for c in cs], label=f"{name}: shared base adapter", **style)
+    if reference_auc is not None:
+        ax2.axhline(reference_auc, color="#c33", ls="--", label="unprotected personal adapter")
+    ax2.axhline(0.5, color="gray", ls=":", label="chance (AUC 0.5)")
+    has_inf = any(c.get("epsilon") is None or not math.isfinite(c["epsilon"]) for c in cells)
+    has_zero = any(c.get("epsilon") is not None and c["epsilon"] <= 0 for c in cells)
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_xlabel("user-level ε at the run's δ (log scale)")
+        a.grid(alpha=0.3, which="both")
+        for edge, shown, text in ((right, has_inf, "no noise\nε = ∞"), (left, has_zero, "nothing\nshared, ε = 0")):
+            if shown:
+                a.axvline(edge, color="gray", lw=0.6, ls="--")
+                a.annotate(text, (edge, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                           fontsize=7, color="gray")
+        a.legend(fontsize=7, loc="best")
+    ax.set_ylabel(f"{metric} ({_arrow(metric)})")
+    ax.set_title("utility vs privacy", pad=22)
+    ax2.set_ylabel("loss-threshold attack AUC (0.5 = chance)")
+    ax2.set_title("membership inference vs privacy", pad=22)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,98 @@
+"""Run directories on the tiny model: what a run writes, the centralized baseline's pooled data,
+the one-page report of one or several runs, and `oppu reproduce`'s verdict."""
+
+import json
+
+import pytest
+
+from shared.config import load_experiment
+from simulations.centralized import pooled_examples, run_centralized
+from simulations.datasets import load_dataset
+
+TINY = ['base_model.quantization="none"', 'data.task="synthetic-tag"', 'data.source="synthetic"', "data.users=3",
+        "data.base_users=3", "data.queries=2", "data.min_history=6", "data.max_history=8", "data.base_examples=12",
+        'retrieval.store="memory"', "personal_train.epochs=1", "retrieval.profile_max_tokens=6",
+        'data.select="activity"', 'methods=["non-personalized", "RAG", "OPPU", "centralized"]']
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    from simulations.experiment import run_experiment
+
+    spec = load_experiment(None, [f'base_model.path="{tiny_model_dir}"', *TINY])
+    return run_experiment(spec, tmp_path_factory.mktemp("runs") / "tiny", progress=False)
+
+
+def test_run_directory_is_self_contained(tiny_run):
+    for name in ("config.toml", "run.json", "data.json", "metrics.json", "metrics.md", "REPORT.md",
+                 "plots/methods.png", "predictions/centralized.json", "centralized_adapter/oppu_adapter.json"):
+        assert (tiny_run / name).is_file(), name
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    data = json.loads((tiny_run / "data.json").read_text())
+    assert metrics["methods"] == ["non-personalized", "RAG", "OPPU", "centralized"]
+    assert set(metrics["per_user"]) == set(data["users"])
+    assert all(info["level"] in ("low", "medium", "high") for info in data["users"].values())
+    assert sum(v["users"] for v in metrics["by_level"].values()) == 3
+    assert json.loads((tiny_run / "run.json").read_text())["kind"] == "experiment"
+    md = (tiny_run / "metrics.md").read_text()
+    assert "## Per user" in md and "centralized" in md and "activity" in md
+    assert (tiny_run / "plots" / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_centralized_baseline_trains_one_adapter_on_all_users_pooled_histories(tiny_engine):
+    spec = load_experiment(None, TINY)
+    ds = load_dataset(spec.data)
+    from shared.tasks import get_task
+
+    task = get_task(ds.task)
+    pooled = pooled_examples(task, ds.eval_users, seed=0)
+    expected = sorted(task.item_to_example(it)[1] for u in ds.eval_users for it in u.history)
+    assert sorted(ex.target for ex in pooled) == expected  # every user's history, nobody else's
+    before = {k: v.clone() for k, v in tiny_engine.personal_state().items()}
+    out = run_centralized(tiny_engine, task, spec, ds.eval_users)
+    assert out.train["examples"] == sum(len(u.history) for u in ds.eval_users) and out.train["steps"] > 0
+    assert set(out.predictions) == {u.user_id for u in ds.eval_users}
+    assert all(len(out.predictions[u.user_id]) == len(u.queries) for u in ds.eval_users)
+    after = tiny_engine.personal_state()
+    assert all((after[k] == before[k]).all() for k in before)  # the slot is reset for the next user
+
+
+def test_report_renders_two_runs_side_by_side(tiny_run, tmp_path):
+    import shutil
+
+    from shared.cli import main
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    cfg = (other / "config.toml").read_text().replace("k = 1", "k = 3")
+    (other / "config.toml").write_text(cfg)
+    out = tmp_path / "page" / "compare.md"
+    assert main(["report", str(tiny_run), str(other), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "## Comparison" in page and "retrieval.k" in page  # the setting that differs
+    assert f"## {tiny_run.name}" in page and "## other" in page
+    links = [line.split("](")[1].rstrip(")") for line in page.splitlines() if line.startswith("![")]
+    assert len(links) >= 4 and all((out.parent / link).is_file() for link in links)
+
+
+def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
+    from simulations.report import write_report
+
+    with pytest.raises(ValueError, match="not a finished run directory"):
+        write_report([tmp_path])
+
+
+def test_rerun_reproduces_the_metrics_and_a_changed_score_is_caught(tiny_run, tmp_path):
+    from simulations.reproduce import compare, reproduce, verdict
+
+    out, result = reproduce(tiny_run, tmp_path / "rerun", progress=False)
+    assert result["reproduced"], result["verdict"]
+    assert result["answers"]["answers"] > 0 and result["answers"]["changed"] == 0
+    assert result["verdict"].startswith("REPRODUCED")
+    original = json.loads((tiny_run / "metrics.json").read_text())
+    tampered = json.loads((out / "metrics.json").read_text())
+    user = next(iter(tampered["per_user"]))
+    tampered["per_user"][user]["OPPU"]["accuracy"] += 0.5
+    bad = compare(original, tampered)
+    assert not bad["reproduced"] and bad["differ"] == 1 and verdict(bad).startswith("NOT REPRODUCED")
+    assert compare(original, tampered, tolerance=0.6)["reproduced"]
