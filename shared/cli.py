@@ -180,6 +180,22 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "study.toml"
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from shared.config import load_experiment
+
+    spec = load_experiment(args.config or str(DEFAULT_STUDY), _experiment_overrides(args))
+    from simulations.studies import run_study
+
+    study_dir = run_study(args.name, spec, Path(args.run_dir) if args.run_dir else None,
+                          methods_given=bool(args.methods), progress=not args.quiet)
+    print((study_dir / "metrics.md").read_text())
+    print(f"Study directory: {study_dir}  (page with the plots: {study_dir / 'REPORT.md'})")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from simulations.report import write_report
 
@@ -253,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare-users", action="store_true",
                    help="only write the users' data directories (for SuperNodes of a deployment) and print them")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("study", help="one of the paper's studies: activity | shift | format | peft")
+    p.add_argument("name", choices=["activity", "shift", "format", "peft"],
+                   help="activity: gains by activity level; shift: behaviour shift; format: history format; "
+                   "peft: LoRA vs IA3 vs prompt tuning")
+    _add_experiment_args(p)
+    p.add_argument("--run-dir", help="write the study into this directory instead of a new one under --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("ablate", help="ablation studies (privacy: utility, epsilon and attack AUC over a grid)")
     p.add_argument("what", choices=["privacy"], help="privacy: grid over noise, clipping, clients per round, population")

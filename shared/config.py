@@ -24,6 +24,7 @@ METHODS = ("non-personalized", "RAG", "PAG", "OPPU", "OPPU+RAG", "OPPU+PAG")
 BASELINES = ("centralized",)
 SELECTIONS = ("most-history", "random", "activity")
 HISTORY_TOPICS = ("all", "similar", "shifted")
+ITEM_FORMATS = ("template", "json", "fields")
 RECORD_LEVELS = ("none", "personal", "base", "both")
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
@@ -125,12 +126,18 @@ class RetrievalSpec:
     k: int = field(default=1, metadata={"help": "Items retrieved per prompt."})
     store: str = field(default="chroma", metadata={"help": "chroma (persistent) | memory (tests)."})
     item_max_words: int = field(default=60, metadata={"help": "Words kept of each retrieved item."})
+    item_format: str = field(
+        default="template",
+        metadata={"help": "How retrieved items are written into prompts: template (the task's sentence) | "
+                  "json | fields (key: value pairs)."},
+    )
     profile_items: int = field(default=8, metadata={"help": "History items sampled to generate a PAG profile."})
     profile_max_tokens: int = field(default=48, metadata={"help": "Length of a generated PAG profile."})
 
     def __post_init__(self) -> None:
         _choice("retrieval.retriever", self.retriever, RETRIEVERS)
         _choice("retrieval.store", self.store, STORES)
+        _choice("retrieval.item_format", self.item_format, ITEM_FORMATS)
         _positive("retrieval.k", self.k, allow_zero=True)
         _positive("retrieval.item_max_words", self.item_max_words)
         _positive("retrieval.profile_items", self.profile_items)

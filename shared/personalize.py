@@ -57,7 +57,8 @@ def prompt_for(task: Any, ctx: Context | None, query_input: str, augmentation: s
         return build_prompt(task, query_input)
     retrieved = retrieve_for(task, ctx, query_input, before)
     profile = ctx.profile if augmentation == "pag" else None
-    return build_prompt(task, query_input, retrieved, profile, item_max_words=ctx.spec.item_max_words)
+    return build_prompt(task, query_input, retrieved, profile, item_max_words=ctx.spec.item_max_words,
+                        item_format=ctx.spec.item_format)
 
 
 def history_examples(task: Any, history: Sequence[HistoryItem], ctx: Context | None, augmentation: str) -> list[Example]:

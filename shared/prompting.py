@@ -24,15 +24,31 @@ def build_prompt(
     profile: str | None = None,
     *,
     item_max_words: int = 60,
+    item_format: str = "template",
 ) -> str:
     parts: list[str] = []
     if profile:
         parts.append(f"About this user: {profile.strip()}")
     if retrieved:
-        lines = [f"- {clip_words(task.render_item(it), item_max_words)}" for it in retrieved]
+        lines = [f"- {render_history_item(task, it, item_max_words, item_format)}" for it in retrieved]
         parts.append("This user's earlier items:\n" + "\n".join(lines))
     parts.append(query_input)
     return "\n\n".join(parts)
+
+
+def render_history_item(task: Any, item: HistoryItem, max_words: int, item_format: str = "template") -> str:
+    """A history item as prompt context: the task's sentence ("template"), a JSON record ("json"),
+    or "key: value" pairs ("fields"). The last two exist to test robustness to history format."""
+    if item_format == "template":
+        return clip_words(task.render_item(item), max_words)
+    fields = {k: clip_words(str(v), max_words) for k, v in item.fields.items()}
+    if item_format == "json":
+        import json
+
+        return json.dumps(fields, ensure_ascii=False)
+    if item_format == "fields":
+        return "; ".join(f"{k}: {v}" for k, v in fields.items())
+    raise ValueError(f"item_format={item_format!r}; choose from template, json, fields")
 
 
 def _has_chat_template(tokenizer: Any) -> bool:

@@ -158,3 +158,22 @@ def tradeoff_plot(cells: Sequence[Mapping[str, Any]], metric: str, path: Path, t
     ax2.set_title("membership inference vs privacy", pad=22)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def study_plot(scores: Mapping[str, Mapping[str, float]], metric: str, path: Path, title: str) -> Path:
+    """Grouped bars: each variant of a study (x) and each method's score (bars)."""
+    plt = _plt()
+    variants = list(scores)
+    methods = list(next(iter(scores.values())))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.8 * len(variants) + 2), 4.2))
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(variants))]
+        ax.bar(xs, [scores[v][m] for v in variants], width, label=m)
+    ax.set_xticks(range(len(variants)), variants)
+    ax.set_xlabel("variant")
+    ax.set_ylabel(f"{metric} ({_arrow(metric)})")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
