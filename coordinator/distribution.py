@@ -58,7 +58,7 @@ def export_quantized_model(spec: BaseModelSpec) -> Path:
         return target
     from shared.model import load_base_model
 
-    loaded = load_base_model(spec)  # the only loader; it quantizes
+    loaded = load_base_model(spec, quantize_embeddings=False)  # the only loader; it quantizes (saveably)
     if loaded.quantization != spec.quantization:
         log.warning("quantization %s was not applied (got %s); distributing the source checkpoint",
                     spec.quantization, loaded.quantization)

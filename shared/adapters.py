@@ -124,6 +124,49 @@ def set_state(pm: Any, name: str, state: dict[str, Any]) -> None:
         raise ValueError(f"adapter {name!r}: unexpected keys {unexpected[:3]}")
 
 
+def lora_scaling(pm: Any, name: str) -> float:
+    cfg = pm.peft_config[name]
+    return cfg.lora_alpha / (cfg.r ** 0.5 if getattr(cfg, "use_rslora", False) else cfg.r)
+
+
+def stacked_as_one(pm: Any, personal: dict[str, Any], *, base: str = BASE, personal_slot: str = PERSONAL) -> tuple[Any, dict[str, Any]]:
+    """One LoRA adapter equal to `base` stacked with the personal weights `personal`.
+
+    Serving many users in one forward pass (PEFT's per-row `adapter_names`) applies exactly ONE
+    adapter per row, but every row needs the shared base adapter and its user's personal one.
+    Two LoRA deltas add up, and a sum of two low-rank products is one product of rank r1 + r2:
+        s1·B1·A1 + s2·B2·A2 = [s1·B1 | s2·B2] · [A1 ; A2]
+    so we concatenate them (scales folded into B, the slot's own scale 1). This holds for a 4-bit
+    base as well, which cannot have the base adapter merged into its weights.
+    Returns (LoraConfig for the slot, its state keyed as PEFT saves it).
+    """
+    import torch
+    from peft import LoraConfig
+
+    cb, cp = pm.peft_config[base], pm.peft_config[personal_slot]
+    if cb.peft_type.value != "LORA" or cp.peft_type.value != "LORA":
+        raise ValueError("mixed-batch serving needs LoRA for both the base and the personal adapter "
+                         f"(got {cb.peft_type.value.lower()} and {cp.peft_type.value.lower()})")
+    if set(cb.target_modules) != set(cp.target_modules):
+        raise ValueError(f"mixed-batch serving needs the same target modules for both adapters "
+                         f"(base {sorted(cb.target_modules)}, personal {sorted(cp.target_modules)})")
+    base_state = get_state(pm, base)
+    sb, sp = lora_scaling(pm, base), lora_scaling(pm, personal_slot)
+    out: dict[str, Any] = {}
+    for key, a_base in base_state.items():
+        if ".lora_A." not in key:
+            continue
+        kb = key.replace(".lora_A.", ".lora_B.")
+        if key not in personal or kb not in personal:
+            raise ValueError(f"personal adapter state lacks {key} / {kb}")
+        out[key] = torch.cat([a_base, personal[key].to(a_base)], 0)
+        out[kb] = torch.cat([base_state[kb] * sb, personal[kb].to(a_base) * sp], 1)
+    rank = cb.r + cp.r
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(cb.target_modules),
+                        task_type="CAUSAL_LM")
+    return config, out
+
+
 @dataclass
 class AdapterManifest:
     """What we record next to every saved adapter (counts, never content)."""

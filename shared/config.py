@@ -53,10 +53,16 @@ class BaseModelSpec:
     quantization: str = field(default="nf4", metadata={"help": "nf4 | int8 | none (bitsandbytes)."})
     dtype: str = field(
         default="auto",
-        metadata={"help": "Compute dtype: auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16."},
+        metadata={"help": "Compute dtype: auto (bf16 where the hardware computes it: CUDA since Ampere, CPUs with "
+                  "AVX512-BF16/AMX; else float32) | float32 | bfloat16 | float16."},
     )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda."})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default."})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: one per core this process may use."})
+    quantize_embeddings: bool = field(
+        default=True,
+        metadata={"help": "nf4 only: store the token embedding (tied LM head) in nf4 too. SmolLM2-135M then "
+                  "takes ~28% of its bf16 size instead of ~62%, for ~0.2 nats more LM loss before adapters."},
+    )
     cache_dir: str = field(
         default="",
         metadata={"help": "Where converted models are cached; empty means $OPPU_CACHE or ~/.cache/oppu."},

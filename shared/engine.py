@@ -45,6 +45,9 @@ class Engine:
         else:
             self._personal_init = adapters.add_slot(self.model, PERSONAL, personal_adapter, seed=seed)
         self.personal_loaded: str | None = None  # what the personal slot currently holds
+        # Users served together in one mixed batch: user -> PEFT slot holding base ⊕ personal.
+        self._served: dict[str, str] = {}
+        self._slots_made = 0
         # One model, many threads (daemon): generation and training must not interleave.
         self.lock = threading.RLock()
         adapters.activate(self.model, [BASE])
@@ -72,6 +75,7 @@ class Engine:
     def set_base_state(self, state: dict[str, Any]) -> None:
         with self.lock:
             adapters.set_state(self.model, BASE, state)
+            self.drop_served()  # their slots hold the previous base adapter
 
     def save_base(self, target: Path, manifest: AdapterManifest) -> Path:
         with self.lock:
@@ -79,6 +83,7 @@ class Engine:
 
     def load_base(self, directory: Path) -> AdapterManifest:
         with self.lock:
+            self.drop_served()
             return adapters.load_adapter(self.model, BASE, directory, base_model_hash=self.model_hash)
 
     # -- personal adapter ---------------------------------------------------------------------
@@ -182,6 +187,51 @@ class Engine:
             finally:
                 adapters.activate(self.model, [BASE])
                 self.model.train(was_training)
+
+    # -- many users at once ---------------------------------------------------------------------
+
+    def serve_user(self, user: str, personal: dict[str, Any] | Path) -> None:
+        """Make `user`'s personal adapter (a state or a saved adapter directory) servable in mixed
+        batches: its slot holds base ⊕ personal as one LoRA (shared.adapters.stacked_as_one)."""
+        if self.soft_prompt is not None:
+            raise ValueError("mixed-batch serving needs LoRA personal adapters, not prompt tuning")
+        with self.lock:
+            if isinstance(personal, (str, Path)):
+                self.load_personal(Path(personal))
+                personal = self.personal_state()
+            config, state = adapters.stacked_as_one(self.model, personal)
+            slot = self._served.get(user)
+            if slot is None or self.model.peft_config[slot].r != config.r:
+                if slot is not None:
+                    self.model.delete_adapter(slot)
+                self._slots_made += 1
+                slot = f"served{self._slots_made}"
+                self.model.add_adapter(slot, config)
+                self._served[user] = slot
+            adapters.set_state(self.model, slot, state)
+            adapters.activate(self.model, [BASE])  # adding a slot must not change what is active
+
+    def drop_served(self) -> None:
+        with self.lock:
+            for slot in self._served.values():
+                self.model.delete_adapter(slot)
+            self._served.clear()
+            adapters.activate(self.model, [BASE])
+
+    def answer_users(self, prompts: Sequence[str], users: Sequence[str | None], *, max_new_tokens: int,
+                     batch_size: int = 16, progress: bool | str = False) -> list[str]:
+        """Answer a mixed batch: prompt i with base + the personal adapter of `users[i]` (None:
+        base adapter only), all users in one forward pass per batch, no adapter swapping."""
+        if len(prompts) != len(users):
+            raise ValueError(f"{len(prompts)} prompts but {len(users)} users")
+        unknown = sorted({u for u in users if u is not None and u not in self._served})
+        if unknown:
+            raise KeyError(f"users {unknown[:3]} are not being served; call serve_user first")
+        names = [BASE if u is None else self._served[u] for u in users]
+        with self.lock:
+            adapters.activate(self.model, [BASE])
+            return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, progress=progress, adapter_names=names)
 
     # -- inference ----------------------------------------------------------------------------
 

@@ -18,9 +18,12 @@ def generate(
     max_prompt_tokens: int = 1024,
     progress: bool | str = False,
     soft_prompt: Any = None,
+    adapter_names: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy answers for `prompts` with whatever adapters are active on `model`
-    (and a personal soft prompt in front of each prompt when given)."""
+    (and a personal soft prompt in front of each prompt when given). With `adapter_names`, prompt
+    i is answered by PEFT adapter `adapter_names[i]` alone, rows of one batch by different
+    adapters in the same forward pass (mixed-batch serving, see Engine.answer_users)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -57,6 +60,8 @@ def generate(
                 embeds, full_mask = prepend(base, soft_prompt, ids, mask)
                 inputs = {"inputs_embeds": embeds, "attention_mask": full_mask}
                 start = 0  # generate() returns only new tokens when given embeddings
+            if adapter_names is not None:
+                inputs["adapter_names"] = [adapter_names[i] for i in idx]
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,

@@ -168,14 +168,53 @@ def pick_device(spec: BaseModelSpec) -> str:
     return spec.device
 
 
+def cpu_bf16_support() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it torch
+    emulates bf16 matmuls several times slower than fp32, so bf16 compute only pays with it."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def bf16_support(device: str) -> bool:
+    """Whether bf16 compute is fast on `device` (CUDA: Ampere or newer; CPU: see above)."""
+    import torch
+
+    if device == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return cpu_bf16_support()
+
+
 def pick_dtype(spec: BaseModelSpec, device: str):
     import torch
 
     if spec.dtype == "auto":
-        # bf16 on CUDA is the fast path; on CPU fp32 is the safe default (bf16 matmul is only
-        # fast with AVX512-BF16/AMX and costs accuracy in LoRA updates elsewhere).
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        # bf16 where the hardware computes it (CUDA since Ampere, CPUs with AVX512-BF16/AMX);
+        # elsewhere fp32: emulated bf16 is slower than fp32, and fp16 would need loss scaling.
+        return torch.bfloat16 if bf16_support(device) else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
+
+
+# How many times this process loaded a base model: the simulation loads it once per worker
+# process, never per user or per round (simulations/bench/scaling.py checks it). With
+# OPPU_LOAD_LOG set, each load also appends "<pid>" to that file, so a check can count the
+# loads of worker processes it did not start itself.
+_LOADS = 0
+
+
+def load_count() -> int:
+    return _LOADS
+
+
+def _record_load() -> None:
+    global _LOADS
+    _LOADS += 1
+    path = os.environ.get("OPPU_LOAD_LOG")
+    if path:
+        with open(path, "a") as fh:  # one short line per append: atomic enough across processes
+            fh.write(f"{os.getpid()}\n")
 
 
 @dataclass
@@ -192,13 +231,17 @@ class LoadedBase:
     quantization: str  # what was actually applied (may be a documented fallback)
 
 
-def load_base_model(spec: BaseModelSpec) -> LoadedBase:
-    """Load the frozen (optionally quantized) base model and its tokenizer."""
+def load_base_model(spec: BaseModelSpec, *, quantize_embeddings: bool | None = None) -> LoadedBase:
+    """Load the frozen (optionally quantized) base model and its tokenizer.
+
+    With nf4 the token embedding (tied to the LM head) is stored in nf4 as well when
+    spec.quantize_embeddings; `quantize_embeddings=False` overrides it for a model about to be
+    saved (a checkpoint keeps the embedding as transformers can load it; loading quantizes it).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
+    set_threads(spec.threads)
     directory = resolve_model_dir(spec)
     device = pick_device(spec)
     dtype = pick_dtype(spec, device)
@@ -234,11 +277,81 @@ def load_base_model(spec: BaseModelSpec) -> LoadedBase:
     model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
     if quant == "none":
         model.to(device)
+    if quant == "nf4" and (spec.quantize_embeddings if quantize_embeddings is None else quantize_embeddings):
+        quantize_embeddings_nf4(model, dtype)
     prepare_quantized_for_training(model)
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = True
+    _record_load()
     return LoadedBase(model, tokenizer, spec, directory, manifest["model_hash"], device, dtype, quant)
+
+
+def quantize_embeddings_nf4(model: Any, compute_dtype: Any) -> bool:
+    """Store the token embedding, and the LM head tied to it, in nf4 (one shared 4-bit tensor).
+
+    bitsandbytes quantizes linear layers only; in a small model the vocabulary matrix is a fifth
+    of the weights (SmolLM2-135M: 28M of 135M), so leaving it in 16/32 bits would keep most of
+    the memory that nf4 is there to save. Looking up a row dequantizes that row only (576 is a
+    multiple of the 64-wide quantization block); the head dequantizes on use, and we run it on
+    answer positions only. Returns False (and changes nothing) where this does not apply.
+    """
+    import torch
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(emb) is not torch.nn.Embedding or emb.embedding_dim % 64:
+        return False
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    if head is not None and not tied:
+        return False  # an untied head is a separate matrix; keep it as loaded
+    _Embedding4bit = _embedding_4bit_class()
+    device = emb.weight.device
+    weight = bnb.nn.Params4bit(emb.weight.data.to(compute_dtype), requires_grad=False, quant_type="nf4",
+                               blocksize=64, compress_statistics=False).to(device)
+    new_emb = _Embedding4bit(emb.num_embeddings, emb.embedding_dim, dtype=compute_dtype,
+                                   quant_type="nf4", device="meta")
+    new_emb.weight = weight
+    new_emb.dtype = compute_dtype
+    model.set_input_embeddings(new_emb)
+    if head is not None:
+        new_head = bnb.nn.Linear4bit(emb.embedding_dim, emb.num_embeddings, bias=False, compute_dtype=compute_dtype,
+                                     quant_type="nf4", device="meta")
+        new_head.weight = weight  # still tied: one 4-bit tensor for both
+        model.set_output_embeddings(new_head)
+    return True
+
+
+def _embedding_4bit_class() -> Any:
+    import bitsandbytes as bnb
+    import torch
+
+    class Embedding4bit(bnb.nn.Embedding4bit):
+        """bitsandbytes' 4-bit embedding, whose state_dict() (PEFT reads it to pick out adapter
+        tensors) holds the packed weight instead of raising."""
+
+        def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+            torch.nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+
+    return Embedding4bit
+
+
+def set_threads(threads: int) -> int:
+    """torch's intra-op threads: `threads` when given, else one per core this process may use
+    (torch's own default counts the machine's cores, which oversubscribes a pinned container)."""
+    import torch
+
+    if not threads:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            threads = os.cpu_count() or 1
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def prepare_quantized_for_training(model: Any) -> int:
@@ -262,5 +375,12 @@ def prepare_quantized_for_training(model: Any) -> int:
 
 
 def resident_bytes(model: Any) -> int:
-    """Bytes of the model's parameters and buffers as stored (4-bit packed where quantized)."""
-    return int(model.get_memory_footprint())
+    """Bytes of the model's parameters and buffers as stored (4-bit packed where quantized),
+    plus the 4-bit layers' quantization statistics (absmax per block), which are neither."""
+    seen, extra = set(), 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is not None and id(state) not in seen:
+            seen.add(id(state))
+            extra += state.absmax.numel() * state.absmax.element_size()
+    return int(model.get_memory_footprint()) + extra

@@ -19,10 +19,11 @@ def init_prompt(model: Any, n_tokens: int, seed: int) -> Any:
     which start at the scale the model expects, unlike a unit-normal init."""
     import torch
 
-    emb = model.get_input_embeddings().weight
+    emb = model.get_input_embeddings()  # looked up, not indexed: it may be stored in 4 bits
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, min(emb.shape[0], 5000), (n_tokens,), generator=g)
-    return emb.detach()[ids.to(emb.device)].clone().float()
+    ids = torch.randint(0, min(emb.num_embeddings, 5000), (n_tokens,), generator=g)
+    with torch.no_grad():
+        return emb(ids.to(next(model.parameters()).device)).detach().clone().float()
 
 
 def prepend(model: Any, prompt: Any, ids: Any, mask: Any) -> tuple[Any, Any]:

@@ -30,3 +30,29 @@ def test_nf4_layers_keep_the_trainable_layout(real_engine):
     assert all(m.support_avx512bf16_for_cpu is False for m in layers)
     # 4-bit storage: well under half of the fp32 parameter bytes.
     assert real_engine.base.model.get_memory_footprint() < 0.4 * 134_515_008 * 4
+
+
+def test_auto_dtype_computes_bf16_only_where_the_hardware_does(monkeypatch):
+    import torch
+
+    import shared.model as model
+
+    spec = BaseModelSpec(dtype="auto")
+    monkeypatch.setattr(model, "cpu_bf16_support", lambda: False)
+    assert model.pick_dtype(spec, "cpu") == torch.float32  # emulated bf16 is slower than fp32
+    monkeypatch.setattr(model, "cpu_bf16_support", lambda: True)
+    assert model.pick_dtype(spec, "cpu") == torch.bfloat16
+    assert model.pick_dtype(BaseModelSpec(dtype="float32"), "cpu") == torch.float32
+
+
+def test_each_load_is_counted_and_logged(tiny_model_dir, tmp_path, monkeypatch):
+    import os
+
+    from shared.model import load_base_model, load_count
+
+    log = tmp_path / "loads.log"
+    monkeypatch.setenv("OPPU_LOAD_LOG", str(log))
+    before = load_count()
+    load_base_model(BaseModelSpec(path=str(tiny_model_dir), quantization="none"))
+    assert load_count() == before + 1
+    assert log.read_text().split() == [str(os.getpid())]

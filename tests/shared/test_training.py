@@ -83,3 +83,13 @@ def test_nf4_lora_weights_change_after_an_eval_forward(real_engine):
     after = real_engine.personal_state()
     lora_b = [k for k in after if "lora_B" in k]
     assert lora_b and all(not torch.equal(init[k], after[k]) for k in lora_b)
+
+
+def test_examples_are_tokenized_once_per_user_not_per_epoch(tiny_engine, monkeypatch):
+    import shared.training as training
+
+    calls = []
+    real = training.encode_prompt
+    monkeypatch.setattr(training, "encode_prompt", lambda tok, p: calls.append(p) or real(tok, p))
+    r = tiny_engine.train_personal(EXAMPLES[:6], TrainSpec(epochs=3, batch_size=2), progress=False)
+    assert r.steps == 9 and len(calls) == 6
