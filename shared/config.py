@@ -679,8 +679,8 @@ class PrivacyGridSpec:
     "one-at-a-time" varies one axis at a time from it (as ablation tables do), "full" crosses all."""
 
     noise_multipliers: tuple[float, ...] = field(
-        default=(0.0, 0.02, 0.2, 2.0), metadata={"help": "User-level DP noise multipliers z (0 = no noise)."})
-    clipping_norms: tuple[float, ...] = field(default=(1.0,), metadata={"help": "L2 clip C of each user's update."})
+        default=(0.0, 0.003, 0.03, 1.0), metadata={"help": "User-level DP noise multipliers z (0 = no noise)."})
+    clipping_norms: tuple[float, ...] = field(default=(5.0,), metadata={"help": "L2 clip C of each user's update."})
     clients_per_round: tuple[int, ...] = field(default=(2,), metadata={"help": "Users sampled per round (m)."})
     populations: tuple[int, ...] = field(default=(4, 8), metadata={"help": "Users in the federation (N); q = m / N."})
     federate_base_adapter: tuple[bool, ...] = field(
@@ -688,7 +688,7 @@ class PrivacyGridSpec:
     record_dp: tuple[bool, ...] = field(
         default=(False, True), metadata={"help": "Record-level DP-SGD on each user's local base-adapter training."})
     layout: str = field(default="one-at-a-time", metadata={"help": "one-at-a-time | full."})
-    rounds: int = field(default=3, metadata={"help": "Federated rounds per cell."})
+    rounds: int = field(default=2, metadata={"help": "Federated rounds per cell."})
     holdout_users: int = field(default=4, metadata={"help": "Users never in any federation: the attack's non-members."})
     mia_records: int = field(default=32, metadata={"help": "At most this many members and as many non-members per attack."})
     reference_users: int = field(default=2, metadata={"help": "Unprotected personal adapters attacked for reference."})

@@ -36,6 +36,8 @@ import numpy as np
 from shared.config import AblationSpec, FederatedSpec, dump_ablation_toml, load_ablation
 from shared.fileio import atomic_write
 
+from .ablation_report import write_ablation_outputs
+
 __all__ = ["cells", "load_ablation", "run_ablation"]
 
 log = logging.getLogger("oppu.ablation")
@@ -120,6 +122,8 @@ def run_ablation(spec: AblationSpec, run_dir: Path | None = None, *, progress: b
                              "lower data.min_history or the populations")
         population_pool, holdout = dataset.eval_users[: max(g.populations)], dataset.eval_users[-g.holdout_users:]
         grid = cells(spec)
+        metrics_base = {"task": dataset.task, "utility_metric": task.metric_names[0], "source": dataset.source,
+                        "notes": dataset.notes, "small_model": _small_model_note(spec, grid)}
         models: dict[bool, _Model] = {}
         results = []
         for cell in tqdm(grid, desc="ablation cells", disable=not progress, unit="cell"):
@@ -128,15 +132,13 @@ def run_ablation(spec: AblationSpec, run_dir: Path | None = None, *, progress: b
                 models[small] = _Model(spec, _model_spec(spec, small), task, dataset.base_users)
             results.append(run_cell(spec, cell, models[small], task, population_pool[: cell["population"]], holdout))
             log.info("cell %d: %s", cell["id"], json.dumps({k: results[-1][k] for k in
-                                                             ("epsilon", "utility", "auc_base")}))
+                                                             ("epsilon", "utility", "auc_base", "update_norm")}))
+            # The table so far, after every cell: a long grid can be read (and stopped) midway.
+            write_ablation_outputs(run_dir, {**metrics_base, "cells": results, "reference": {},
+                                             "complete": f"{len(results)} of {len(grid)} cells"}, time.time() - t0)
         reference = reference_attack(spec, models[False] if False in models else next(iter(models.values())),
                                      task, population_pool, holdout)
-        metrics = {"task": dataset.task, "utility_metric": task.metric_names[0], "cells": results,
-                   "reference": reference, "source": dataset.source, "notes": dataset.notes,
-                   "small_model": _small_model_note(spec, grid)}
-        from .ablation_report import write_ablation_outputs
-
-        write_ablation_outputs(run_dir, metrics, time.time() - t0)
+        write_ablation_outputs(run_dir, {**metrics_base, "cells": results, "reference": reference}, time.time() - t0)
         return run_dir
     finally:
         logging.getLogger().removeHandler(handler)
@@ -215,11 +217,12 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
     participated: set[str] = set()
     rng = np.random.default_rng([g.seed, cell["id"]])
     n, m = len(population), cell["clients_per_round"]
-    losses = []
+    losses, norms = [], []
     if cell["federate_base_adapter"]:
         for rnd in range(1, g.rounds + 1):
             sample = sorted(random.Random(f"{g.seed}:{cell['id']}:{rnd}").sample(range(n), m))
-            global_state = exchanged(engine.base_state(), ffa_lora=f.ffa_lora)
+            # Copies: the arrays `exchanged` returns may share memory with the live parameters.
+            global_state = {k: v.copy() for k, v in exchanged(engine.base_state(), ffa_lora=f.ffa_lora).items()}
             updates = []
             for i in sample:
                 user = population[i]
@@ -237,8 +240,9 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
                 losses.append(result.final_loss)
                 if dp is not None:
                     dp.account(record_ledgers.setdefault(user.user_id, RDPAccountant()))
-                new = exchanged(engine.base_state(), ffa_lora=f.ffa_lora)
-                clipped, _ = clip_update(new, global_state, clipping_norm=cell["clipping_norm"])
+                new = {k: v.copy() for k, v in exchanged(engine.base_state(), ffa_lora=f.ffa_lora).items()}
+                clipped, norm = clip_update(new, global_state, clipping_norm=cell["clipping_norm"])
+                norms.append(norm)
                 updates.append(clipped)
             avg = {k: np.mean([u[k] for u in updates], axis=0) for k in global_state}
             if cell["noise_multiplier"] > 0:
@@ -268,6 +272,7 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
     return {**cell, "epsilon": eps, "delta": p.delta, "record_epsilon": record_eps,
             "utility": utility[task.metric_names[0]], "scores": utility, "auc_base": result["auc"], "attack": result,
             "participants": len(participated), "local_loss": float(np.mean(losses)) if losses else None,
+            "update_norm": float(np.mean(norms)) if norms else None,  # before clipping: to choose C
             "seconds": time.time() - t0}
 
 

@@ -51,9 +51,11 @@ def table(metrics: Mapping[str, Any]) -> str:
                      "yes" if c["record_dp"] else "no", _eps(c["epsilon"]),
                      "-" if c["record_epsilon"] is None else f"{c['record_epsilon']:.3g}",
                      f"{c['utility']:.4f}", f"{c['auc_base']:.3f}",
-                     f"{c['attack']['member_loss']:.3f} / {c['attack']['nonmember_loss']:.3f}", f"{c['seconds']:.0f}"])
+                     f"{c['attack']['member_loss']:.3f} / {c['attack']['nonmember_loss']:.3f}",
+                     "-" if c.get("update_norm") is None else f"{c['update_norm']:.3g}", f"{c['seconds']:.0f}"])
     return markdown_table(["cell", "model", "z", "C", "m", "N", "q", "federated", "DP-SGD", "ε (user)", "ε (record)",
-                           f"{metric} {arrow}", "attack AUC (base)", "loss member / non-member", "s"], rows)
+                           f"{metric} {arrow}", "attack AUC (base)", "loss member / non-member",
+                           "update norm (before clip)", "s"], rows)
 
 
 def render(metrics: Mapping[str, Any], seconds: float) -> str:
@@ -74,6 +76,8 @@ def render(metrics: Mapping[str, Any], seconds: float) -> str:
                   f"records vs hold-out records): mean AUC {ref['auc']:.3f}.", ""]
     if metrics.get("small_model"):
         lines += [f"Note: {metrics['small_model']}", ""]
+    if metrics.get("complete"):
+        lines += [f"**Partial: {metrics['complete']} done so far** (the table is rewritten after every cell).", ""]
     lines += [f"Wall time: {seconds:.0f} s.", ""]
     return "\n".join(lines)
 

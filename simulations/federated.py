@@ -119,20 +119,41 @@ def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool 
                       "include_dashboard": False},
     }
     log.info("simulating %d users for %d rounds in %s", len(names), f.rounds, run_dir)
+    progress = _ProgressLines()
+    logging.getLogger("oppu.coordinator").addHandler(progress)
     # Simulation only: Flower's DP wrapper draws its noise from NumPy's global generator; seeding
     # it makes a rerun of this run directory draw the same noise (a deployment leaves it unseeded).
     import numpy as np
 
     np.random.seed(f.seed)
-    _run_simulation(num_supernodes=len(names), exit_event=_exit_event(), client_app=client_app,
-                    server_app=server_app, backend_name="ray", backend_config=backend, app_dir=str(app_dir),
-                    run=run, server_app_context=context, verbose_logging=verbose, is_app=True)
+    try:
+        _run_simulation(num_supernodes=len(names), exit_event=_exit_event(), client_app=client_app,
+                        server_app=server_app, backend_name="ray", backend_config=backend, app_dir=str(app_dir),
+                        run=run, server_app_context=context, verbose_logging=verbose, is_app=True)
+    finally:
+        logging.getLogger("oppu.coordinator").removeHandler(progress)
     seconds = time.time() - t0
     summary_file = run_dir / "federation.json"
     if not summary_file.exists():
         raise RuntimeError(f"the coordinator did not finish; see {run_dir / 'log.txt'}")
     write_results(spec, dataset, names, run_dir, seconds)
     return run_dir
+
+
+class _ProgressLines(logging.Handler):
+    """Long runs show progress: the coordinator's milestones (initial adapter, each round, final
+    evaluation) on the console with the elapsed time, whatever the console's log level."""
+
+    MILESTONES = ("initial base adapter", "before round", "round ", "final evaluation")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.t0 = time.time()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith(self.MILESTONES):
+            print(f"[{time.time() - self.t0:5.0f} s] {msg}", flush=True)
 
 
 def _new_run() -> Any:

@@ -96,7 +96,8 @@ def levels_plot(levels: Mapping[str, Mapping[str, float]], metric: str, path: Pa
     """Grouped bars: each method's gain over non-personalized, per activity level."""
     plt = _plt()
     order = [lv for lv in ("low", "medium", "high") if lv in levels]
-    methods = sorted({m for lv in order for m in levels[lv]})
+    # In the run's method order; non-personalized is the reference (its gain is 0 by definition).
+    methods = [m for m in dict.fromkeys(m for lv in order for m in levels[lv]) if m != "non-personalized"]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):

@@ -91,6 +91,7 @@ def test_tiny_grid_end_to_end(tiny_model_dir, tmp_path):
     by_z = {c["noise_multiplier"]: c for c in metrics["cells"]}
     assert set(by_z) == {0.0, 1.0, 8.0}
     assert by_z[0.0]["epsilon"] is None  # shared without noise
+    assert by_z[0.0]["update_norm"] > 0  # the clients' updates really moved the shared adapter
     assert math.isfinite(by_z[1.0]["epsilon"]) and by_z[8.0]["epsilon"] < by_z[1.0]["epsilon"]
     for c in metrics["cells"]:
         assert 0.0 <= c["auc_base"] <= 1.0 and c["attack"]["members"] == c["attack"]["nonmembers"] > 0

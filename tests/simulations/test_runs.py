@@ -96,3 +96,27 @@ def test_rerun_reproduces_the_metrics_and_a_changed_score_is_caught(tiny_run, tm
     bad = compare(original, tampered)
     assert not bad["reproduced"] and bad["differ"] == 1 and verdict(bad).startswith("NOT REPRODUCED")
     assert compare(original, tampered, tolerance=0.6)["reproduced"]
+
+
+@pytest.mark.slow
+def test_simulate_run_directory_reproduces(tiny_model_dir, tmp_path):
+    """The Flower path: a federated run with DP noise, rerun from its directory, same scores."""
+    import fedkit
+
+    from shared.cli import main
+
+    run = tmp_path / "sim"
+    args = ["simulate", "--model", str(tiny_model_dir), "--users", "3", "--rounds", "2", "--run-dir", str(run),
+            "--methods", "non-personalized,OPPU,centralized", "--clients-per-round", "2"]
+    for ov in fedkit.BASE_OVERRIDES + [f'federation.client_cache="{tmp_path / "cache"}"']:
+        if not ov.startswith(("methods", "data.users", "federation.rounds")):
+            args += ["--set", ov]
+    assert main(args) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "centralized" in metrics["aggregate"] and len(metrics["rounds"]) == 2
+    assert all(r["sampled"] == 2 for r in metrics["rounds"])
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert privacy["user_level"]["epsilon"] > 0 and privacy["user_level"]["sample_rates"] == [2 / 3, 2 / 3]
+    assert main(["reproduce", str(run), "--into", str(tmp_path / "again"), "--quiet"]) == 0
+    result = json.loads((tmp_path / "again" / "reproduce.json").read_text())
+    assert result["reproduced"] and result["answers"]["changed"] == 0, result["verdict"]
