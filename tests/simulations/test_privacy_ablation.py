@@ -75,10 +75,7 @@ def test_grid_errors_name_the_field():
         load_ablation(None, ['grid.noise_multipliers=[0, "lots"]'])
 
 
-def test_tiny_grid_end_to_end(tiny_model_dir, tmp_path):
-    from shared.cli import main
-
-    run = tmp_path / "ablation"
+def _tiny_grid_args(tiny_model_dir, run):
     args = ["ablate", "privacy", "--model", str(tiny_model_dir), "--quantization", "none", "--run-dir", str(run),
             "--noise", "0,1,8", "--populations", "2", "--clients", "1", "--rounds", "2", "--quiet"]
     for ov in ['data.task="synthetic-tag"', 'data.source="synthetic"', "data.base_users=2", "data.base_examples=4",
@@ -86,7 +83,14 @@ def test_tiny_grid_end_to_end(tiny_model_dir, tmp_path):
                "grid.mia_records=4", "grid.reference_users=1", "grid.federate_base_adapter=[true]",
                "grid.record_dp=[false]", "federation.local_train.epochs=1", "personal_train.epochs=1"]:
         args += ["--set", ov]
-    assert main(args) == 0
+    return args
+
+
+def test_tiny_grid_end_to_end(tiny_model_dir, tmp_path):
+    from shared.cli import main
+
+    run = tmp_path / "ablation"
+    assert main(_tiny_grid_args(tiny_model_dir, run)) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     by_z = {c["noise_multiplier"]: c for c in metrics["cells"]}
     assert set(by_z) == {0.0, 1.0, 8.0}
@@ -101,3 +105,14 @@ def test_tiny_grid_end_to_end(tiny_model_dir, tmp_path):
         assert (run / name).is_file(), name
     assert load_ablation(run / "config.toml").grid.noise_multipliers == (0.0, 1.0, 8.0)
     assert "attack AUC (base)" in (run / "metrics.md").read_text()
+
+
+@pytest.mark.slow
+def test_ablation_rerun_reproduces_every_cell(tiny_model_dir, tmp_path):
+    from shared.cli import main
+
+    run = tmp_path / "ablation"
+    assert main(_tiny_grid_args(tiny_model_dir, run)) == 0
+    assert main(["reproduce", str(run), "--into", str(tmp_path / "again"), "--quiet"]) == 0
+    result = json.loads((tmp_path / "again" / "reproduce.json").read_text())
+    assert result["reproduced"] and any(r["score"].endswith("auc_base") for r in result["rows"])
