@@ -109,8 +109,9 @@ def render(run_dirs: Sequence[Path], out: Path) -> str:
                                                                   if p.name in PLOT_ORDER else 99, p.name))
         for p in pngs:
             lines += [f"![{r.name}: {p.stem}]({_link(p, out)})", ""]
-        lines += [f"Resolved configuration: [{_link(r / 'config.toml', out)}]({_link(r / 'config.toml', out)}); "
-                  f"rerun and compare with `oppu reproduce {r}`.", ""]
+        if (r / "config.toml").is_file():
+            lines += [f"Resolved configuration: [{_link(r / 'config.toml', out)}]({_link(r / 'config.toml', out)}); "
+                      f"rerun and compare with `oppu reproduce {r}`.", ""]
     return "\n".join(lines)
 
 

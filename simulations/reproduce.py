@@ -19,7 +19,7 @@ from shared.fileio import atomic_write
 from .reporting import markdown_table
 
 # Parts of metrics.json that are results (the rest is bookkeeping and timings).
-COMPARED = ("aggregate", "per_user", "cells", "reference")
+COMPARED = ("aggregate", "per_user", "cells", "reference", "variants")
 SKIPPED_LEAVES = ("seconds", "tokens_per_second")
 
 
@@ -47,11 +47,13 @@ def scores(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def answers(run_dir: Path) -> dict[str, str]:
-    """Every answer of a run: 'method/query id' -> text (predictions/<method>.json)."""
+    """Every answer of a run (and of a study's member runs): '[variant/]method/query id' -> text."""
+    root = Path(run_dir)
     out = {}
-    for f in sorted((Path(run_dir) / "predictions").glob("*.json")):
+    for f in sorted([*root.glob("predictions/*.json"), *root.glob("*/predictions/*.json")]):
+        prefix = f.parent.parent.relative_to(root).as_posix()
         for g in json.loads(f.read_text()).get("golds", []):
-            out[f"{f.stem}/{g['id']}"] = g["output"]
+            out[f"{'' if prefix == '.' else prefix + '/'}{f.stem}/{g['id']}"] = g["output"]
     return out
 
 
@@ -115,7 +117,14 @@ def rerun(run_dir: Path, new_dir: Path, *, progress: bool = True) -> Path:
         from simulations.ablation import load_ablation, run_ablation
 
         return run_ablation(load_ablation(config), new_dir, progress=progress)
-    raise ValueError(f"{run_dir}: cannot rerun a run of kind {kind!r}; rerun its member runs one by one")
+    if kind == "study":
+        from shared.config import load_experiment
+        from simulations.studies import run_study
+
+        name = json.loads((run_dir / "study.json").read_text())["study"]
+        # config.toml holds the shared settings (methods included); each variant's overrides go on top.
+        return run_study(name, load_experiment(config), new_dir, methods_given=True, progress=progress)
+    raise ValueError(f"{run_dir}: cannot rerun a run of kind {kind!r}")
 
 
 def next_free(path: Path) -> Path:

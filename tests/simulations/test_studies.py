@@ -59,3 +59,7 @@ def test_shift_study_end_to_end(tiny_model_dir, tmp_path):
     for name in ("REPORT.md", "plots/study.png", "similar/REPORT.md", "shifted/plots/methods.png"):
         assert (out / name).is_file(), name
     assert "| shifted" in (out / "metrics.md").read_text()
+    from simulations.reproduce import answers
+
+    assert len(answers(out)) == 2 * 2  # two variants x two methods x one query
+
