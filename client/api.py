@@ -13,6 +13,7 @@ have a size cap, and Host must be a loopback name (a web page that rebinds a DNS
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import os
@@ -32,7 +33,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from shared.adapters import FRAMEWORK_VERSION
 
 from .archive import ArchiveError
-from .items import MAX_FIELD_NAME_CHARS, MAX_FIELDS, ItemError, ItemIn, check_item, check_text, item_out
+from .items import (FIELD_NAME_PATTERN, MAX_FIELD_NAME_CHARS, MAX_FIELDS, ItemError, ItemIn, WholeNumber, check_item,
+                    check_text, item_out)
 from .jobs import JobBusy
 from .service import Busy, ClientService, Conflict
 
@@ -82,7 +84,7 @@ class AskRequest(Strict):
     fields: dict[str, str] | None = Field(
         default=None, description="Or the item's fields; the question is built with the task's template.")
     personal: bool = Field(default=True, description="Use the personal adapter (false: base adapter only).")
-    max_new_tokens: int | None = Field(default=None, ge=1, le=512)
+    max_new_tokens: Annotated[int, WholeNumber] | None = Field(default=None, ge=1, le=512)
 
     @model_validator(mode="after")
     def _one_of(self) -> AskRequest:
@@ -141,6 +143,15 @@ class ForgetResult(BaseModel):
     kept: dict[str, str]
 
 
+class ErrorOut(BaseModel):
+    detail: Any = Field(description="What is wrong: a message, or a list of {loc, msg, type}.")
+    job: dict[str, Any] | None = Field(default=None, description="409 on training: the job that is running.")
+
+
+CONFLICT = {409: {"model": ErrorOut, "description": "Conflicts with what is stored or running."}}
+NOT_FOUND = {404: {"model": ErrorOut, "description": "No such job."}}
+
+
 class ImportResult(BaseModel):
     history_added: int
     history_skipped: int
@@ -188,6 +199,34 @@ class BodyLimit:
             await _too_large(send, limit)
 
 
+class TokenGate:
+    """Pure ASGI middleware: a request under `prefix` without the bearer token is answered 401
+    before its body is read, so nothing of it is parsed or validated (the route dependency
+    `authorized` checks again and documents the scheme in the OpenAPI schema)."""
+
+    def __init__(self, app: Any, *, token: bytes, prefix: str) -> None:
+        self.app, self.token, self.prefix = app, token, prefix
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith(self.prefix):
+            return await self.app(scope, receive, send)
+        if token_matches(dict(scope.get("headers") or []).get(b"authorization", b""), self.token):
+            return await self.app(scope, receive, send)
+        body = b'{"detail": "missing or wrong bearer token (see DIR/token)"}'
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def token_matches(header: bytes, expected: bytes) -> bool:
+    """`Authorization: Bearer <token>`, compared in constant time (hmac.compare_digest)."""
+    scheme, _, given = header.partition(b" ")
+    if scheme.lower() != b"bearer":
+        given = b""
+    return hmac.compare_digest(given.strip(), expected)
+
+
 class _BodyTooLarge(HTTPException):
     # An HTTPException, so FastAPI's body parsing re-raises it instead of answering 400.
     def __init__(self, limit: int) -> None:
@@ -214,23 +253,40 @@ def create_app(service: ClientService, token: str) -> FastAPI:
         f"Task: {service.task.name} (item fields: {', '.join(service.task.item_fields)}).",
         docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; the schema is enough
     )
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
+    expected = token.encode()
+    # Outermost first: Host, then the token (before a byte of the body is read or parsed), then size.
     app.add_middleware(BodyLimit, default=int(spec.max_request_mb * 2**20),
                        per_path={"/v1/import": int(spec.max_import_mb * 2**20)})
+    app.add_middleware(TokenGate, token=expected, prefix="/v1/")
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
     bearer = HTTPBearer(auto_error=False, description="The token in DIR/token (created on first start, mode 0600).")
-    expected = token.encode()
 
     def authorized(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         given = creds.credentials.encode() if creds is not None and creds.scheme.lower() == "bearer" else b""
-        if not hmac.compare_digest(given, expected):
+        if not token_matches(b"Bearer " + given, expected):
             raise HTTPException(401, "missing or wrong bearer token (see DIR/token)",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+    def known_query(request: Request) -> None:
+        """Unknown query parameters are refused, as unknown body keys are (a typo is not ignored)."""
+        route = request.scope.get("route")
+        dependant = getattr(route, "dependant", None)
+        allowed = {getattr(p, "alias", None) or p.name for p in getattr(dependant, "query_params", [])}
+        unknown = sorted(set(request.query_params) - allowed)
+        if unknown:
+            raise ItemError(("query", unknown[0][:64]), f"unknown query parameter {unknown[0][:64]!r}"
+                            + (f"; this endpoint takes: {', '.join(sorted(allowed))}" if allowed else
+                               "; this endpoint takes none"))
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized), Depends(known_query)], responses={
+        400: {"model": ErrorOut, "description": "A body that cannot be decoded, or a Host that is not loopback."},
+        401: {"model": ErrorOut, "description": "Missing or wrong bearer token."},
+        413: {"model": ErrorOut, "description": "Request body over the limit."},
+        422: {"model": ErrorOut, "description": "Invalid request; `detail` says which field and why."}})
 
     @app.exception_handler(ItemError)
     async def _item_error(_: Request, e: ItemError) -> JSONResponse:
-        return JSONResponse({"detail": [e.detail(("body",))]}, status_code=422)
+        return JSONResponse({"detail": [e.detail(() if e.loc[:1] == ("query",) else ("body",))]}, status_code=422)
 
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, e: Conflict) -> JSONResponse:
@@ -248,6 +304,16 @@ def create_app(service: ClientService, token: str) -> FastAPI:
     async def _archive(_: Request, e: ArchiveError) -> JSONResponse:
         return JSONResponse({"detail": f"import refused, nothing was changed: {e}"}, status_code=422)
 
+    @app.exception_handler(OSError)
+    async def _os_error(_: Request, e: OSError) -> JSONResponse:
+        # Disk full or a failing disk: say so, and that the request did not complete (writes are
+        # atomic: what was acknowledged before is intact, and a failed batch can be sent again).
+        log.error("request failed on the disk: %s", e)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        return JSONResponse({"detail": ("the disk is full" if full else f"a disk operation failed ({e.strerror})")
+                             + "; nothing of this request was acknowledged, retry it when fixed"},
+                            status_code=507 if full else 500)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         # FastAPI's default echoes the whole input back; the location and message are enough.
@@ -257,7 +323,7 @@ def create_app(service: ClientService, token: str) -> FastAPI:
 
     # -- history ---------------------------------------------------------------------------------
 
-    @v1.post("/history", response_model=AddResult, summary="Add history items (idempotent by id, batched)")
+    @v1.post("/history", response_model=AddResult, responses=CONFLICT, summary="Add history items (idempotent by id, batched)")
     def add_history(req: AddRequest) -> dict[str, Any]:
         if len(req.items) > spec.max_batch_items:
             raise ItemError(("items",), f"{len(req.items)} items in one request; the limit is {spec.max_batch_items} "
@@ -278,7 +344,7 @@ def create_app(service: ClientService, token: str) -> FastAPI:
         try:
             check_text(q, "q")
         except ValueError as e:
-            raise ItemError(("q",), str(e)) from None
+            raise ItemError(("query", "q"), str(e)) from None
         items = service.search(q, k)
         return {"retriever": spec.retrieval.retriever, "query": q, "items": [item_out(it) for it in items]}
 
@@ -297,7 +363,7 @@ def create_app(service: ClientService, token: str) -> FastAPI:
 
     # -- training --------------------------------------------------------------------------------
 
-    @v1.post("/train", response_model=JobOut, status_code=202, summary="Start training the personal adapter")
+    @v1.post("/train", response_model=JobOut, status_code=202, responses=CONFLICT, summary="Start training the personal adapter")
     def train(req: TrainRequest | None = None) -> dict[str, Any]:
         req = req or TrainRequest()
         try:
@@ -310,14 +376,14 @@ def create_app(service: ClientService, token: str) -> FastAPI:
     def jobs() -> list[dict[str, Any]]:
         return [j.public() for j in service.jobs.list()]
 
-    @v1.get("/jobs/{job_id}", response_model=JobOut, summary="A job's state and progress")
+    @v1.get("/jobs/{job_id}", response_model=JobOut, responses=NOT_FOUND, summary="A job's state and progress")
     def job(job_id: str) -> dict[str, Any]:
         j = service.jobs.get(job_id)
         if j is None:
             raise HTTPException(404, f"no job {job_id[:80]!r}")
         return j.public()
 
-    @v1.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a job (the previous adapter stays)")
+    @v1.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=NOT_FOUND, summary="Cancel a job (the previous adapter stays)")
     def cancel(job_id: str) -> dict[str, Any]:
         j = service.jobs.cancel(job_id)
         if j is None:
@@ -346,7 +412,7 @@ def create_app(service: ClientService, token: str) -> FastAPI:
                             headers={"X-Oppu-History-Items": str(manifest["history_items"])},
                             background=BackgroundTask(lambda: Path(name).unlink(missing_ok=True)))
 
-    @v1.post("/import", response_model=ImportResult,
+    @v1.post("/import", response_model=ImportResult, responses=CONFLICT,
              summary="Import an export archive (history merged by id; its adapter becomes a new version)",
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/gzip": {"schema": {"type": "string", "format": "binary"}}}}})
@@ -362,7 +428,7 @@ def create_app(service: ClientService, token: str) -> FastAPI:
         finally:
             Path(name).unlink(missing_ok=True)
 
-    @v1.post("/forget", response_model=ForgetResult,
+    @v1.post("/forget", response_model=ForgetResult, responses=CONFLICT,
              summary="Delete the history store and every personal-adapter version; says what was deleted")
     def forget(req: ForgetRequest) -> dict[str, Any]:
         if req.confirm is not True:
@@ -370,7 +436,40 @@ def create_app(service: ClientService, token: str) -> FastAPI:
         return service.forget()
 
     app.include_router(v1)
+    _describe_items(app, service)
     return app
+
+
+def _describe_items(app: FastAPI, service: ClientService) -> None:
+    """State the task's item rules in the OpenAPI schema, so a client (or a schema-driven fuzzer)
+    knows what a valid item is: the required fields, non-empty text, the label's values."""
+    from fastapi.openapi.utils import get_openapi
+
+    task, limit = service.task, service.spec.max_field_chars
+    text = {"type": "string", "minLength": 1, "maxLength": limit, "pattern": r"^[^\x00]*[^\x00\s][^\x00]*$"}
+    props: dict[str, Any] = {f: dict(text) for f in task.item_fields}
+    if task.label_field in props:
+        if task.kind == "regression":
+            props[task.label_field] = {"type": "string", "pattern": r"^\s*[1-5](\.0*)?\s*$"}
+        elif task.labels:
+            props[task.label_field] = {"type": "string", "enum": list(task.labels)}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            item = schema.get("components", {}).get("schemas", {}).get("ItemIn")
+            if item is not None:
+                item["properties"]["fields"] = {
+                    "type": "object", "title": "Fields", "required": list(task.item_fields), "properties": props,
+                    "additionalProperties": {"type": "string", "maxLength": limit, "pattern": r"^[^\x00]*$"},
+                    "propertyNames": {"pattern": FIELD_NAME_PATTERN, "maxLength": MAX_FIELD_NAME_CHARS},
+                    "maxProperties": MAX_FIELDS,
+                    "description": item["properties"]["fields"].get("description", ""),
+                }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _input_from_fields(service: ClientService, fields: dict[str, str]) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -121,20 +122,20 @@ class ArtifactCache:
                 fh.write(data[have - offset:])
                 fh.flush()
                 os.fsync(fh.fileno())
-        if _size(target) == size and not (partial / f".{rel.replace('/', '__')}.ok").exists():
+        if _size(target) == size and not _marker(partial, rel).exists():
             digest = sha256_file(target)
             if digest != manifest.files[rel]:
                 target.unlink()
                 raise ArtifactRejected(
                     f"artifact {manifest.id[:12]} ({manifest.kind}): {rel} has sha256 {digest[:12]}, the manifest "
                     "says " + manifest.files[rel][:12] + "; refused, the cache keeps its previous contents")
-            (partial / f".{rel.replace('/', '__')}.ok").touch()
+            _marker(partial, rel).touch()
 
     def _all_verified(self, partial: Path, manifest: ArtifactManifest) -> bool:
-        return all((partial / f".{rel.replace('/', '__')}.ok").exists() for rel in manifest.files)
+        return all(_marker(partial, rel).exists() for rel in manifest.files)
 
     def _commit(self, partial: Path, manifest: ArtifactManifest) -> None:
-        for marker in [partial / PARTIAL_META, *partial.glob(".*.ok")]:
+        for marker in [partial / PARTIAL_META, *partial.glob(".ok-*")]:
             marker.unlink()
         if manifest.kind == KIND_MODEL:
             # shared.model reads the model hash from here instead of re-hashing hundreds of MB.
@@ -151,6 +152,13 @@ class ArtifactCache:
         with self._locked():
             for p in self.root.glob(".partial-*"):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _marker(partial: Path, rel: str) -> Path:
+    """"`rel` is complete and its sha256 matched." Named by a hash of the path: a name built by
+    replacing "/" would let "a/b" and "a__b" share one marker, and so let one file's check stand
+    for another's (artifact names never start with ".", so no marker is an artifact file)."""
+    return partial / f".ok-{hashlib.sha256(rel.encode()).hexdigest()[:32]}"
 
 
 def _size(path: Path) -> int:

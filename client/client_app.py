@@ -21,7 +21,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
-from shared.protocol import ARRAYS, CHUNK, CONFIG, DATA, METRICS, REPLY, ChunkHeader, ClientError, RoundConfig
+from shared.protocol import (ARRAYS, CHUNK, CONFIG, DATA, METRICS, REPLY, ChunkHeader, ClientError, ProtocolError,
+                             RoundConfig)
 
 log = logging.getLogger("oppu.client")
 
@@ -77,10 +78,33 @@ def inventory(msg: Message, context: Context) -> Message:
     return Message(RecordDict({REPLY: ConfigRecord({"held": held(_node(context))})}), reply_to=msg)
 
 
+def _record(msg: Message, kind: str, key: str):  # type: ignore[no-untyped-def]
+    """A record the protocol requires; a clear ProtocolError when the message lacks it."""
+    records = {"config": msg.content.config_records, "arrays": msg.content.array_records}[kind]
+    if key not in records:
+        raise ProtocolError(f"{msg.metadata.message_type} message without its {key!r} {kind} record")
+    return records[key]
+
+
+def _arrays(msg: Message) -> dict:
+    import numpy as np
+
+    out = {}
+    for k, a in _record(msg, "arrays", ARRAYS).items():
+        v = a.numpy()
+        if not np.issubdtype(v.dtype, np.floating):
+            raise ProtocolError(f"tensor {k[:120]!r} has dtype {v.dtype}, expected floating point")
+        out[k] = v
+    return out
+
+
 @app.query("artifact")
 def artifact(msg: Message, context: Context) -> Message:
-    header = ChunkHeader.from_record(msg.content[CHUNK])
-    data = msg.content[DATA]["bytes"].numpy().tobytes()
+    header = ChunkHeader.from_record(_record(msg, "config", CHUNK))
+    payload = _record(msg, "arrays", DATA)
+    if set(payload) != {"bytes"} or payload["bytes"].dtype != "uint8" or len(payload["bytes"].shape) != 1:
+        raise ProtocolError("artifact chunk data must be one 1-D uint8 array named 'bytes'")
+    data = payload["bytes"].numpy().tobytes()
     ack = _node(context).cache.receive(header, data)
     return Message(RecordDict({REPLY: ConfigRecord(ack)}), reply_to=msg)
 
@@ -91,8 +115,8 @@ def train(msg: Message, context: Context) -> Message:
 
     if LEGACY_FITINS in msg.content.config_records:
         return _train_secagg(msg, context)
-    cfg = RoundConfig.from_record(msg.content[CONFIG])
-    arrays = {k: a.numpy() for k, a in msg.content[ARRAYS].items()}
+    cfg = RoundConfig.from_record(_record(msg, "config", CONFIG))
+    arrays = _arrays(msg)
     update, metrics = train_round(_node(context), cfg, arrays)
     content = RecordDict({METRICS: MetricRecord(metrics)})
     if update is not None:
@@ -104,8 +128,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     from client.federated import evaluate as evaluate_round
 
-    cfg = RoundConfig.from_record(msg.content[CONFIG])
-    arrays = {k: a.numpy() for k, a in msg.content[ARRAYS].items()}
+    cfg = RoundConfig.from_record(_record(msg, "config", CONFIG))
+    arrays = _arrays(msg)
     metrics = evaluate_round(_node(context), cfg, arrays)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from shared.config import BaseModelSpec, FederatedSpec, from_run_config
 from shared.model import cache_root
-from shared.protocol import ClientError, RoundConfig, is_lora_b
+from shared.protocol import ClientError, ProtocolError, RoundConfig, is_lora_b
 
 from .artifacts import ArtifactCache
 from .userdir import UserDir
@@ -131,7 +131,10 @@ def set_global_base(engine: Any, node: Node, cfg: RoundConfig, arrays: Mapping[s
         dtype = next(iter(engine.base_state().values())).dtype
         for k, v in arrays.items():
             state[k] = torch.from_numpy(np.array(v, copy=True)).to(dtype)
-        engine.set_base_state(state)
+        try:  # checks keys, shapes and finiteness before changing anything
+            engine.set_base_state(state)
+        except ValueError as e:
+            raise ProtocolError(f"the coordinator's base adapter does not fit: {e}") from None
 
 
 # ----------------------------------------------------------------------------- handlers

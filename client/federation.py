@@ -93,19 +93,39 @@ def free_loopback_port() -> int:
 
 
 def supernode_command(executable: str, coordinator: str, data_dir: Path, *, port: int,
-                      max_retries: int = 3, max_wait_time: float = 60.0) -> list[str]:
-    """The SuperNode command line for one data directory (see the module docstring)."""
+                      max_retries: int = 3, max_wait_time: float = 60.0, root_certificates: str = "",
+                      auth_private_key: str = "") -> list[str]:
+    """The SuperNode command line for one data directory (see the module docstring).
+
+    With `root_certificates` (the CA that signed the SuperLink's certificate) the node connects
+    over TLS; with `auth_private_key` as well it authenticates itself (Flower node
+    authentication, which Flower allows only over TLS). Without them: --insecure."""
     parse_host_port(coordinator, "coordinator")
     d = str(Path(data_dir).resolve())
     if "'" in d or any(c in d for c in "\n\r"):
         # Flower parses node config as TOML; a literal string ('...') cannot hold these.
         raise ValueError(f"data directory {d!r} contains a quote or newline; Flower's --node-config cannot carry it")
+    if auth_private_key and not root_certificates:
+        raise ValueError("daemon.supernode_auth_key needs TLS: set daemon.coordinator_root_certificates too "
+                         "(Flower authenticates nodes over TLS connections only)")
+    transport = ["--insecure"]
+    if root_certificates:
+        transport = ["--root-certificates", _existing(root_certificates, "daemon.coordinator_root_certificates")]
+    if auth_private_key:
+        transport += ["--auth-supernode-private-key", _existing(auth_private_key, "daemon.supernode_auth_key")]
     return [
-        *_resolve(shlex.split(executable)), "--insecure", "--superlink", coordinator,
+        *_resolve(shlex.split(executable)), *transport, "--superlink", coordinator,
         "--node-config", f"data-dir='{d}'",
         "--host", "127.0.0.1", "--port", str(port),
         "--max-retries", str(max_retries), "--max-wait-time", str(max_wait_time),
     ]
+
+
+def _existing(path: str, setting: str) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"{setting}={path!r}: no such file")
+    return str(p.resolve())
 
 
 def _resolve(argv: list[str]) -> list[str]:
@@ -250,12 +270,14 @@ def _signal_group(proc: subprocess.Popen, sig: int, *, group_only: bool = False)
 
 
 def supernode_supervisor(coordinator: str, data_dir: Path, *, executable: str = "flower-supernode",
-                         initial: float = 2.0, maximum: float = 300.0) -> Supervisor:
+                         initial: float = 2.0, maximum: float = 300.0, root_certificates: str = "",
+                         auth_private_key: str = "") -> Supervisor:
     """A Supervisor that keeps this data directory's SuperNode connected to `coordinator`."""
     data_dir = Path(data_dir)
-    supernode_command(executable, coordinator, data_dir, port=1)  # validate now, not in the thread
+    tls = {"root_certificates": root_certificates, "auth_private_key": auth_private_key}
+    supernode_command(executable, coordinator, data_dir, port=1, **tls)  # validate now, not in the thread
     return Supervisor(
-        lambda: supernode_command(executable, coordinator, data_dir, port=free_loopback_port()),
+        lambda: supernode_command(executable, coordinator, data_dir, port=free_loopback_port(), **tls),
         name="supernode", log_path=data_dir / "logs" / "supernode.log", initial=initial, maximum=maximum,
         env=child_env(),
     )

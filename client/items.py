@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from shared.records import HistoryItem
 
@@ -21,6 +21,9 @@ MAX_FIELD_NAME_CHARS = 64
 MAX_TIME = 2**53  # exact in JSON doubles; far beyond any timestamp
 _ID = re.compile(r"^[^\x00-\x1f\x7f]+$")
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+# The same rule as `_id_printable`, stated in the schema: no control characters, no surrounding spaces.
+FIELD_NAME_PATTERN = _FIELD_NAME.pattern
+ID_PATTERN = r"^[^\x00-\x1f\x7f\s](?:[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f\s])?$"
 
 
 
@@ -36,7 +39,15 @@ def check_text(value: str, what: str) -> str:
     return value
 
 
-ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, description="Unique id; re-adding it is a no-op.")]
+def _whole(v: Any) -> Any:
+    """JSON has one number type: 5.0 is the integer 5 (as JSON Schema says), 5.5 is not."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+WholeNumber = BeforeValidator(_whole)
+
+ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN,
+                              description="Unique id (printable, no surrounding spaces); re-adding it is a no-op.")]
 
 
 class ItemIn(BaseModel):
@@ -48,7 +59,7 @@ class ItemIn(BaseModel):
     fields: dict[str, str] = Field(
         description="The task's fields, e.g. {'text': ..., 'score': '4'} for amazon-rating (see GET /v1/status).",
     )
-    time: int = Field(default=0, ge=0, le=MAX_TIME,
+    time: Annotated[int, WholeNumber] = Field(default=0, ge=0, le=MAX_TIME,
                       description="Orders the history (e.g. unix seconds); equal times keep insertion order.")
 
     @field_validator("id")

@@ -83,7 +83,8 @@ class ClientService:
         if spec.coordinator:
             self.supervisor = supernode_supervisor(
                 spec.coordinator, self.dir, executable=spec.supernode_command,
-                initial=spec.backoff_initial, maximum=spec.backoff_max)
+                initial=spec.backoff_initial, maximum=spec.backoff_max,
+                root_certificates=spec.coordinator_root_certificates, auth_private_key=spec.supernode_auth_key)
 
     # -- lifetime ------------------------------------------------------------------------------
 

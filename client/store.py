@@ -233,15 +233,21 @@ class ChromaHistoryStore:
         rank = {it.id: r for r, it in enumerate(merged)}
 
         batch = self._client.get_max_batch_size()
-        for start in range(0, len(new), batch):
-            chunk = new[start:start + batch]
-            self._col.add(
-                ids=[it.id for it in chunk],
-                documents=[self._text_of(it) for it in chunk],
-                metadatas=[_metadata(it, seq[it.id], rank[it.id]) for it in chunk],
-            )
-        # An item older than existing ones shifts their ranks; only those records are rewritten.
-        self._write_orders([(it.id, rank[it.id]) for r, it in enumerate(current) if rank[it.id] != r])
+        try:
+            for start in range(0, len(new), batch):
+                chunk = new[start:start + batch]
+                self._col.add(
+                    ids=[it.id for it in chunk],
+                    documents=[self._text_of(it) for it in chunk],
+                    metadatas=[_metadata(it, seq[it.id], rank[it.id]) for it in chunk],
+                )
+            # An item older than existing ones shifts their ranks; only those records are rewritten.
+            self._write_orders([(it.id, rank[it.id]) for r, it in enumerate(current) if rank[it.id] != r])
+        except BaseException:
+            # A failed write (disk full, a killed batch) may have stored some records: forget the
+            # in-memory view so the next read takes the truth from disk (and repairs `order`).
+            self._items, self._by_id, self._seq = None, {}, {}
+            raise
 
         self._seq.update(seq)
         self._by_id.update({it.id: it for it in new})

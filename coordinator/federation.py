@@ -33,7 +33,7 @@ from . import checkpoint
 from .report import render_report, round_line
 from .distribution import Artifact, Distributor, export_quantized_model
 from .strategy import (
-    Accounting, SampledGrid, build_strategy, exchanged, for_round, load_strategy_state, mean_metrics, screen,
+    Accounting, SampledGrid, align_metric_keys, build_strategy, exchanged, for_round, load_strategy_state, mean_metrics, screen,
     strategy_state,
 )
 
@@ -262,7 +262,12 @@ class Coordinator:
         answered = {r.metadata.src_node_id for r in replies}
         screened = screen(replies, {k: v.shape for k, v in state.items()}, federate=cfg.federate, dp=self.spec.dp)
         aggregated, arrays_new = 0, None
+        train_metrics = mean_metrics([r.content[METRICS] for r in screened.accepted], "num-examples")
         if cfg.federate and screened.accepted:
+            # Flower refuses to aggregate replies whose metric keys differ (e.g. one user trained a
+            # personal adapter for the first time this round, and reports its loss); our own
+            # mean above kept every key, Flower gets the keys all replies share.
+            align_metric_keys(screened.accepted)
             new, _ = strategy.aggregate_train(rnd, screened.accepted)
             if new is not None:
                 arrays_new = {k: a.numpy() for k, a in new.items()}
@@ -271,7 +276,7 @@ class Coordinator:
         return {"new": arrays_new, "replied": len(screened.accepted), "aggregated": aggregated,
                 "rejected": screened.rejected,
                 "failed": {n: "no reply" for n in ready if n not in answered},
-                "train": mean_metrics([r.content[METRICS] for r in screened.accepted], "num-examples"),
+                "train": train_metrics,
                 "down": arrays.count_bytes() if msgs else 0, "up": up / max(1, len(screened.accepted))}
 
     def _train_secure(self, grid: Any, rnd: int, ready: list[int], state: dict[str, Any],

@@ -129,6 +129,17 @@ def screen(replies: Iterable[Any], expected: Mapping[str, tuple[int, ...]], *, f
     return out
 
 
+def align_metric_keys(replies: list[Any]) -> None:
+    """Keep in each accepted reply's metrics only the keys every reply has (in place)."""
+    if not replies:
+        return
+    common = set.intersection(*(set(r.content[METRICS]) for r in replies))
+    for r in replies:
+        rec = r.content[METRICS]
+        for k in [k for k in rec if k not in common]:
+            del rec[k]
+
+
 def mean_metrics(records: Iterable[Mapping[str, Any]], weight_key: str) -> dict[str, float]:
     """Weighted mean of every numeric entry (weight 0 records skipped)."""
     sums: dict[str, float] = {}

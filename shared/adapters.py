@@ -263,7 +263,10 @@ def load_adapter(pm: Any, name: str, directory: Path, *, base_model_hash: str | 
     weights = Path(directory) / "adapter_model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing (only safetensors adapters are loaded)")
-    state = load_file(str(weights), device=str(next(pm.parameters()).device))
+    try:
+        state = load_file(str(weights), device=str(next(pm.parameters()).device))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (not a ValueError)
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
     dtype = next(iter(get_state(pm, name).values())).dtype
     set_state(pm, name, {k: v.to(dtype) for k, v in state.items()})
     return manifest

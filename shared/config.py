@@ -437,6 +437,12 @@ class DaemonSpec:
     )
     backoff_initial: float = field(default=2.0, metadata={"help": "Seconds before the first SuperNode restart."})
     backoff_max: float = field(default=300.0, metadata={"help": "Longest wait between SuperNode restarts, in seconds."})
+    coordinator_root_certificates: str = field(
+        default="", metadata={"help": "CA certificate (PEM) of the SuperLink's TLS certificate; set: the SuperNode "
+                              "connects over TLS, empty: --insecure (docs/federation.md)."})
+    supernode_auth_key: str = field(
+        default="", metadata={"help": "This node's private key for Flower node authentication (needs TLS); its "
+                              "public key is registered with `flwr supernode register`."})
     base_model: BaseModelSpec = field(default_factory=BaseModelSpec)
     base_adapter: AdapterSpec = field(default_factory=AdapterSpec)
     personal_adapter: AdapterSpec = field(default_factory=AdapterSpec)

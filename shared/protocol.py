@@ -19,10 +19,13 @@ membership test and a received artifact is verified file by file before it is us
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from .config import METHODS as KNOWN_METHODS
 from .model import directory_manifest, model_hash
 
 # Message types (Flower: "<category>.<action>").
@@ -46,6 +49,25 @@ AGG_WEIGHT = "agg-weight"  # set by the coordinator after validation (uniform un
 KIND_MODEL = "base-model"
 KIND_BASE_ADAPTER = "base-adapter"
 
+# What a client accepts from the network (a coordinator, or anyone between it and the client).
+MAX_MANIFEST_CHARS = 1 << 20  # an artifact manifest is a few KB
+MAX_ARTIFACT_FILES = 256
+MAX_ARTIFACT_BYTES = 64 << 30  # larger than any base model this framework runs on a user's machine
+# Weights travel as safetensors only: a file format that can run code when loaded (pickle,
+# torch.save, numpy object arrays, joblib) is refused before a byte of it is written.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ClientError(RuntimeError):
+    """A client failure whose message is safe to send back (it never quotes user data).
+    Any other exception is reported to the coordinator by its type only."""
+
+
+class ProtocolError(ClientError, ValueError):
+    """A message from the coordinator that does not follow this protocol. Its text names only
+    protocol keys and coordinator-sent values, never user data, so it goes back as is."""
+
 
 @dataclass(frozen=True)
 class ArtifactManifest:
@@ -68,25 +90,57 @@ class ArtifactManifest:
 
     @classmethod
     def from_json(cls, text: str) -> ArtifactManifest:
+        if not isinstance(text, str) or len(text) > MAX_MANIFEST_CHARS:
+            raise ProtocolError(f"artifact manifest is not text of at most {MAX_MANIFEST_CHARS} characters")
         try:
             d = json.loads(text)
-            m = cls(str(d["id"]), str(d["kind"]), {str(k): str(v) for k, v in d["files"].items()},
-                    {str(k): int(v) for k, v in d["sizes"].items()}, str(d.get("identity", "")))
+            if not isinstance(d, dict) or set(d) - {"id", "kind", "files", "sizes", "identity"}:
+                raise TypeError("unknown keys")
+            if not all(isinstance(v, str) for v in (d["id"], d["kind"], d.get("identity", ""))):
+                raise TypeError("id, kind and identity must be strings")
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in d["files"].items()):
+                raise TypeError("files must map paths to sha256 strings")
+            if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                       for k, v in d["sizes"].items()):
+                raise TypeError("sizes must map paths to integers")
+            m = cls(d["id"], d["kind"], dict(d["files"]), dict(d["sizes"]), d.get("identity", ""))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ValueError(f"unreadable artifact manifest ({type(e).__name__})") from None
+            raise ProtocolError(f"unreadable artifact manifest ({type(e).__name__})") from None
         m.check()
         return m
 
     def check(self) -> None:
-        """The id must be the hash of the file list, and paths must stay inside the artifact."""
+        """The id must be the hash of the file list, paths must stay inside the artifact, sizes
+        must be plausible, and no file may be in a format that runs code when loaded."""
+        if not _HEX64.match(self.id):
+            raise ProtocolError("artifact id must be 64 lowercase hex digits (a sha256)")
+        if self.kind not in (KIND_MODEL, KIND_BASE_ADAPTER):
+            raise ProtocolError(f"artifact {self.id[:12]}: kind {self.kind[:40]!r} is not one of "
+                             f"{KIND_MODEL!r}, {KIND_BASE_ADAPTER!r}")
+        if self.identity and not _HEX64.match(self.identity):
+            raise ProtocolError(f"artifact {self.id[:12]}: identity must be a sha256 hex digest")
         if set(self.files) != set(self.sizes):
-            raise ValueError(f"artifact {self.id[:12]}: file and size lists differ")
+            raise ProtocolError(f"artifact {self.id[:12]}: file and size lists differ")
+        if not 0 < len(self.files) <= MAX_ARTIFACT_FILES:
+            raise ProtocolError(f"artifact {self.id[:12]}: {len(self.files)} files; 1 to {MAX_ARTIFACT_FILES} allowed")
+        dirs: set[str] = set()
         for rel in self.files:
             p = PurePosixPath(rel)
-            if p.is_absolute() or ".." in p.parts or not rel or rel.startswith("."):
-                raise ValueError(f"artifact {self.id[:12]}: unsafe file path {rel!r}")
+            if (p.is_absolute() or not rel or rel.startswith(".") or any(part in ("", ".", "..") for part in rel.split("/"))
+                    or "\\" in rel or any(ord(c) < 32 for c in rel) or len(rel) > 255):
+                raise ProtocolError(f"artifact {self.id[:12]}: unsafe file path {rel[:80]!r}")
+            if rel.lower().endswith(PICKLE_SUFFIXES):
+                raise ProtocolError(f"artifact {self.id[:12]}: {rel[:80]!r} is in a pickle-based format; weights are "
+                                 "accepted as safetensors only")
+            if not _HEX64.match(self.files[rel]):
+                raise ProtocolError(f"artifact {self.id[:12]}: {rel[:80]!r} has no sha256 hex digest")
+            dirs.update(str(parent) for parent in p.parents if str(parent) != ".")
+        if dirs & set(self.files):
+            raise ProtocolError(f"artifact {self.id[:12]}: a path is both a file and a directory")
+        if any(n < 0 for n in self.sizes.values()) or self.total_bytes > MAX_ARTIFACT_BYTES:
+            raise ProtocolError(f"artifact {self.id[:12]}: sizes must be >= 0 and total at most {MAX_ARTIFACT_BYTES} bytes")
         if model_hash(self.files) != self.id:
-            raise ValueError(f"artifact {self.id[:12]}: id is not the hash of its file list")
+            raise ProtocolError(f"artifact {self.id[:12]}: id is not the hash of its file list")
 
 
 def manifest_for_dir(directory: Path, kind: str, identity: str = "") -> ArtifactManifest:
@@ -113,10 +167,21 @@ class ChunkHeader:
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> ChunkHeader:
-        h = cls(str(rec["manifest"]), tuple(str(f) for f in rec["files"]), tuple(int(o) for o in rec["offsets"]),
-                tuple(int(n) for n in rec["lengths"]))
+        unknown = sorted(set(rec) - {"manifest", "files", "offsets", "lengths"})
+        if unknown:
+            raise ProtocolError(f"chunk header: unknown keys {unknown[:3]}")
+        try:
+            manifest, files, offsets, lengths = rec["manifest"], rec["files"], rec["offsets"], rec["lengths"]
+        except KeyError as e:
+            raise ProtocolError(f"chunk header: missing {e.args[0]!r}") from None
+        if not isinstance(manifest, str) or not all(isinstance(x, list) for x in (files, offsets, lengths)):
+            raise ProtocolError("chunk header: manifest must be text and files, offsets, lengths lists")
+        if not all(isinstance(f, str) for f in files) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (*offsets, *lengths)):
+            raise ProtocolError("chunk header: files must be paths and offsets/lengths non-negative integers")
+        h = cls(manifest, tuple(files), tuple(offsets), tuple(lengths))
         if not len(h.files) == len(h.offsets) == len(h.lengths):
-            raise ValueError("chunk header: files, offsets and lengths differ in length")
+            raise ProtocolError("chunk header: files, offsets and lengths differ in length")
         return h
 
     @property
@@ -148,6 +213,12 @@ class RoundConfig:
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> RoundConfig:
+        """Parse strictly: a wrong type, a non-finite number, an unknown `oppu-` key or an unknown
+        method is refused with a ValueError naming the key (Flower's own keys pass through)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in rec if k.startswith("oppu-") and k[5:] not in names)
+        if unknown:
+            raise ProtocolError(f"round config: unknown keys {unknown[:3]} (a newer coordinator? update this client)")
         kw: dict[str, Any] = {}
         for f in fields(cls):
             key = f"oppu-{f.name}"
@@ -159,23 +230,44 @@ class RoundConfig:
             kw["proximal_mu"] = rec["proximal-mu"]
         missing = [f.name for f in fields(cls) if f.name not in kw and f.default is MISSING]
         if missing:
-            raise ValueError(f"round config lacks {', '.join(missing)}")
+            raise ProtocolError(f"round config lacks {', '.join(missing)}")
+
+        def number(name: str, lo: float, hi: float, *, integer: bool = False) -> Any:
+            v = kw.get(name, getattr(cls, name, None))
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+                raise ProtocolError(f"round config: {name} must be {'an integer' if integer else 'a number'}")
+            if not (math.isfinite(v) and lo <= v <= hi):
+                raise ProtocolError(f"round config: {name}={v!r} is outside [{lo}, {hi}]")
+            return v
+
+        def flag(name: str) -> bool:
+            v = kw.get(name, False)
+            if not isinstance(v, bool):
+                raise ProtocolError(f"round config: {name} must be true or false")
+            return v
+
+        for name in ("task", "model", "base_adapter", "methods"):
+            if not isinstance(kw.get(name, ""), str):
+                raise ProtocolError(f"round config: {name} must be text")
+        for name in ("model", "base_adapter"):
+            if not _HEX64.match(kw[name]):
+                raise ProtocolError(f"round config: {name} must be an artifact id (64 hex digits)")
+        methods = kw.get("methods", "")
+        bad = [m for m in methods.split(",") if m and m not in KNOWN_METHODS]
+        if bad:
+            raise ProtocolError(f"round config: unknown methods {bad[:3]}; known: {', '.join(KNOWN_METHODS)}")
+        if len(kw["task"]) > 200:
+            raise ProtocolError("round config: task name too long")
         return cls(
-            server_round=int(kw["server_round"]), task=str(kw["task"]), model=str(kw["model"]),
-            base_adapter=str(kw["base_adapter"]), federate=bool(kw.get("federate", False)),
-            ffa_lora=bool(kw.get("ffa_lora", False)), proximal_mu=float(kw.get("proximal_mu", 0.0)),
-            methods=str(kw.get("methods", "")), epsilon=float(kw.get("epsilon", -1.0)),
-            delta=float(kw.get("delta", 0.0)),
+            server_round=number("server_round", 0, 1e9, integer=True), task=kw["task"], model=kw["model"],
+            base_adapter=kw["base_adapter"], federate=flag("federate"), ffa_lora=flag("ffa_lora"),
+            proximal_mu=float(number("proximal_mu", 0.0, 1e6)), methods=methods,
+            epsilon=float(number("epsilon", -1.0, 1e12)), delta=float(number("delta", 0.0, 1.0)),
         )
 
     @property
     def method_list(self) -> list[str]:
         return [m for m in self.methods.split(",") if m]
-
-
-class ClientError(RuntimeError):
-    """A client failure whose message is safe to send back (it never quotes user data).
-    Any other exception is reported to the coordinator by its type only."""
 
 
 def is_lora_b(key: str) -> bool:
@@ -186,5 +278,5 @@ def is_lora_b(key: str) -> bool:
 __all__ = [
     "INVENTORY", "ARTIFACT", "TRAIN", "EVALUATE", "ARRAYS", "CONFIG", "METRICS", "CHUNK", "DATA", "REPLY",
     "NUM_EXAMPLES", "NUM_QUERIES", "AGG_WEIGHT", "KIND_MODEL", "KIND_BASE_ADAPTER", "ArtifactManifest",
-    "manifest_for_dir", "ChunkHeader", "RoundConfig", "ClientError", "is_lora_b",
+    "manifest_for_dir", "ChunkHeader", "RoundConfig", "ClientError", "ProtocolError", "is_lora_b",
 ]

@@ -36,6 +36,10 @@ def _load_json(path: Path) -> Any:
             return json.load(fh)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
 
 
 def _text(record: Mapping[str, Any], key: str, where: str) -> str:
@@ -48,12 +52,14 @@ def _text(record: Mapping[str, Any], key: str, where: str) -> str:
     return str(value)
 
 
-def _parse_date(value: Any, where: str) -> int:
+def parse_date(value: Any, where: str) -> int:
     """A profile item's "date" as a sortable integer: an integer as is, an ISO date as Unix time."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     text = str(value).strip()
-    if text.lstrip("-").isdigit():
+    if len(text) > 64:
+        raise ValueError(f"{where}: field 'date' is {len(text)} characters; a date or integer time is expected")
+    if text.lstrip("-").isdecimal() and text.lstrip("-").isascii():
         return int(text)
     try:
         moment = datetime.fromisoformat(text)
@@ -61,7 +67,10 @@ def _parse_date(value: Any, where: str) -> int:
         raise ValueError(f"{where}: field 'date' {value!r} is neither an integer nor an ISO date") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp())
+    try:
+        return int(moment.timestamp())
+    except (OverflowError, OSError, ValueError):  # e.g. year 1 with a positive UTC offset
+        raise ValueError(f"{where}: field 'date' {value!r} is out of range") from None
 
 
 def _read_profile(profile: Any, qid: str, task: Task, where: str) -> list[HistoryItem]:
@@ -83,7 +92,7 @@ def _read_profile(profile: Any, qid: str, task: Task, where: str) -> list[Histor
         item_id = _text(raw, "id", at) if "id" in raw else f"{qid}-p{j}"
         # Without dates the profile's own order is its time order. With dates, an item without one
         # is time 0: that is how HistoryItem.to_lamp writes time 0, so our files round-trip.
-        time = _parse_date(raw["date"], at) if "date" in raw else (0 if has_dates else j)
+        time = parse_date(raw["date"], at) if "date" in raw else (0 if has_dates else j)
         item = HistoryItem(id=item_id, fields=fields, time=time)
         task.validate_item(item, at)
         items.append(item)

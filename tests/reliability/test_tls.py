@@ -1,0 +1,127 @@
+"""A SuperLink with TLS and node authentication, certificates and keys made in the test (openssl,
+ssh-keygen): a registered SuperNode that trusts the CA joins; an unregistered key and an insecure
+connection do not. Slow: a SuperLink and three SuperNode processes, all stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
+                                 reason="needs openssl and ssh-keygen")]
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(*cmd: str, cwd: Path) -> None:
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, timeout=120)
+
+
+def make_credentials(d: Path) -> None:
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-sha256", "-days", "2", "-nodes", "-keyout", "ca.key",
+       "-out", "ca.crt", "-subj", "/CN=oppu test CA", cwd=d)
+    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+       "-subj", "/CN=127.0.0.1", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    sh("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+       "-days", "2", "-sha256", "-extfile", "san.ext", "-out", "server.pem", cwd=d)
+    for name in ("node_ok", "node_unregistered"):
+        sh("ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", name, cwd=d)
+
+
+def start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_superlink_with_tls_admits_only_registered_nodes(tmp_path, figures):
+    make_credentials(tmp_path)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fed"\n\n[superlink.fed]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{tmp_path / "ca.crt"}"\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    link_log = tmp_path / "superlink.log"
+    procs = [start([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(tmp_path / "ca.crt"),
+                    "--ssl-certfile", str(tmp_path / "server.pem"), "--ssl-keyfile", str(tmp_path / "server.key"),
+                    "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
+                    "--database", str(tmp_path / "link.db"), "--disable-runtime-dependency-installation"],
+                   link_log, env)]
+    try:
+        def registered() -> bool:
+            r = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(tmp_path / "node_ok.pub"), "fed"],
+                               env=env, capture_output=True, text=True, timeout=60)
+            return r.returncode == 0
+
+        assert wait_for(registered, 60), link_log.read_text(errors="replace")[-2000:]
+
+        def node(name: str, *transport: str) -> tuple[subprocess.Popen, Path]:
+            log = tmp_path / f"{name}.log"
+            p = start([str(BIN / "flower-supernode"), *transport, "--superlink", f"127.0.0.1:{port}",
+                       "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", "2", "--max-wait-time", "10"],
+                      log, env)
+            procs.append(p)
+            return p, log
+
+        ok, ok_log = node("ok", "--root-certificates", str(tmp_path / "ca.crt"),
+                          "--auth-supernode-private-key", str(tmp_path / "node_ok"))
+        bad, bad_log = node("unregistered", "--root-certificates", str(tmp_path / "ca.crt"),
+                            "--auth-supernode-private-key", str(tmp_path / "node_unregistered"))
+        plain, plain_log = node("insecure", "--insecure")
+
+        def online() -> bool:
+            r = subprocess.run([str(BIN / "flwr"), "supernode", "list", "fed"], env=env, capture_output=True,
+                               text=True, timeout=60)
+            return "online" in r.stdout
+
+        assert wait_for(online, 90), ok_log.read_text(errors="replace")[-2000:]
+        time.sleep(10)
+        listing = subprocess.run([str(BIN / "flwr"), "supernode", "list", "fed", "--verbose"], env=env,
+                                 capture_output=True, text=True, timeout=60).stdout
+        assert listing.count("online") == 1, listing
+        assert ok.poll() is None  # still connected
+        for p, log in ((bad, bad_log), (plain, plain_log)):
+            assert wait_for(lambda p=p: p.poll() is not None, 90), log.read_text(errors="replace")[-2000:]
+            assert p.returncode != 0
+    finally:
+        for p in reversed(procs):
+            stop(p)
+    figures.access("SuperLink with TLS + node authentication (real processes)",
+                   "registered node with the CA: online; unregistered key: refused; --insecure: refused")
