@@ -215,7 +215,7 @@ class RoundConfig:
     def from_record(cls, rec: Mapping[str, Any]) -> RoundConfig:
         """Parse strictly: a wrong type, a non-finite number, an unknown `oppu-` key or an unknown
         method is refused with a ValueError naming the key (Flower's own keys pass through)."""
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} | {"keys"}  # oppu-keys: SecAgg+'s tensor order (coordinator/secagg.py)
         unknown = sorted(k for k in rec if k.startswith("oppu-") and k[5:] not in names)
         if unknown:
             raise ProtocolError(f"round config: unknown keys {unknown[:3]} (a newer coordinator? update this client)")

@@ -71,7 +71,10 @@ def test_no_private_content_in_any_outgoing_message(tmp_path, tiny_model_dir, mo
     monkeypatch.setattr(federated, "train", lambda *a, **k: (_ for _ in ()).throw(ValueError(secret)))
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-    msg = Message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 9})}),
+    from shared.protocol import RoundConfig
+
+    cfg = RoundConfig(server_round=9, task=ds.task, model="a" * 64, base_adapter="b" * 64).to_record()
+    msg = Message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord(cfg)}),
                   dst_node_id=grid.get_node_ids()[0], message_type="train")
     (err,) = grid.send_and_receive([msg])
     assert err.has_error() and "ValueError" in err.error.reason and secret not in err.error.reason

@@ -17,7 +17,7 @@ def _artifact(tmp_path, name="model", sizes=(5000, 10, 0, 123_457)):
     d = tmp_path / name
     (d / "sub").mkdir(parents=True)
     for i, n in enumerate(sizes):
-        (d / ("sub" if i == 1 else ".") / f"f{i}.bin").write_bytes(os.urandom(n))
+        (d / ("sub" if i == 1 else ".") / f"f{i}.dat").write_bytes(os.urandom(n))
     return Artifact.from_dir(d, KIND_MODEL, identity="cafe" * 16)
 
 
@@ -64,7 +64,7 @@ def test_corrupt_file_is_refused_and_the_previous_cache_kept(tmp_path):
     with pytest.raises(ArtifactRejected, match="sha256 .* refused, the cache keeps its previous contents"):
         cache.receive(header, tampered)
     assert cache.held() == [good.id]
-    assert (cache.path(good.id) / "f0.bin").read_bytes() == (good.directory / "f0.bin").read_bytes()
+    assert (cache.path(good.id) / "f0.dat").read_bytes() == (good.directory / "f0.dat").read_bytes()
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -110,7 +110,7 @@ def test_only_missing_artifacts_are_streamed_and_bytes_logged(tmp_path, tiny_mod
     assert dist.ensure(grid, [a, b]).sent == {}  # known complete: nothing asked, nothing sent
 
     # A corrupted file on the coordinator's side: the client refuses, the run learns why.
-    (adapter.directory / "f0.bin").write_bytes(b"x" * 2048)
+    (adapter.directory / "f0.dat").write_bytes(b"x" * 2048)
     fresh = tmp_path / "cache-c"
     grid._contexts[b].node_config["cache-dir"] = str(fresh)
     shutil.copytree(tmp_path / "cache-b" / model.id, fresh / model.id)
