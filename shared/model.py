@@ -18,9 +18,10 @@ import shutil
 import tempfile
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import EMBEDDED_MODEL, BaseModelSpec
 
@@ -337,6 +338,48 @@ def _embedding_4bit_class() -> Any:
             torch.nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
 
     return Embedding4bit
+
+
+@contextmanager
+def dense_4bit_weights(model: Any, enabled: bool = True) -> Iterator[int]:
+    """While training on a CPU, run each 4-bit layer from a weight dequantized once.
+
+    bitsandbytes dequantizes a 4-bit weight on every use: once in the forward and again in the
+    backward of every step, which on a CPU costs about a seventh of a training step of
+    SmolLM2-135M. The frozen weights do not change during training, so we dequantize them once
+    per training run (extra memory: the weights in the compute dtype, for the run only; the
+    resident model stays 4-bit). On CUDA bitsandbytes' kernels are fast and memory scarce, so
+    callers leave this off there. Yields the number of layers switched.
+    """
+    import torch.nn.functional as F
+
+    layers = []
+    if enabled:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            bnb = None
+        if bnb is not None:
+            layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    dense: dict[int, Any] = {}
+    try:
+        for m in layers:
+            w = m.weight
+            key = id(w)  # a tied head shares its embedding's 4-bit tensor: dequantize it once
+            if key not in dense:
+                dense[key] = bnb.functional.dequantize_4bit(w.data, w.quant_state).to(m.compute_dtype or torch_float32())
+            weight = dense[key]
+            m.forward = (lambda x, weight=weight, bias=m.bias: F.linear(x.to(weight.dtype), weight, bias).to(x.dtype))
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.__dict__.pop("forward", None)
+
+
+def torch_float32() -> Any:
+    import torch
+
+    return torch.float32
 
 
 def set_threads(threads: int) -> int:

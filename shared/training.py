@@ -6,10 +6,13 @@ all train through `train_adapter`. Two choices matter for speed on small hardwar
 - Examples are tokenized once per call and batched by length, so padding is small.
 - The loss only needs logits at answer positions, so the LM head (vocabulary ~49k, about a fifth
   of SmolLM2's FLOPs and most of its activation memory) runs on those positions only.
+- On a CPU a 4-bit base is dequantized once per training run, not twice per layer and step
+  (shared.model.dense_4bit_weights).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -173,12 +176,16 @@ def train_adapter(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    from .model import dense_4bit_weights
+
     model.train()
     result = TrainResult(0, len(examples), spec.epochs, 0, 0)
     desc = progress if isinstance(progress, str) else "training"
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
     start = time.perf_counter()
+    frozen = contextlib.ExitStack()
     try:
+        frozen.enter_context(dense_4bit_weights(model, enabled=device.type == "cpu"))
         for step, idx in enumerate(plan):
             if should_stop is not None and should_stop():
                 result.cancelled = True
@@ -214,6 +221,7 @@ def train_adapter(
             if on_step is not None:
                 on_step(step + 1, total, float(value) if value is not None else float("nan"))
     finally:
+        frozen.close()
         bar.close()
         model.eval()
         result.seconds = time.perf_counter() - start

@@ -93,3 +93,35 @@ def test_examples_are_tokenized_once_per_user_not_per_epoch(tiny_engine, monkeyp
     monkeypatch.setattr(training, "encode_prompt", lambda tok, p: calls.append(p) or real(tok, p))
     r = tiny_engine.train_personal(EXAMPLES[:6], TrainSpec(epochs=3, batch_size=2), progress=False)
     assert r.steps == 9 and len(calls) == 6
+
+
+@pytest.mark.realmodel
+def test_dense_4bit_weights_give_the_same_loss_and_are_restored(real_engine):
+    """Training on a CPU runs 4-bit layers from weights dequantized once; the loss and its
+    gradients are those of the 4-bit layers, and the layers are 4-bit again afterwards."""
+    from shared import adapters
+    from shared.model import dense_4bit_weights
+
+    e = real_engine
+    enc = encode_examples(e.tokenizer, EXAMPLES[:2], 128)
+    ids, mask, labels = collate(enc, [0, 1], e.tokenizer.pad_token_id, "cpu")
+    adapters.activate(e.model, [adapters.BASE, adapters.PERSONAL], trainable=adapters.PERSONAL)
+    params = adapters.trainable_parameters(e.model, adapters.PERSONAL)
+    try:
+        e.model.eval()
+        e.model.zero_grad(set_to_none=True)  # earlier training leaves its last gradients
+        grads = []
+        for dense in (False, True):
+            with dense_4bit_weights(e.model, enabled=dense) as n:
+                loss = answer_loss(e.model, ids, mask, labels)
+                loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in params]))
+            e.model.zero_grad(set_to_none=True)
+        assert n >= 200
+        assert torch.allclose(grads[0][0], grads[1][0], atol=1e-4)
+        assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(grads[0][1], grads[1][1]))
+        import bitsandbytes as bnb
+
+        assert not any("forward" in m.__dict__ for m in e.model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    finally:
+        adapters.activate(e.model, [adapters.BASE])
