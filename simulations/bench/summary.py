@@ -1,0 +1,148 @@
+"""bench/summary.md: each target of the benchmark with its measured figure and whether it was met."""
+
+from __future__ import annotations
+
+LOSS_TOLERANCE = (0.1, 0.10)  # |ours - reference| <= abs + rel * reference
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.0f} MiB"
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def render(r: dict) -> str:
+    m, jobs = r["machine"], r["jobs"]
+    dev = m["device"] + (f" ({m['gpu']})" if "gpu" in m else "")
+    lines = [
+        "# oppu benchmarks", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['simd']) or 'no AVX'}), {m['memory_gib']} GiB, "
+        f"torch {m['torch']} with {m['torch_threads']} threads, device **{dev}**.",
+        f"Measured {r['date']}, {r.get('wall_seconds', 0) / 60:.1f} min; every section in its own process. "
+        "Figures are ratios within this run; absolute times hold for this machine only.",
+        f"Dense matmul: fp32 {r['fp32_matmul_flops_per_second'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {r['bf16_matmul_flops_per_second'] / 1e9:.1f} GFLOP/s. "
+        + ("bf16 is computed in hardware here, so bf16 configurations compute in bf16." if m["bf16_compute"] else
+           "This device has no bf16 hardware (no AVX512-BF16/AMX), so bf16 configurations store a 16-bit "
+           "base but compute in fp32, which is faster here than emulated bf16."), "",
+    ]
+    targets: list[tuple[str, str, str, bool | None]] = []
+    lines += _training(jobs, targets)
+    lines += _serving(jobs, targets)
+    lines += _memory(jobs, targets)
+    lines += _scaling(jobs, targets)
+    lines += _comms(jobs)
+    head = ["## Targets", "", "| target | measured | goal | |", "|---|---|---|---|"]
+    head += [f"| {a} | {b} | {c} | {_met(d)} |" for a, b, c, d in targets]
+    return "\n".join(lines[:6] + head + [""] + lines[6:]) + "\n"
+
+
+def _training(jobs: dict, targets: list) -> list[str]:
+    configs = sorted({k.split(":")[1] for k in jobs if k.startswith("training:")})
+    if not configs:
+        return []
+    lines = ["## Personal-adapter training cost per user", "",
+             "LoRA r=8 on q_proj/v_proj, batch 4, lr 1e-4, same users, examples and epochs for both procedures. "
+             "*ours*: one engine, personal adapter reset in place, tokenized once per user, length-bucketed "
+             "batches, LM head at answer positions only. *reference*: the published OPPU procedure (base "
+             "adapter merged into the base, fresh `get_peft_model` and fresh `transformers.Trainer` per user, "
+             "padding to the batch's longest, full-sequence LM loss masked by labels=-100). Useful tokens "
+             "exclude padding. Final loss: the trained adapter's answer-token loss on the user's examples.", "",
+             "| base | procedure | compute | s / user | useful tokens/s | FLOP/s (useful) | of matmul | peak RSS | final loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in configs:
+        ours, ref = jobs.get(f"training:{c}:ours"), jobs.get(f"training:{c}:reference")
+        for j in (ours, ref):
+            if j is None:
+                continue
+            util = j["flops_per_second"] / j["matmul_flops_per_second"]
+            lines.append(f"| {c} ({j['quantization']}) | {j['procedure']} | {j['dtype']} on {j['device']} | "
+                         f"{j['mean_seconds_per_user']:.1f} | {j['tokens_per_second']:.0f} | "
+                         f"{j['flops_per_second'] / 1e9:.1f} G | {util:.0%} | {_mib(j['peak_rss_bytes'])} | "
+                         f"{j['final_loss']:.3f} |")
+        if ours and ref:
+            speed = ours["tokens_per_second"] / ref["tokens_per_second"]
+            targets.append((f"training speed-up vs reference, {c} base", f"{speed:.2f}x useful tokens/s", ">= 2x",
+                            speed >= 2))
+            tol = LOSS_TOLERANCE[0] + LOSS_TOLERANCE[1] * ref["final_loss"]
+            diff = abs(ours["final_loss"] - ref["final_loss"])
+            targets.append((f"same final loss as reference, {c} base", f"{ours['final_loss']:.3f} vs {ref['final_loss']:.3f}",
+                            f"within {tol:.3f}", diff <= tol))
+        if ours:
+            util = ours["flops_per_second"] / ours["matmul_flops_per_second"]
+            goal = ">= 60% (CPU)" if ours["device"] == "cpu" else "reported"
+            targets.append((f"hardware utilization, {c} base", f"{util:.0%} of dense {ours['dtype']} matmul "
+                            f"({ours['flops_per_second'] / 1e9:.1f} of {ours['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s)",
+                            goal, util >= 0.6 if ours["device"] == "cpu" else None))
+    nf4, b16 = jobs.get("training:nf4:ours"), jobs.get("training:bf16:ours")
+    if nf4 and b16:
+        faster = "nf4" if nf4["tokens_per_second"] > b16["tokens_per_second"] else f"{b16['dtype']} (16-bit base)"
+        lines += ["", f"On this device the {faster} base trains faster: nf4 {nf4['tokens_per_second']:.0f} vs "
+                  f"{b16['dtype']} {b16['tokens_per_second']:.0f} useful tokens/s (nf4 dequantizes its weights in every "
+                  "forward and backward)."]
+    return lines + [""]
+
+
+def _serving(jobs: dict, targets: list) -> list[str]:
+    s = jobs.get("serving")
+    if not s:
+        return []
+    lines = ["## Serving many users", "",
+             f"{s['users']} users, one request each, each user with their own personal adapter over the shared "
+             f"base adapter ({s['quantization']} base, {s['dtype']} on {s['device']}, up to {s['max_new_tokens']} "
+             f"new tokens, best of {s['repeats']}). Mixed-batch answers equal one-at-a-time answers for "
+             f"{s['mixed_equals_swap']} requests.", "",
+             "| mode | answers/s | s for all |", "|---|---|---|"]
+    for k, label in (("mixed_batch", "mixed batch (one forward pass, per-row adapters)"),
+                     ("swap_per_request", "swap adapter per request"),
+                     ("single_adapter", f"single adapter, batch {s['users']}")):
+        lines.append(f"| {label} | {s[k]['answers_per_second']:.2f} | {s[k]['seconds']:.1f} |")
+    targets.append((f"serving M={s['users']}: mixed batch vs swap per request", f"{s['mixed_vs_swap']:.1f}x", ">= 4x",
+                    s["mixed_vs_swap"] >= 4))
+    targets.append((f"serving M={s['users']}: mixed batch vs single adapter", f"{s['mixed_vs_single']:.0%}", ">= 70%",
+                    s["mixed_vs_single"] >= 0.7))
+    return lines + [""]
+
+
+def _memory(jobs: dict, targets: list) -> list[str]:
+    mem = jobs.get("memory")
+    if not mem:
+        return []
+    targets.append(("base model resident size, nf4 vs bf16",
+                    f"{_mib(mem['nf4']['resident_bytes'])} vs {_mib(mem['bf16']['resident_bytes'])} = {mem['nf4_vs_bf16']:.0%}",
+                    "<= 35%", mem["nf4_vs_bf16"] <= 0.35))
+    return ["## Memory", "", "| base | resident |", "|---|---|",
+            f"| nf4 | {_mib(mem['nf4']['resident_bytes'])} |", f"| bf16 | {_mib(mem['bf16']['resident_bytes'])} |", ""]
+
+
+def _scaling(jobs: dict, targets: list) -> list[str]:
+    rows = sorted((j for k, j in jobs.items() if k.startswith("scaling:")), key=lambda j: j["users"])
+    if not rows:
+        return []
+    lines = ["## Simulation scaling", "", rows[0]["note"], "",
+             "| virtual users | wall time | peak memory (all processes) | worker processes | base-model loads in workers | in coordinator |",
+             "|---|---|---|---|---|---|"]
+    for j in rows:
+        lines.append(f"| {j['users']} | {j['seconds']:.0f} s | {_mib(j['peak_rss_bytes'])} | {j['workers']} | {j['loads']} | {j['coordinator_loads']} |")
+    once = all(j["loads_per_worker_max"] == 1 for j in rows)
+    targets.append(("base model loaded once per worker process", "max "
+                    f"{max(j['loads_per_worker_max'] for j in rows)} load(s) per process over N={','.join(str(j['users']) for j in rows)}",
+                    "1", once))
+    return lines + [""]
+
+
+def _comms(jobs: dict) -> list[str]:
+    c = jobs.get("comms")
+    if not c:
+        return []
+    return ["## Communication", "",
+            f"Base adapter LoRA r={c['adapter']['r']} on {', '.join(c['adapter']['targets'])}; bytes of the Flower "
+            "ArrayRecord payload, sent down with the train message and back up as the update.", "",
+            "| what | bytes | |", "|---|---|---|",
+            f"| base adapter per round, LoRA (A and B) | {c['lora_round_trip_bytes']:,} | {_mib(c['lora_round_trip_bytes'])} round trip |",
+            f"| base adapter per round, FFA-LoRA (B only) | {c['ffa_lora_round_trip_bytes']:,} | {_mib(c['ffa_lora_round_trip_bytes'])} round trip |",
+            f"| base model, once per client (nf4 artifact) | {c['base_model_nf4_artifact_bytes']:,} | {_mib(c['base_model_nf4_artifact_bytes'])} |",
+            f"| base model source checkpoint (for comparison) | {c['base_model_source_checkpoint_bytes']:,} | {_mib(c['base_model_source_checkpoint_bytes'])} |",
+            ""]
