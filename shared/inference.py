@@ -1,10 +1,12 @@
 """THE inference path: batched greedy generation with the KV cache, prompts encoded exactly as
-training encodes them (shared.prompting), answers cut at the end-of-turn marker."""
+training encodes them (shared.prompting), answers cut at the end-of-turn marker. Many users'
+personal adapters can share one batch (per-row `adapter_names`, see Engine.answer_users)."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+from .model import dense_4bit_weights
 from .prompting import answer_end_ids, encode_prompt, fit_prompt
 
 
@@ -39,7 +41,9 @@ def generate(
     was_training = model.training
     model.eval()
     desc = progress if isinstance(progress, str) else "answering"
-    with torch.inference_mode():
+    # On a CPU a 4-bit base would be dequantized in every forward, i.e. for every generated
+    # token; dequantizing it once per call makes decoding cost what fp32 decoding costs.
+    with torch.inference_mode(), dense_4bit_weights(model, enabled=device.type == "cpu"):
         for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
             idx = order[s : s + batch_size]
             width = max(len(encoded[i]) for i in idx)

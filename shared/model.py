@@ -342,14 +342,16 @@ def _embedding_4bit_class() -> Any:
 
 @contextmanager
 def dense_4bit_weights(model: Any, enabled: bool = True) -> Iterator[int]:
-    """While training on a CPU, run each 4-bit layer from a weight dequantized once.
+    """On a CPU, run each 4-bit layer from a weight dequantized once for a whole training run or
+    generation call.
 
-    bitsandbytes dequantizes a 4-bit weight on every use: once in the forward and again in the
-    backward of every step, which on a CPU costs about a seventh of a training step of
-    SmolLM2-135M. The frozen weights do not change during training, so we dequantize them once
-    per training run (extra memory: the weights in the compute dtype, for the run only; the
-    resident model stays 4-bit). On CUDA bitsandbytes' kernels are fast and memory scarce, so
-    callers leave this off there. Yields the number of layers switched.
+    bitsandbytes dequantizes a 4-bit weight on every use: in the forward and again in the
+    backward of every training step (about a seventh of a step of SmolLM2-135M on a CPU), and in
+    every forward of generation, i.e. once per generated token, where it costs far more than the
+    token's own arithmetic. The frozen weights do not change meanwhile, so we dequantize them
+    once (extra memory: the weights in the compute dtype, for that call only; the resident model
+    stays 4-bit). On CUDA bitsandbytes' kernels are fast and memory scarce, so callers leave this
+    off there. Yields the number of layers switched.
     """
     import torch.nn.functional as F
 
@@ -383,10 +385,13 @@ def torch_float32() -> Any:
 
 
 def set_threads(threads: int) -> int:
-    """torch's intra-op threads: `threads` when given, else one per core this process may use
-    (torch's own default counts the machine's cores, which oversubscribes a pinned container)."""
+    """torch's intra-op threads: `threads` when given; else what OMP_NUM_THREADS says when a
+    launcher set it; else one per core this process may use (torch's own default counts the
+    machine's cores, which oversubscribes a process pinned to fewer)."""
     import torch
 
+    if not threads and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()  # a launcher (e.g. Ray for simulated clients) chose already
     if not threads:
         try:
             threads = len(os.sched_getaffinity(0))

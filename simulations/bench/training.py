@@ -75,13 +75,14 @@ def run(config: str, procedure: str, users: int, task: str, epochs: float, model
     train = TrainSpec(epochs=epochs, lr=1e-4, batch_size=4)
     personal = AdapterSpec()
     ds, data = bench_users(users, task)
-    mm_before = machine.matmul_flops("float32")
     from shared.engine import Engine
     from shared.model import load_base_model
 
     t0 = time.perf_counter()
     loaded = load_base_model(spec)
     load_s = time.perf_counter() - t0
+    compute = str(loaded.dtype).replace("torch.", "")  # utilization is against this dtype's matmul
+    mm_before = machine.matmul_flops(compute)
     device, tok = loaded.device, loaded.tokenizer
     rows = []
     if procedure == "ours":
@@ -117,7 +118,7 @@ def run(config: str, procedure: str, users: int, task: str, epochs: float, model
             steps = len(examples) // train.batch_size + (len(examples) % train.batch_size > 0)
             rows.append(_row(user, examples, seconds, loss, int(steps * epochs)))
             merged = pm.unload()
-    mm_after = machine.matmul_flops("float32")
+    mm_after = machine.matmul_flops(compute)
     shape = Shape.of(loaded.model.config)
     for (user, examples), row in zip(data, rows):
         enc = encode_examples(tok, examples, train.max_length)
