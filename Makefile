@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM=false
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 
-.PHONY: install prepare demo test test-all bench clean
+.PHONY: install prepare demo test test-all soak bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q
+
+# The reliability suite's long variants (docs/reliability.md is rewritten with their figures).
+soak: install
+	OPPU_SOAK=1 $(BIN)/python -m pytest -q tests/reliability
 
 bench: prepare
 	$(BIN)/python -m simulations.bench --out bench
