@@ -1,4 +1,5 @@
-"""Resident size of the base model: nf4 against bf16 (parameters and buffers as stored)."""
+"""Resident size of the base model: nf4 against bf16 (parameters, buffers and 4-bit statistics as
+stored); also nf4 with the token embedding left unquantized, as bitsandbytes alone leaves it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ def run(model: str = "") -> dict:
     from shared.model import load_base_model, resident_bytes
 
     out = {}
-    for name, quant, dtype in (("nf4", "nf4", "auto"), ("bf16", "none", "bfloat16")):
-        loaded = load_base_model(BaseModelSpec(quantization=quant, dtype=dtype, **({"path": model} if model else {})))
+    for name, quant, dtype, emb in (("nf4", "nf4", "auto", True), ("nf4_embeddings_unquantized", "nf4", "auto", False),
+                                    ("bf16", "none", "bfloat16", True)):
+        spec = BaseModelSpec(quantization=quant, dtype=dtype, quantize_embeddings=emb, **({"path": model} if model else {}))
+        loaded = load_base_model(spec)
         out[name] = {"resident_bytes": resident_bytes(loaded.model), "quantization": loaded.quantization,
                      "dtype": str(loaded.dtype).replace("torch.", "")}
         del loaded

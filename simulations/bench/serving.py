@@ -59,7 +59,7 @@ def run(users: int, task: str, repeats: int, model: str = "") -> dict:
 
     results: dict[str, Any] = {}
     answers = {}
-    mixed()  # warm-up: first-call allocations are not serving cost
+    engine.answer_users(prompts[:2], names[:2], batch_size=2, **kw)  # warm-up: first-call costs are not serving
     for name, fn in (("mixed_batch", mixed), ("swap_per_request", swap), ("single_adapter", single)):
         best = float("inf")
         for r in range(repeats):

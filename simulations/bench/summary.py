@@ -14,7 +14,9 @@ def _met(ok: bool | None) -> str:
 
 
 def render(r: dict) -> str:
-    m, jobs = r["machine"], r["jobs"]
+    m = r["machine"]
+    failed = sorted(k for k, j in r["jobs"].items() if "error" in j)
+    jobs = {k: j for k, j in r["jobs"].items() if "error" not in j}
     dev = m["device"] + (f" ({m['gpu']})" if "gpu" in m else "")
     lines = [
         "# oppu benchmarks", "",
@@ -36,6 +38,8 @@ def render(r: dict) -> str:
     lines += _comms(jobs)
     head = ["## Targets", "", "| target | measured | goal | |", "|---|---|---|---|"]
     head += [f"| {a} | {b} | {c} | {_met(d)} |" for a, b, c, d in targets]
+    if failed:
+        head += ["", f"**Failed jobs** (see the run's output): {', '.join(failed)}."]
     return "\n".join(lines[:6] + head + [""] + lines[6:]) + "\n"
 
 
@@ -113,8 +117,12 @@ def _memory(jobs: dict, targets: list) -> list[str]:
     targets.append(("base model resident size, nf4 vs bf16",
                     f"{_mib(mem['nf4']['resident_bytes'])} vs {_mib(mem['bf16']['resident_bytes'])} = {mem['nf4_vs_bf16']:.0%}",
                     "<= 35%", mem["nf4_vs_bf16"] <= 0.35))
-    return ["## Memory", "", "| base | resident |", "|---|---|",
-            f"| nf4 | {_mib(mem['nf4']['resident_bytes'])} |", f"| bf16 | {_mib(mem['bf16']['resident_bytes'])} |", ""]
+    rows = ["## Memory", "", "| base | resident |", "|---|---|",
+            f"| nf4 (embedding and tied LM head in nf4 too, the default) | {_mib(mem['nf4']['resident_bytes'])} |"]
+    if "nf4_embeddings_unquantized" in mem:
+        rows.append(f"| nf4, embedding kept in {mem['nf4_embeddings_unquantized']['dtype']} "
+                    f"(base_model.quantize_embeddings = false) | {_mib(mem['nf4_embeddings_unquantized']['resident_bytes'])} |")
+    return rows + [f"| bf16 | {_mib(mem['bf16']['resident_bytes'])} |", ""]
 
 
 def _scaling(jobs: dict, targets: list) -> list[str]:
