@@ -45,7 +45,7 @@ def table(metrics: Mapping[str, Any]) -> str:
     arrow = "↑" if METRIC_DIRECTION.get(metric, "higher") == "higher" else "↓"
     rows = []
     for c in metrics["cells"]:
-        rows.append([str(c["id"]), "small" if c["small_model"] else "full", f"{c['noise_multiplier']:g}",
+        rows.append([str(c["id"]), "small" if c["small_model"] else "base", f"{c['noise_multiplier']:g}",
                      f"{c['clipping_norm']:g}", str(c["clients_per_round"]), str(c["population"]),
                      f"{c['clients_per_round'] / c['population']:.2f}", "yes" if c["federate_base_adapter"] else "no",
                      "yes" if c["record_dp"] else "no", _eps(c["epsilon"]),
