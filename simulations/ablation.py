@@ -120,7 +120,11 @@ def run_ablation(spec: AblationSpec, run_dir: Path | None = None, *, progress: b
             raise ValueError(f"the grid needs {needed} users (largest population {max(g.populations)} + "
                              f"{g.holdout_users} hold-out) but data.select found {len(dataset.eval_users)}; "
                              "lower data.min_history or the populations")
-        population_pool, holdout = dataset.eval_users[: max(g.populations)], dataset.eval_users[-g.holdout_users:]
+        # A seeded shuffle before the split: data.select orders users (e.g. by history size), and a
+        # hold-out taken from the tail would differ from the members in kind, which the attack would
+        # pick up as "membership" even where nothing is shared.
+        chosen = random.Random(g.seed).sample(dataset.eval_users, needed)
+        population_pool, holdout = chosen[: max(g.populations)], chosen[max(g.populations):]
         grid = cells(spec)
         metrics_base = {"task": dataset.task, "utility_metric": task.metric_names[0], "source": dataset.source,
                         "notes": dataset.notes, "small_model": _small_model_note(spec, grid)}
@@ -264,6 +268,12 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
     mem, non = balanced(members, _records(task, holdout), g.mia_records, seed=g.seed + cell["id"])
     with torch.no_grad():
         result = attack(engine, mem, non, personal=False, max_length=f.local_train.max_length)
+        # The same attack on the same records against the adapter before any round: what the
+        # records' own differences give away without federation. auc_base minus this is the leak.
+        final_state = {k: v.clone() for k, v in engine.base_state().items()}
+        engine.set_base_state({k: v.clone() for k, v in model.initial.items()})
+        before = attack(engine, mem, non, personal=False, max_length=f.local_train.max_length)
+        engine.set_base_state(final_state)
     if cell["federate_base_adapter"]:
         eps = accounting.epsilon() if fspec.dp else None  # None: shared without noise, epsilon is infinite
     else:
@@ -271,6 +281,7 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
     record_eps = max((a.epsilon(delta=p.delta) for a in record_ledgers.values()), default=None)
     return {**cell, "epsilon": eps, "delta": p.delta, "record_epsilon": record_eps,
             "utility": utility[task.metric_names[0]], "scores": utility, "auc_base": result["auc"], "attack": result,
+            "auc_before": before["auc"], "auc_gain": result["auc"] - before["auc"],
             "participants": len(participated), "local_loss": float(np.mean(losses)) if losses else None,
             "update_norm": float(np.mean(norms)) if norms else None,  # before clipping: to choose C
             "seconds": time.time() - t0}

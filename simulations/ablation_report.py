@@ -51,10 +51,11 @@ def table(metrics: Mapping[str, Any]) -> str:
                      "yes" if c["record_dp"] else "no", _eps(c["epsilon"]),
                      "-" if c["record_epsilon"] is None else f"{c['record_epsilon']:.3g}",
                      f"{c['utility']:.4f}", f"{c['auc_base']:.3f}",
+                     "-" if c.get("auc_before") is None else f"{c['auc_before']:.3f}",
                      f"{c['attack']['member_loss']:.3f} / {c['attack']['nonmember_loss']:.3f}",
                      "-" if c.get("update_norm") is None else f"{c['update_norm']:.3g}", f"{c['seconds']:.0f}"])
     return markdown_table(["cell", "model", "z", "C", "m", "N", "q", "federated", "DP-SGD", "ε (user)", "ε (record)",
-                           f"{metric} {arrow}", "attack AUC (base)", "loss member / non-member",
+                           f"{metric} {arrow}", "attack AUC (base)", "AUC before rounds", "loss member / non-member",
                            "update norm (before clip)", "s"], rows)
 
 
@@ -70,7 +71,9 @@ def render(metrics: Mapping[str, Any], seconds: float) -> str:
               "ε (record): largest per-user epsilon of record-level DP-SGD on the local training.",
               "Attack: loss-threshold membership inference against the shared base adapter; members = history "
               "records of the users sampled at least once, non-members = records of hold-out users who never take "
-              "part; AUC 0.5 = chance.", ""]
+              "part (both drawn by a seeded shuffle of the same selection); AUC 0.5 = chance. "
+              "AUC before rounds: the same attack on the same records against the base adapter before "
+              "federation, i.e. what the records' own differences give away; the leak is the difference.", ""]
     if ref:
         lines += [f"Reference: the same attack against {ref['users']} unprotected personal adapter(s) (their owners' "
                   f"records vs hold-out records): mean AUC {ref['auc']:.3f}.", ""]

@@ -80,7 +80,7 @@ def _tiny_grid_args(tiny_model_dir, run):
             "--noise", "0,1,8", "--populations", "2", "--clients", "1", "--rounds", "2", "--quiet"]
     for ov in ['data.task="synthetic-tag"', 'data.source="synthetic"', "data.base_users=2", "data.base_examples=4",
                "data.min_history=4", "data.max_history=4", "data.queries=1", "grid.holdout_users=1",
-               "grid.mia_records=4", "grid.reference_users=1", "grid.federate_base_adapter=[true]",
+               "grid.mia_records=4", "grid.reference_users=1", "grid.federate_base_adapter=[true, false]",
                "grid.record_dp=[false]", "federation.local_train.epochs=1", "personal_train.epochs=1"]:
         args += ["--set", ov]
     return args
@@ -92,14 +92,17 @@ def test_tiny_grid_end_to_end(tiny_model_dir, tmp_path):
     run = tmp_path / "ablation"
     assert main(_tiny_grid_args(tiny_model_dir, run)) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    by_z = {c["noise_multiplier"]: c for c in metrics["cells"]}
+    by_z = {c["noise_multiplier"]: c for c in metrics["cells"] if c["federate_base_adapter"]}
     assert set(by_z) == {0.0, 1.0, 8.0}
+    # Nothing shared: the base adapter never moves, so the attack learns nothing beyond the records.
+    (off,) = [c for c in metrics["cells"] if not c["federate_base_adapter"]]
+    assert off["epsilon"] == 0.0 and off["auc_base"] == off["auc_before"] and off["auc_gain"] == 0.0
     assert by_z[0.0]["epsilon"] is None  # shared without noise
     assert by_z[0.0]["update_norm"] > 0  # the clients' updates really moved the shared adapter
     assert math.isfinite(by_z[1.0]["epsilon"]) and by_z[8.0]["epsilon"] < by_z[1.0]["epsilon"]
     for c in metrics["cells"]:
         assert 0.0 <= c["auc_base"] <= 1.0 and c["attack"]["members"] == c["attack"]["nonmembers"] > 0
-        assert c["participants"] >= 1
+        assert c["participants"] >= 1 or not c["federate_base_adapter"]
     assert 0.0 <= metrics["reference"]["auc"] <= 1.0
     for name in ("config.toml", "run.json", "metrics.md", "plots/tradeoff.png", "REPORT.md"):
         assert (run / name).is_file(), name
