@@ -48,6 +48,7 @@ def test_centralized_baseline_trains_one_adapter_on_all_users_pooled_histories(t
     pooled = pooled_examples(task, ds.eval_users, seed=0)
     expected = sorted(task.item_to_example(it)[1] for u in ds.eval_users for it in u.history)
     assert sorted(ex.target for ex in pooled) == expected  # every user's history, nobody else's
+    tiny_engine.reset_personal()  # the engine is shared: earlier tests may have left a user's adapter in the slot
     before = {k: v.clone() for k, v in tiny_engine.personal_state().items()}
     out = run_centralized(tiny_engine, task, spec, ds.eval_users)
     assert out.train["examples"] == sum(len(u.history) for u in ds.eval_users) and out.train["steps"] > 0
