@@ -91,6 +91,10 @@ class Coordinator:
                 else:
                     self.status = "completed"
             final = self._evaluate(grid, self.spec.experiment.methods, f.rounds, final=True)
+            last = self.history[-1] if self.history else None
+            if f.evaluate_every and last is not None and not last.get("evaluate"):
+                # The last round's evaluation is the final one (it is not run twice).
+                last["evaluate"] = {k: v for k, v in final.items() if k.startswith("non-personalized/") or k == "users"}
             self._checkpoint(self.history[-1]["round"] if self.history else 0)
             self.engine.save_base(self.run_dir / "base_adapter", self._base_manifest())
             return self._report(final)

@@ -141,7 +141,10 @@ def align_metric_keys(replies: list[Any]) -> None:
 
 
 def mean_metrics(records: Iterable[Mapping[str, Any]], weight_key: str) -> dict[str, float]:
-    """Weighted mean of every numeric entry (weight 0 records skipped)."""
+    """Weighted mean of every numeric entry (weight 0 records skipped). Root-mean-square errors
+    (keys ending in "rmse") combine as the root of the weighted mean of their squares, so that with
+    query counts as weights the result is the RMSE over all users' queries pooled, as the run's
+    metrics.md reports it, not a mean of per-user RMSEs."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for rec in records:
@@ -150,11 +153,15 @@ def mean_metrics(records: Iterable[Mapping[str, Any]], weight_key: str) -> dict[
             continue
         for k, v in rec.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != weight_key:
-                sums[k] = sums.get(k, 0.0) + w * float(v)
+                sums[k] = sums.get(k, 0.0) + w * (float(v) ** 2 if _quadratic(k) else float(v))
                 weights[k] = weights.get(k, 0.0) + w
         sums[weight_key] = sums.get(weight_key, 0.0) + w
         weights[weight_key] = 1.0
-    return {k: sums[k] / weights[k] for k in sums}
+    return {k: math.sqrt(sums[k] / weights[k]) if _quadratic(k) else sums[k] / weights[k] for k in sums}
+
+
+def _quadratic(key: str) -> bool:
+    return key.endswith("rmse")
 
 
 # ------------------------------------------------------------------------- privacy accounting

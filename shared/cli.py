@@ -15,24 +15,40 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _experiment_overrides(args: argparse.Namespace) -> list[str]:
-    ov = list(args.set or [])
-    if args.task:
-        ov.append(f'data.task="{args.task}"')
-    if args.users is not None:
-        ov.append(f"data.users={args.users}")
-    if args.source:
-        ov.append(f'data.source="{args.source}"')
-    if args.methods:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        ov.append("methods=[" + ", ".join(f'"{m}"' for m in methods) + "]")
-    if args.model:
-        ov.append(f'base_model.path="{args.model}"')
-    if args.quantization:
-        ov.append(f'base_model.quantization="{args.quantization}"')
-    if args.out:
-        ov.append(f'out_dir="{args.out}"')
+# Command-line flags as `--set` overrides: (argparse attribute, config key, how the value is written).
+# "str": a quoted string; "num": as given; "strs"/"nums": a comma list as a TOML array.
+EXPERIMENT_FLAGS = (("task", "data.task", "str"), ("users", "data.users", "num"), ("source", "data.source", "str"),
+                    ("methods", "methods", "strs"), ("model", "base_model.path", "str"),
+                    ("quantization", "base_model.quantization", "str"), ("out", "out_dir", "str"))
+SIMULATE_FLAGS = EXPERIMENT_FLAGS + (
+    ("rounds", "federation.rounds", "num"), ("strategy", "federation.strategy", "str"),
+    ("select", "data.select", "str"), ("peft", "personal_adapter.peft_type", "str"),
+    ("retriever", "retrieval.retriever", "str"), ("k", "retrieval.k", "num"))
+ABLATE_FLAGS = (("noise", "grid.noise_multipliers", "nums"), ("clip", "grid.clipping_norms", "nums"),
+                ("clients", "grid.clients_per_round", "nums"), ("populations", "grid.populations", "nums"),
+                ("rounds", "grid.rounds", "num"), ("layout", "grid.layout", "str"), ("model", "base_model.path", "str"),
+                ("quantization", "base_model.quantization", "str"), ("out", "out_dir", "str"))
+
+
+def flag_overrides(args: argparse.Namespace, flags: tuple[tuple[str, str, str], ...]) -> list[str]:
+    """`--set` strings first (as typed), then one override per flag that was given."""
+    ov = list(getattr(args, "set", None) or [])
+    for attr, key, kind in flags:
+        value = getattr(args, attr, None)
+        if value is None or value == "":
+            continue
+        if kind == "str":
+            ov.append(f"{key}={json.dumps(str(value))}")
+        elif kind == "num":
+            ov.append(f"{key}={value}")
+        else:
+            items = [v.strip() for v in str(value).split(",") if v.strip()]
+            ov.append(f"{key}=[" + ", ".join(json.dumps(v) if kind == "strs" else v for v in items) + "]")
     return ov
+
+
+def _experiment_overrides(args: argparse.Namespace) -> list[str]:
+    return flag_overrides(args, EXPERIMENT_FLAGS)
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -88,19 +104,7 @@ DEFAULT_SIMULATION = Path(__file__).resolve().parents[1] / "simulations" / "conf
 
 def _simulate_overrides(args: argparse.Namespace) -> list[str]:
     """The experiment options plus the federation's and the study knobs, as `--set` strings."""
-    ov = _experiment_overrides(args)
-    if args.rounds is not None:
-        ov.append(f"federation.rounds={args.rounds}")
-    if args.strategy:
-        ov.append(f'federation.strategy="{args.strategy}"')
-    if args.select:
-        ov.append(f'data.select="{args.select}"')
-    if args.peft:
-        ov.append(f'personal_adapter.peft_type="{args.peft}"')
-    if args.retriever:
-        ov.append(f'retrieval.retriever="{args.retriever}"')
-    if args.k is not None:
-        ov.append(f"retrieval.k={args.k}")
+    ov = flag_overrides(args, SIMULATE_FLAGS)
     if args.seed is not None:  # one seed for every random choice of the run
         ov += [f"data.seed={args.seed}", f"base_train.seed={args.seed}", f"personal_train.seed={args.seed}",
                f"federation.seed={args.seed}", f"federation.local_train.seed={args.seed}"]
@@ -149,28 +153,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 DEFAULT_ABLATION = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "ablate-privacy.toml"
 
 
-def _floats(text: str) -> str:
-    return "[" + ", ".join(v.strip() for v in text.split(",") if v.strip()) + "]"
-
-
 def cmd_ablate(args: argparse.Namespace) -> int:
     from shared.config import load_ablation
 
-    ov = list(args.set or [])
-    for flag, key in (("noise", "noise_multipliers"), ("clip", "clipping_norms"), ("clients", "clients_per_round"),
-                      ("populations", "populations")):
-        if getattr(args, flag):
-            ov.append(f"grid.{key}={_floats(getattr(args, flag))}")
-    if args.rounds is not None:
-        ov.append(f"grid.rounds={args.rounds}")
-    if args.layout:
-        ov.append(f'grid.layout="{args.layout}"')
-    if args.model:
-        ov.append(f'base_model.path="{args.model}"')
-    if args.quantization:
-        ov.append(f'base_model.quantization="{args.quantization}"')
-    if args.out:
-        ov.append(f'out_dir="{args.out}"')
+    ov = flag_overrides(args, ABLATE_FLAGS)
     spec = load_ablation(args.config or str(DEFAULT_ABLATION), ov)
     from simulations.ablation import run_ablation
 

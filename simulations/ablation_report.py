@@ -52,10 +52,11 @@ def table(metrics: Mapping[str, Any]) -> str:
                      "-" if c["record_epsilon"] is None else f"{c['record_epsilon']:.3g}",
                      f"{c['utility']:.4f}", f"{c['auc_base']:.3f}",
                      "-" if c.get("auc_before") is None else f"{c['auc_before']:.3f}",
+                     "-" if c.get("auc_calibrated") is None else f"{c['auc_calibrated']:.3f}",
                      f"{c['attack']['member_loss']:.3f} / {c['attack']['nonmember_loss']:.3f}",
                      "-" if c.get("update_norm") is None else f"{c['update_norm']:.3g}", f"{c['seconds']:.0f}"])
     return markdown_table(["cell", "model", "z", "C", "m", "N", "q", "federated", "DP-SGD", "ε (user)", "ε (record)",
-                           f"{metric} {arrow}", "attack AUC (base)", "AUC before rounds", "loss member / non-member",
+                           f"{metric} {arrow}", "attack AUC (base)", "AUC before rounds", "calibrated AUC", "loss member / non-member",
                            "update norm (before clip)", "s"], rows)
 
 
@@ -73,7 +74,10 @@ def render(metrics: Mapping[str, Any], seconds: float) -> str:
               "records of the users sampled at least once, non-members = records of hold-out users who never take "
               "part (both drawn by a seeded shuffle of the same selection); AUC 0.5 = chance. "
               "AUC before rounds: the same attack on the same records against the base adapter before "
-              "federation, i.e. what the records' own differences give away; the leak is the difference.", ""]
+              "federation, i.e. what the records' own differences give away; the leak is the difference. "
+              "Calibrated AUC: the attack scores each record by how much its loss fell from that initial adapter "
+              "(which every client received) to the final one (Watson et al., ICLR 2022); 0.5 exactly when "
+              "nothing moved.", ""]
     if ref:
         lines += [f"Reference: the same attack against {ref['users']} unprotected personal adapter(s) (their owners' "
                   f"records vs hold-out records): mean AUC {ref['auc']:.3f}.", ""]

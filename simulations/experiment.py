@@ -41,7 +41,7 @@ from shared.tasks import get_task
 from shared.training import Example
 
 from .datasets import load_dataset
-from .reporting import atomic_write, markdown_table
+from .reporting import atomic_write, markdown_table, signed_percent
 
 log = logging.getLogger("oppu.experiment")
 
@@ -275,7 +275,7 @@ def render_results(metrics: dict[str, Any], data_info: dict[str, Any]) -> str:
     for m in metrics["methods"]:
         row = [m] + [f"{agg[m][n]:.4f}" for n in names]
         if imp:
-            row += [f"{imp[m][n]:+.1%}" if imp[m][n] is not None else "n/a (baseline 0)" for n in names]
+            row += [signed_percent(imp[m][n]) if imp[m][n] is not None else "n/a (baseline 0)" for n in names]
         rows.append(row)
     lines = [
         f"# {metrics['task']}: {data_info['eval_users']} users, {data_info['queries']} queries",

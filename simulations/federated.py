@@ -24,6 +24,8 @@ log = logging.getLogger("oppu.simulate")
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+# Ray's notice about a future default, printed on every run; we ask for no GPUs either way.
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def _safe(name: str) -> str:
@@ -105,6 +107,7 @@ def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool 
     f = spec.federation
     spec = dataclasses.replace(spec, federation=dataclasses.replace(f, run_dir=str(run_dir)))
     t0 = time.time()
+    resumed = (run_dir / "checkpoint").exists()
     dataset, names = prepare_users(spec, run_dir)
     if len(names) < f.min_clients:
         raise ValueError(f"{len(names)} users but federation.min_clients={f.min_clients}; raise data.users")
@@ -136,7 +139,7 @@ def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool 
     summary_file = run_dir / "federation.json"
     if not summary_file.exists():
         raise RuntimeError(f"the coordinator did not finish; see {run_dir / 'log.txt'}")
-    write_results(spec, dataset, names, run_dir, seconds)
+    write_results(spec, dataset, names, run_dir, seconds, resumed=resumed)
     return run_dir
 
 
@@ -177,7 +180,8 @@ def _exit_event() -> Any:
     return EventType.PYTHON_API_RUN_SIMULATION_LEAVE
 
 
-def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: Path, seconds: float) -> None:
+def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: Path, seconds: float, *,
+                  resumed: bool = False) -> None:
     """Score the users' predictions (read from their own directories) as `oppu experiment` does,
     add the centralized baseline when asked for, and write the run's tables, plots and REPORT.md."""
     from shared.tasks import get_task
@@ -220,7 +224,8 @@ def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: 
         metrics["federation"] = {"rounds": len(summary["rounds"]), "status": summary["status"],
                                  "epsilon": summary["epsilon"], "delta": summary["delta"]}
         seconds += time.time() - t0  # the centralized baseline counts too
-        write_outputs(run_dir, "simulate", metrics, data_info, summary, privacy_spent(spec, summary, run_dir), seconds)
+        write_outputs(run_dir, "simulate", metrics, data_info, summary, privacy_spent(spec, summary, run_dir), seconds,
+                      resumed=resumed)
         text = render_results(metrics, data_info)
     report = (run_dir / "report.md").read_text()
     atomic_write(run_dir / "results.md", report + "\n" + text + f"\nWall time: {seconds:.0f} s\n"

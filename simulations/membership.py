@@ -10,7 +10,7 @@ the probability that a random member scores above a random non-member, ties coun
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -56,4 +56,16 @@ def attack(engine: Any, members: Sequence[Any], nonmembers: Sequence[Any], *, pe
     m = engine.example_losses(members, personal=personal, max_length=max_length)
     n = engine.example_losses(nonmembers, personal=personal, max_length=max_length)
     return {"auc": loss_attack_auc(m, n), "members": len(m), "nonmembers": len(n),
-            "member_loss": float(np.mean(m)), "nonmember_loss": float(np.mean(n))}
+            "member_loss": float(np.mean(m)), "nonmember_loss": float(np.mean(n)),
+            "member_losses": [float(x) for x in m], "nonmember_losses": [float(x) for x in n]}
+
+
+def calibrated_auc(after: Mapping[str, Any], before: Mapping[str, Any]) -> float:
+    """AUC of the calibrated attack (Watson et al., ICLR 2022): the score of a record is how much
+    its loss fell from a reference model to the target model. Here the reference is the base
+    adapter before any round, which every client received, so the attacker holds it too. It
+    cancels what a record's own difficulty gives away: where the adapter did not move, every
+    score is 0 and the AUC is exactly 0.5."""
+    m = [b - a for a, b in zip(after["member_losses"], before["member_losses"])]
+    n = [b - a for a, b in zip(after["nonmember_losses"], before["nonmember_losses"])]
+    return auc(m, n)

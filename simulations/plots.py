@@ -99,18 +99,25 @@ def levels_plot(levels: Mapping[str, Mapping[str, float]], metric: str, path: Pa
     # In the run's method order; non-personalized is the reference (its gain is 0 by definition).
     methods = [m for m in dict.fromkeys(m for lv in order for m in levels[lv]) if m != "non-personalized"]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    width = 0.8 / max(1, len(methods))
-    for j, m in enumerate(methods):
-        ys = [levels[lv].get(m, math.nan) for lv in order]
-        ax.bar([i + (j - (len(methods) - 1) / 2) * width for i in range(len(order))], ys, width, label=m)
+    _grouped_bars(ax, order, methods, lambda lv, m: levels[lv].get(m, math.nan),
+                  labels=[f"{lv} activity" for lv in order])
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(order)), [f"{lv} activity" for lv in order])
     ax.set_xlabel("users bucketed by history size (tertiles)")
     ax.set_ylabel(f"gain in {metric} over non-personalized\n(positive = better)")
     ax.set_title(title)
+    return _save(fig, path)
+
+
+def _grouped_bars(ax: Any, groups: Sequence[str], series: Sequence[str], value: Any,
+                  labels: Sequence[str] | None = None) -> None:
+    """One group of bars per x position, one bar per series in each; value(group, series)."""
+    width = 0.8 / max(1, len(series))
+    for j, name in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, [value(g, name) for g in groups], width, label=name)
+    ax.set_xticks(range(len(groups)), list(labels or groups))
     ax.legend(fontsize=8, loc="best")
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
 
 
 def tradeoff_plot(cells: Sequence[Mapping[str, Any]], metric: str, path: Path, title: str,
@@ -137,7 +144,10 @@ def tradeoff_plot(cells: Sequence[Mapping[str, Any]], metric: str, path: Path, t
         cs = sorted(cs, key=x)
         style = dict(marker=markers[j % len(markers)], ls="-" if len(cs) > 1 else "none", ms=7)
         ax.plot([x(c) for c in cs], [c["utility"] for c in cs], label=name, **style)
-        ax2.plot([x(c) for c in cs], [c["auc_base"] for c in cs], label=f"{name}: shared base adapter", **style)
+        line = ax2.plot([x(c) for c in cs], [c["auc_base"] for c in cs], label=f"{name}: loss threshold", **style)
+        if all(c.get("auc_calibrated") is not None for c in cs):
+            ax2.plot([x(c) for c in cs], [c["auc_calibrated"] for c in cs], label=f"{name}: calibrated",
+                     color=line[0].get_color(), mfc="none", **{**style, "ls": "--" if len(cs) > 1 else "none"})
     if reference_auc is not None:
         ax2.axhline(reference_auc, color="#c33", ls="--", label="unprotected personal adapter")
     ax2.axhline(0.5, color="gray", ls=":", label="chance (AUC 0.5)")
@@ -155,7 +165,7 @@ def tradeoff_plot(cells: Sequence[Mapping[str, Any]], metric: str, path: Path, t
         a.legend(fontsize=7, loc="best")
     ax.set_ylabel(f"{metric} ({_arrow(metric)})")
     ax.set_title("utility vs privacy", pad=22)
-    ax2.set_ylabel("loss-threshold attack AUC (0.5 = chance)")
+    ax2.set_ylabel("attack AUC on the shared base adapter (0.5 = chance)")
     ax2.set_title("membership inference vs privacy", pad=22)
     fig.suptitle(title)
     return _save(fig, path)
@@ -167,14 +177,8 @@ def study_plot(scores: Mapping[str, Mapping[str, float]], metric: str, path: Pat
     variants = list(scores)
     methods = list(next(iter(scores.values())))
     fig, ax = plt.subplots(figsize=(max(6.5, 1.8 * len(variants) + 2), 4.2))
-    width = 0.8 / max(1, len(methods))
-    for j, m in enumerate(methods):
-        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(variants))]
-        ax.bar(xs, [scores[v][m] for v in variants], width, label=m)
-    ax.set_xticks(range(len(variants)), variants)
+    _grouped_bars(ax, variants, methods, lambda v, m: scores[v][m])
     ax.set_xlabel("variant")
     ax.set_ylabel(f"{metric} ({_arrow(metric)})")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)

@@ -96,7 +96,8 @@ def render(run_dirs: Sequence[Path], out: Path) -> str:
         data = _read_json(r / "data.json")
         lines += [f"## {r.name}" if len(runs) > 1 else "## Run", "",
                   f"Kind: {info.get('kind', 'experiment')}; directory: `{r}`"
-                  + (f"; wall time {info['seconds']:.0f} s" if info.get("seconds") else ""), ""]
+                  + (f"; wall time {info['seconds']:.0f} s" if info.get("seconds") else "")
+                  + (" (of the last invocation only: the run was resumed)" if info.get("resumed") else ""), ""]
         if data.get("source"):
             lines += [f"Data: {data.get('task', '')} from {data['source']}"]
             lines += [f"Note: {n}" for n in data.get("notes", [])]

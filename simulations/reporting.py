@@ -15,3 +15,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def signed_percent(x: float) -> str:
+    """A relative change as "+1.2%" / "-3.4%"; one that rounds to nothing reads "0.0%", not "-0.0%"."""
+    text = f"{x:+.1%}"
+    return "0.0%" if text in ("+0.0%", "-0.0%") else text

@@ -23,7 +23,7 @@ from shared.adapters import FRAMEWORK_VERSION
 from shared.fileio import atomic_write
 from shared.metrics import METRIC_DIRECTION
 
-from .reporting import markdown_table
+from .reporting import markdown_table, signed_percent
 
 
 def primary_metric(metrics: Mapping[str, Any]) -> str:
@@ -57,8 +57,9 @@ def level_gains(metrics: Mapping[str, Any], levels: Mapping[str, str], metric: s
 
 def write_outputs(run_dir: Path, kind: str, metrics: dict[str, Any], data_info: dict[str, Any],
                   summary: Mapping[str, Any] | None = None, privacy: Mapping[str, Any] | None = None,
-                  seconds: float | None = None) -> None:
-    """Complete `metrics` (levels, rounds, privacy) and write metrics.json/.md, plots, REPORT.md."""
+                  seconds: float | None = None, *, resumed: bool = False) -> None:
+    """Complete `metrics` (levels, rounds, privacy) and write metrics.json/.md, plots, REPORT.md.
+    `resumed`: this invocation continued an interrupted run, so `seconds` covers only its part."""
     from . import plots
     from .report import render
 
@@ -77,7 +78,7 @@ def write_outputs(run_dir: Path, kind: str, metrics: dict[str, Any], data_info: 
     atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     atomic_write(run_dir / "run.json", json.dumps({"kind": kind, "framework_version": FRAMEWORK_VERSION,
                                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                    "seconds": seconds}, indent=2))
+                                                    "seconds": seconds, "resumed": resumed}, indent=2))
     title = f"{metrics['task']}, {data_info.get('eval_users', len(metrics.get('per_user', {})))} users"
     plots.methods_plot(metrics, metric, run_dir / "plots" / "methods.png", f"{title}: {metric} by method")
     if summary is not None and summary.get("rounds"):
@@ -111,7 +112,7 @@ def metrics_markdown(metrics: Mapping[str, Any], data_info: Mapping[str, Any]) -
     arrows = {n: "↑" if METRIC_DIRECTION.get(n, "higher") == "higher" else "↓" for n in names}
     imp = metrics.get("improvement_over_non_personalized") or {}
     rows = [[m] + [_fmt(metrics["aggregate"][m][n]) for n in names]
-            + ([f"{imp[m][n]:+.1%}" if imp.get(m, {}).get(n) is not None else "n/a" for n in names] if imp else [])
+            + ([signed_percent(imp[m][n]) if imp.get(m, {}).get(n) is not None else "n/a" for n in names] if imp else [])
             for m in methods]
     header = ["method"] + [f"{n} {arrows[n]}" for n in names] + ([f"Δ{n} vs non-pers." for n in names] if imp else [])
     out = [f"## Scores ({metrics['task']}, all queries pooled)", "", markdown_table(header, rows), "",

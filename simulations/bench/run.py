@@ -111,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     start = time.perf_counter()
     todo = jobs(sections, args)
+    results["complete"] = False  # a cut-short run's partial results.json says so
     for i, job in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] {job} (elapsed {time.perf_counter() - start:.0f} s)", flush=True)
         results["jobs"][job] = child(job, args)
         results["wall_seconds"] = time.perf_counter() - start
         atomic_write(out / "results.json", json.dumps(results, indent=2))  # partial results survive
+    results["complete"] = True
+    atomic_write(out / "results.json", json.dumps(results, indent=2))
     text = summary.render(results)
     atomic_write(out / "summary.md", text)
     print(text)

@@ -36,6 +36,10 @@ def render(r: dict) -> str:
     lines += _memory(jobs, targets)
     lines += _scaling(jobs, targets)
     lines += _comms(jobs)
+    wall = r.get("wall_seconds")
+    if wall is not None and not failed and r.get("complete", True):
+        targets.append(("whole benchmark wall time (`make bench`, model already prepared)", f"{wall / 60:.1f} min",
+                        "< 30 min on a 2-core CPU", wall < 1800 if m["cores"] <= 2 and m["device"] == "cpu" else None))
     head = ["## Targets", "", "| target | measured | goal | |", "|---|---|---|---|"]
     head += [f"| {a} | {b} | {c} | {_met(d)} |" for a, b, c, d in targets]
     if failed:

@@ -1,13 +1,16 @@
 """Aggregation: poisoned updates (NaN, wrong shape, wrong keys) are rejected and logged while the
 round completes with the rest; a failed client does not stop the run; FFA-LoRA exchanges only B;
 FedProx's proximal term pulls local training towards the global adapter; FedAdam's server state
-is checkpointed."""
+is checkpointed; reported numbers are averaged by query count, RMSE as pooled RMSE."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
 import fedkit
+from coordinator.strategy import mean_metrics
 from shared.protocol import ARRAYS, is_lora_b
 
 FAST = ['methods=["non-personalized", "OPPU"]', "privacy.federate_base_adapter=true"]
@@ -149,3 +152,14 @@ def test_fedadam_server_state_survives_in_the_checkpoint(tmp_path, tiny_model_di
     load_strategy_state(fresh, ckpt.strategy)
     again = strategy_state(fresh)
     assert set(again) == set(ckpt.strategy) and all(np.array_equal(again[k], ckpt.strategy[k]) for k in again)
+
+
+def test_weighted_mean_and_pooled_rmse():
+    # Two users: errors [1, 1, 1] (3 queries) and [3] (1 query).
+    recs = [{"m/mae": 1.0, "m/rmse": 1.0, "num-queries": 3}, {"m/mae": 3.0, "m/rmse": 3.0, "num-queries": 1},
+            {"m/mae": 9.0, "num-queries": 0}]  # weight 0: skipped
+    out = mean_metrics(recs, "num-queries")
+    pooled = np.array([1.0, 1.0, 1.0, 3.0])
+    assert math.isclose(out["m/mae"], np.abs(pooled).mean())
+    assert math.isclose(out["m/rmse"], math.sqrt((pooled ** 2).mean()))  # not (3*1 + 3)/4
+    assert out["num-queries"] == 4

@@ -8,7 +8,7 @@ import pytest
 
 from shared.config import load_ablation
 from simulations.ablation import cells
-from simulations.membership import auc, balanced, loss_attack_auc
+from simulations.membership import auc, balanced, calibrated_auc, loss_attack_auc
 
 
 def test_auc_of_separated_identical_and_reversed_scores():
@@ -31,6 +31,15 @@ def test_loss_attack_calls_low_loss_a_member():
     assert loss_attack_auc([1.0, 2.0], [0.1, 0.2]) == 0.0
     with pytest.raises(ValueError, match="both classes"):
         loss_attack_auc([], [1.0])
+
+
+def test_calibrated_attack_scores_the_fall_in_loss_not_the_loss():
+    # Members are hard records (high loss) whose loss fell; non-members are easy and did not move.
+    before = {"member_losses": [3.0, 3.2], "nonmember_losses": [0.5, 0.6]}
+    after = {"member_losses": [2.0, 2.1], "nonmember_losses": [0.5, 0.6]}
+    assert loss_attack_auc(after["member_losses"], after["nonmember_losses"]) == 0.0  # fooled by difficulty
+    assert calibrated_auc(after, before) == 1.0
+    assert calibrated_auc(before, before) == 0.5  # nothing moved
 
 
 def test_balanced_draws_equal_seeded_samples():
@@ -97,6 +106,7 @@ def test_tiny_grid_end_to_end(tiny_model_dir, tmp_path):
     # Nothing shared: the base adapter never moves, so the attack learns nothing beyond the records.
     (off,) = [c for c in metrics["cells"] if not c["federate_base_adapter"]]
     assert off["epsilon"] == 0.0 and off["auc_base"] == off["auc_before"] and off["auc_gain"] == 0.0
+    assert off["auc_calibrated"] == 0.5  # every record's loss moved by exactly 0
     assert by_z[0.0]["epsilon"] is None  # shared without noise
     assert by_z[0.0]["update_norm"] > 0  # the clients' updates really moved the shared adapter
     assert math.isfinite(by_z[1.0]["epsilon"]) and by_z[8.0]["epsilon"] < by_z[1.0]["epsilon"]
