@@ -36,7 +36,7 @@ demo: prepare
 	$(BIN)/oppu experiment --config simulations/configs/demo-synthetic.toml
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 test-all: install
 	$(BIN)/python -m pytest -q

@@ -13,16 +13,13 @@ between them leaves `.checkpoint.old-*`, which `load` falls back to.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shared.fileio import fsync_dir
+from shared.fileio import atomic_dir
 
 STATE = "state.json"
 BASE = "base_adapter"
@@ -49,10 +46,7 @@ class Checkpoint:
 
 def save(target: Path, ckpt: Checkpoint, write_base: Any) -> Path:
     """Write `ckpt` (and the base adapter via `write_base(dir)`) to `target` atomically."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    def fill(tmp: Path) -> None:
         write_base(tmp / BASE)
         if ckpt.strategy:
             from safetensors.numpy import save_file
@@ -61,23 +55,9 @@ def save(target: Path, ckpt: Checkpoint, write_base: Any) -> Path:
         state = {"round": ckpt.round, "accountant": ckpt.accountant, "history": ckpt.history,
                  "config": ckpt.config, "status": ckpt.status, "artifacts": ckpt.artifacts,
                  "initial": ckpt.initial}
-        with open(tmp / STATE, "w") as fh:
-            json.dump(state, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_tree(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fsync_dir(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        (tmp / STATE).write_text(json.dumps(state, indent=2))
+
+    return atomic_dir(target, fill)
 
 
 def load(target: Path) -> Checkpoint | None:
@@ -98,10 +78,3 @@ def load(target: Path) -> Checkpoint | None:
                           dict(state.get("config", {})), str(state.get("status", "running")),
                           dict(state.get("artifacts", {})), strategy, dict(state.get("initial", {})), d)
     return None
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import AdapterSpec
-from .fileio import fsync_dir
+from .fileio import atomic_dir
 from .model import sha256_file
 
 BASE = "base"
@@ -202,30 +200,12 @@ def write_adapter_dir(target: Path, write: Callable[[Path], None], manifest: Ada
 
     A crash at any point leaves either the previous `target` or the new one, never a mix.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    def fill(tmp: Path) -> None:
         write(tmp)
         manifest.files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-        payload = json.dumps(manifest.__dict__, indent=2, sort_keys=True)
-        with open(tmp / ADAPTER_MANIFEST, "w") as fh:
-            fh.write(payload)
-        for f in tmp.iterdir():  # file data reaches the disk before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fsync_dir(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        (tmp / ADAPTER_MANIFEST).write_text(json.dumps(manifest.__dict__, indent=2, sort_keys=True))
+
+    return atomic_dir(target, fill)
 
 
 def read_manifest(directory: Path) -> AdapterManifest:

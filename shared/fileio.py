@@ -1,10 +1,13 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Atomic writes of files and directories: a reader sees the old one or the new one, never half of
+either."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def atomic_write(path: str | Path, data: str | bytes, *, mode: int | None = None) -> Path:
@@ -37,3 +40,30 @@ def fsync_dir(directory: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_dir(target: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Let `fill` write a temporary sibling directory, fsync every file in it, then swap it into
+    `target` with two renames. A crash leaves the previous `target` (or, between the two renames,
+    a sibling `.<name>.old-<pid>` that readers may fall back to), never a mix of old and new."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        for p in tmp.rglob("*"):  # file data reaches the disk before the rename makes it visible
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -45,9 +45,10 @@ def test_summary_states_each_target_with_met_or_not():
     machine = {"cpu": "X", "cores": 2, "simd": ["avx2"], "memory_gib": 8, "torch": "2", "torch_threads": 2,
                "device": "cpu", "bf16_compute": False}
     train = {"quantization": "nf4", "dtype": "float32", "device": "cpu", "mean_seconds_per_user": 10,
-             "flops_per_second": 7e10, "matmul_flops_per_second": 1e11, "peak_rss_bytes": 2**30}
+             "flops_per_second": 7e10, "matmul_flops_per_second": 1e11, "peak_rss_bytes": 2**30,
+             "users": [{"examples": 12}, {"examples": 12}], "task": "amazon-rating", "epochs": 2}
     results = {
-        "date": "now", "machine": machine, "fp32_matmul_flops_per_second": 1e11, "bf16_matmul_flops_per_second": 1e9,
+        "date": "now", "machine": machine, "wall_seconds": 1500.0, "complete": True, "fp32_matmul_flops_per_second": 1e11, "bf16_matmul_flops_per_second": 1e9,
         "jobs": {
             "training:nf4:ours": {**train, "procedure": "ours", "tokens_per_second": 300, "final_loss": 1.0},
             "training:nf4:reference": {**train, "procedure": "reference", "tokens_per_second": 100, "final_loss": 1.5},
@@ -61,3 +62,6 @@ def test_summary_states_each_target_with_met_or_not():
     assert "70%" in rows["hardware utilization, nf4 base"] and "**met**" in rows["hardware utilization, nf4 base"]
     assert "**met**" in rows["base model resident size, nf4 vs bf16"]
     assert "no bf16 hardware" in text
+    assert "25.0 min" in rows["whole benchmark wall time (`make bench`, model already prepared)"]
+    assert "**met**" in rows["whole benchmark wall time (`make bench`, model already prepared)"]
+    assert "2 users (12/12 history items of amazon-rating)" in text
