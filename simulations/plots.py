@@ -125,7 +125,7 @@ def tradeoff_plot(cells: Sequence[Mapping[str, Any]], metric: str, path: Path, t
     """Left: utility against epsilon (infinite epsilon drawn at the right edge). Right: the
     membership-inference attack AUC of each cell against its epsilon, with 0.5 (chance) marked."""
     plt = _plt()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 6.2))
     finite = [c["epsilon"] for c in cells if c.get("epsilon") is not None and 0 < c["epsilon"] < math.inf]
     right = max(finite) * 4 if finite else 10.0
     left = min(finite) / 4 if finite else 0.1
@@ -162,7 +162,8 @@ def tradeoff_plot(cells: Sequence[Mapping[str, Any]], metric: str, path: Path, t
                 a.axvline(edge, color="gray", lw=0.6, ls="--")
                 a.annotate(text, (edge, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
                            fontsize=7, color="gray")
-        a.legend(fontsize=7, loc="best")
+        # Below the axes: inside, the legend would cover the points it explains.
+        a.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
     ax.set_ylabel(f"{metric} ({_arrow(metric)})")
     ax.set_title("utility vs privacy", pad=22)
     ax2.set_ylabel("attack AUC on the shared base adapter (0.5 = chance)")
