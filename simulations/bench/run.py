@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(sections) - set(SECTIONS))
     if bad:
         raise SystemExit(f"--sections: unknown {bad}; choose from {', '.join(SECTIONS)}")
+    machine.matmul_flops("float32", seconds=1.0)  # warm-up: the first timed loop would catch the CPU ramping up
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine.describe(),
                      "bf16_matmul_flops_per_second": machine.matmul_flops("bfloat16", n=512, seconds=1.0),
                      "fp32_matmul_flops_per_second": machine.matmul_flops("float32", seconds=1.0),
