@@ -2,7 +2,7 @@
 daemon process (tiny model: the mechanics, not answer quality, are under test). No errors, no
 item lost or duplicated, latency percentiles recorded.
 
-Fast suite: 50 clients for OPPU_LOAD_SECONDS (default 20), while the daemon's coordinator is
+Fast suite: 50 clients for OPPU_LOAD_SECONDS (default 60), while the daemon's coordinator is
 unreachable the whole time: its SuperNode (a stand-in that only connects, FAKE_SUPERNODE) keeps
 failing and is restarted with back-off (0.2 s doubling to 1 s stands in for minutes); afterwards
 the coordinator comes up and the node reconnects. Soak (OPPU_SOAK=1): 100 clients for
@@ -136,7 +136,7 @@ def wait_for(predicate, timeout: float) -> bool:
 
 
 def test_api_under_concurrent_clients_while_the_coordinator_is_unreachable(tiny_model_dir, tmp_path, figures):
-    seconds = float(os.environ.get("OPPU_LOAD_SECONDS", "20"))
+    seconds = float(os.environ.get("OPPU_LOAD_SECONDS", "60"))
     fake = tmp_path / "fake_supernode.py"
     fake.write_text(FAKE_SUPERNODE)
     with socket.socket() as s:
