@@ -71,6 +71,16 @@ def _node(context: Context):  # type: ignore[no-untyped-def]
     return node_from(context.run_config, context.node_config)
 
 
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    # A simulated user's node id is random per run; its partition id is what the coordinator
+    # samples by, so a rerun trains the same users (coordinator/sampling.py). A deployed client
+    # (its own data directory) says nothing about itself.
+    pid = context.node_config.get("partition-id")
+    mine = {"partition": int(pid)} if pid is not None and "data-dir" not in context.node_config else {}
+    return Message(RecordDict({REPLY: ConfigRecord(mine)}), reply_to=msg)
+
+
 @app.query("inventory")
 def inventory(msg: Message, context: Context) -> Message:
     from client.federated import inventory as held

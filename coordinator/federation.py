@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +30,7 @@ from shared.protocol import (
 
 from . import checkpoint
 from .report import render_report, round_line
+from .sampling import NodeNames, sample as sample_nodes
 from .distribution import Artifact, Distributor, export_quantized_model
 from .strategy import (
     Accounting, SampledGrid, align_metric_keys, build_strategy, exchanged, for_round, load_strategy_state, mean_metrics, screen,
@@ -140,6 +140,7 @@ class Coordinator:
             self.status = "running" if ckpt.status in ("running", "completed") else ckpt.status
             log.info("resuming from the checkpoint of round %d (next round %d)", ckpt.round, self.start_round)
         self.accounting = Accounting(self.spec, accountant)
+        self.names = NodeNames(timeout=f.round_timeout)
         self.distributor = Distributor([self.model, self.base_artifact], chunk_bytes=int(f.chunk_mb * 2**20),
                                        timeout=f.round_timeout)
 
@@ -205,9 +206,9 @@ class Coordinator:
     def _round(self, grid: Any, rnd: int) -> bool:
         f, e = self.spec.federation, self.spec.experiment
         t0 = time.time()
-        nodes = self._connected(grid)
+        nodes = self.names.order(grid, self._connected(grid))
         m = min(len(nodes), max(f.min_clients, round(f.fraction_train * len(nodes))))
-        sample = sorted(random.Random(f"{f.seed}:{rnd}").sample(nodes, m))
+        sample = sample_nodes(nodes, m, seed=f.seed, rnd=rnd)
         q = m / len(nodes)
         if self.accounting.would_exceed(sample_rate=q):
             log.warning("round %d: stopping, epsilon would reach %.3f > budget %.3f", rnd,
@@ -237,6 +238,7 @@ class Coordinator:
                 self.accounting.record(sample_rate=q, sampled=len(sample), aggregated=out["aggregated"])
         entry = {
             "round": rnd, "connected": len(nodes), "sampled": len(sample), "sample_rate": q,
+            "users": [self.names.label(n) for n in sample],
             "aggregated": out["aggregated"], "replied": out["replied"],
             "rejected": {str(k): v for k, v in out["rejected"].items()},
             "failed": {**{str(k): v for k, v in dist.failed.items()}, **{str(k): v for k, v in out["failed"].items()}},
@@ -263,6 +265,8 @@ class Coordinator:
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(cfg.to_record()),
                                              SampledGrid(grid, ready))) if ready else []
         replies = list(grid.send_and_receive(msgs, timeout=self.spec.federation.round_timeout)) if msgs else []
+        # Arrival order varies; the sums (and so a rerun's last bits) should not.
+        replies.sort(key=lambda r: self.names.key(r.metadata.src_node_id))
         answered = {r.metadata.src_node_id for r in replies}
         screened = screen(replies, {k: v.shape for k, v in state.items()}, federate=cfg.federate, dp=self.spec.dp)
         aggregated, arrays_new = 0, None
@@ -334,14 +338,15 @@ class Coordinator:
     def _evaluate(self, grid: Any, methods: tuple[str, ...], rnd: int, *, final: bool = False) -> dict[str, float]:
         from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-        nodes = self._connected(grid)
+        nodes = self.names.order(grid, self._connected(grid))
         ready = self.distributor.ensure(grid, nodes).ok(nodes)
         state = exchanged(self.engine.base_state(), ffa_lora=self.spec.federation.ffa_lora)
         cfg = self._round_config(rnd, methods, epsilon=self.accounting.epsilon())
         content = RecordDict({ARRAYS: ArrayRecord({k: _array(v) for k, v in state.items()}),
                               CONFIG: ConfigRecord(cfg.to_record())})
         msgs = [Message(content, dst_node_id=n, message_type=EVALUATE) for n in ready]
-        replies = list(grid.send_and_receive(msgs, timeout=self.spec.federation.round_timeout))
+        replies = sorted(grid.send_and_receive(msgs, timeout=self.spec.federation.round_timeout),
+                         key=lambda r: self.names.key(r.metadata.src_node_id))
         ok = [r.content[METRICS] for r in replies if not r.has_error() and METRICS in r.content.metric_records]
         for r in replies:
             if r.has_error():

@@ -5,6 +5,8 @@ Messages from the coordinator (all replies are checked by tests/client/test_outb
 
 | message type        | sent                                        | reply                                   |
 |---------------------|---------------------------------------------|-----------------------------------------|
+| query.identify      | -                                           | a simulated user's partition id (a      |
+|                     |                                             | deployed client: nothing)               |
 | query.inventory     | -                                           | artifact ids already in the client cache|
 | query.artifact      | one chunk of one file of one artifact       | ack: bytes held, file/artifact verified |
 | train               | global base adapter (arrays) + RoundConfig  | updated base adapter (only when the run |
@@ -29,6 +31,7 @@ from .config import METHODS as KNOWN_METHODS
 from .model import directory_manifest, model_hash
 
 # Message types (Flower: "<category>.<action>").
+IDENTIFY = "query.identify"
 INVENTORY = "query.inventory"
 ARTIFACT = "query.artifact"
 TRAIN = "train"
@@ -276,7 +279,7 @@ def is_lora_b(key: str) -> bool:
 
 
 __all__ = [
-    "INVENTORY", "ARTIFACT", "TRAIN", "EVALUATE", "ARRAYS", "CONFIG", "METRICS", "CHUNK", "DATA", "REPLY",
+    "IDENTIFY", "INVENTORY", "ARTIFACT", "TRAIN", "EVALUATE", "ARRAYS", "CONFIG", "METRICS", "CHUNK", "DATA", "REPLY",
     "NUM_EXAMPLES", "NUM_QUERIES", "AGG_WEIGHT", "KIND_MODEL", "KIND_BASE_ADAPTER", "ArtifactManifest",
     "manifest_for_dir", "ChunkHeader", "RoundConfig", "ClientError", "ProtocolError", "is_lora_b",
 ]

@@ -92,7 +92,7 @@ def write_outputs(run_dir: Path, kind: str, metrics: dict[str, Any], data_info: 
 
 
 def _round_row(r: Mapping[str, Any]) -> dict[str, Any]:
-    return {"round": r["round"], "sampled": r["sampled"], "aggregated": r["aggregated"],
+    return {"round": r["round"], "sampled": r["sampled"], "users": r.get("users", []), "aggregated": r["aggregated"],
             "rejected": len(r.get("rejected", {})), "base_loss": r.get("train", {}).get("base-loss"),
             "evaluate": r.get("evaluate", {}), "epsilon": r.get("epsilon"), "seconds": r.get("seconds")}
 
@@ -133,11 +133,13 @@ def metrics_markdown(metrics: Mapping[str, Any], data_info: Mapping[str, Any]) -
     rounds = metrics.get("rounds") or []
     if rounds:
         key = f"non-personalized/{metric}"
-        rrows = [[str(r["round"]), f"{r['aggregated']}/{r['sampled']}", str(r["rejected"]), _fmt(r["base_loss"], ".3f"),
+        rrows = [[str(r["round"]), f"{r['aggregated']}/{r['sampled']}", " ".join(r.get("users", [])) or "-",
+                  str(r["rejected"]), _fmt(r["base_loss"], ".3f"),
                   _fmt(r["evaluate"].get(key)), _fmt(r["epsilon"], ".3f"), _fmt(r["seconds"], ".0f")] for r in rounds]
         out += ["## Federated rounds", "",
-                markdown_table(["round", "aggregated/sampled", "rejected", "base loss", f"non-pers. {metric}",
-                                "epsilon", "s"], rrows), ""]
+                markdown_table(["round", "aggregated/sampled", "sampled users", "rejected", "base loss",
+                                f"non-pers. {metric}", "epsilon", "s"], rrows),
+                "", "Sampled users: user-k is entry k (from 0) of users/index.json; node-ID is a deployed client.", ""]
     p = metrics.get("privacy")
     if p:
         out += ["## Privacy spent", "", privacy_line(p), ""]

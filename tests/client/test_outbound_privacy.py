@@ -80,7 +80,7 @@ def test_no_private_content_in_any_outgoing_message(tmp_path, tiny_model_dir, mo
     assert err.has_error() and "ValueError" in err.error.reason and secret not in err.error.reason
 
     types = {t for _, t, _ in grid.outbox}
-    assert types == {"query.inventory", "query.artifact", "train", "evaluate"}
+    assert types == {"query.identify", "query.inventory", "query.artifact", "train", "evaluate"}
     blob = b"\n".join(b for _, _, b in grid.outbox)
 
     # Positive controls: the search does find what is really sent.
