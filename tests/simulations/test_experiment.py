@@ -1,5 +1,6 @@
-"""End to end on the real embedded model: personalization beats the non-personalized model on
-planted preferences, and an experiment run writes a complete, readable run directory."""
+"""End to end: on the real embedded model personalization beats the non-personalized model on
+planted preferences; an experiment run (every default method, PAG's profiles included) writes a
+complete, readable run directory (on the tiny model: same code path, a minute less)."""
 
 import json
 
@@ -12,18 +13,17 @@ from shared.tasks import get_task
 from simulations.datasets import load_dataset
 from simulations.experiment import base_examples
 
-pytestmark = pytest.mark.realmodel
-
 
 def _accuracy(task, answers, queries):
     return task.score([task.parse_output(a) for a in answers], [q.target for q in queries])["accuracy"]
 
 
+@pytest.mark.realmodel
 def test_personal_adapter_beats_non_personalized_on_planted_preferences(real_engine):
     spec = load_experiment(None, [
         'data.task="synthetic-tag"', 'data.source="synthetic"', "data.users=1", "data.base_users=12",
         "data.queries=10", "data.min_history=20", "data.max_history=20", "data.seed=1",
-        "data.base_examples=96", 'retrieval.store="memory"',
+        "data.base_examples=32", 'retrieval.store="memory"',
     ])
     ds = load_dataset(spec.data)
     task = get_task(ds.task)
@@ -39,7 +39,7 @@ def test_personal_adapter_beats_non_personalized_on_planted_preferences(real_eng
     ctx = Context(store, make_retriever("bm25", task.item_text), RetrievalSpec(store="memory"))
     examples = history_examples(task, user.history, ctx, "plain")
     assert len(examples) == len(user.history)  # this user's history only
-    real_engine.train_personal(examples, TrainSpec(epochs=3, lr=1e-3, batch_size=4), progress=False)
+    real_engine.train_personal(examples, TrainSpec(epochs=2, lr=1e-3, batch_size=4), progress=False)
     personal = _accuracy(task, real_engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=True),
                          user.queries)
     assert personal > baseline, (personal, baseline)
@@ -62,10 +62,10 @@ def test_training_examples_retrieve_only_earlier_history():
     assert "earlier items" not in examples[0].prompt and "earlier items" in examples[-1].prompt
 
 
-def test_experiment_writes_a_complete_run_directory(tmp_path):
+def test_experiment_writes_a_complete_run_directory(tiny_model_dir, tmp_path):
     from simulations.experiment import run_experiment
 
-    spec = load_experiment(None, [
+    spec = load_experiment(None, [f'base_model.path="{tiny_model_dir}"', 'base_model.quantization="none"',
         'data.task="synthetic-tag"', 'data.source="synthetic"', "data.users=1", "data.base_users=4",
         "data.queries=3", "data.min_history=6", "data.max_history=6", "data.base_examples=16",
         "personal_train.epochs=1", "base_train.epochs=1", "retrieval.profile_max_tokens=12",
