@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from flowerkit import BIN, free_port, stop
+
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
                                  reason="needs openssl and ssh-keygen")]
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sh(*cmd: str, cwd: Path) -> None:
@@ -47,16 +38,6 @@ def make_credentials(d: Path) -> None:
 def start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 def wait_for(predicate, timeout: float) -> bool:
