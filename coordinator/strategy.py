@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from shared.config import FederatedSpec
+from shared.metrics import ROOT_MEAN_SQUARE
 from shared.privacy import RDPAccountant
 from shared.protocol import AGG_WEIGHT, ARRAYS, METRICS, NUM_EXAMPLES, is_lora_b
 
@@ -142,9 +143,9 @@ def align_metric_keys(replies: list[Any]) -> None:
 
 def mean_metrics(records: Iterable[Mapping[str, Any]], weight_key: str) -> dict[str, float]:
     """Weighted mean of every numeric entry (weight 0 records skipped). Root-mean-square errors
-    (keys ending in "rmse") combine as the root of the weighted mean of their squares, so that with
-    query counts as weights the result is the RMSE over all users' queries pooled, as the run's
-    metrics.md reports it, not a mean of per-user RMSEs."""
+    (shared.metrics.ROOT_MEAN_SQUARE, keys "<method>/rmse") combine as the root of the weighted
+    mean of their squares, so that with query counts as weights the result is the RMSE over all
+    users' queries pooled, as the run's metrics.md reports it, not a mean of per-user RMSEs."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for rec in records:
@@ -161,7 +162,7 @@ def mean_metrics(records: Iterable[Mapping[str, Any]], weight_key: str) -> dict[
 
 
 def _quadratic(key: str) -> bool:
-    return key.endswith("rmse")
+    return key.rsplit("/", 1)[-1] in ROOT_MEAN_SQUARE
 
 
 # ------------------------------------------------------------------------- privacy accounting

@@ -32,6 +32,11 @@ METRIC_DIRECTION: dict[str, str] = {
     "rouge-L": "higher",
 }
 
+# Per-user scores combined over users, weighted by query counts, equal the score of all queries
+# pooled when they are means (accuracy, MAE, ROUGE); a root-mean-square error pools as the root
+# of the weighted mean of its squares instead.
+ROOT_MEAN_SQUARE: frozenset[str] = frozenset({"rmse"})
+
 
 def _check_lengths(preds: Sequence[str], golds: Sequence[str], metric: str) -> None:
     if len(preds) != len(golds):
