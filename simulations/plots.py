@@ -110,11 +110,15 @@ def levels_plot(levels: Mapping[str, Mapping[str, float]], metric: str, path: Pa
 
 def _grouped_bars(ax: Any, groups: Sequence[str], series: Sequence[str], value: Any,
                   labels: Sequence[str] | None = None) -> None:
-    """One group of bars per x position, one bar per series in each; value(group, series)."""
+    """One group of bars per x position, one bar per series in each; value(group, series). Each
+    bar carries its value, so a zero (no gain) reads as 0 rather than as a missing bar."""
     width = 0.8 / max(1, len(series))
     for j, name in enumerate(series):
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        ax.bar(xs, [value(g, name) for g in groups], width, label=name)
+        bars = ax.bar(xs, [value(g, name) for g in groups], width, label=name)
+        ax.bar_label(bars, fmt=lambda v: "" if math.isnan(v) else f"{v:.3g}", fontsize=7, padding=2)
+    ax.use_sticky_edges = False  # bars stick to 0 otherwise, leaving no room above/below for labels
+    ax.margins(y=0.12)
     ax.set_xticks(range(len(groups)), list(labels or groups))
     ax.legend(fontsize=8, loc="best")
     ax.grid(axis="y", alpha=0.3)
