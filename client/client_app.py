@@ -76,8 +76,10 @@ def identify(msg: Message, context: Context) -> Message:
     # A simulated user's node id is random per run; its partition id is what the coordinator
     # samples by, so a rerun trains the same users (coordinator/sampling.py). A deployed client
     # (its own data directory) says nothing about itself.
-    pid = context.node_config.get("partition-id")
-    mine = {"partition": int(pid)} if pid is not None and "data-dir" not in context.node_config else {}
+    from client.federated import partition_of
+
+    pid = partition_of(context.node_config)
+    mine = {"partition": pid} if pid is not None else {}
     return Message(RecordDict({REPLY: ConfigRecord(mine)}), reply_to=msg)
 
 

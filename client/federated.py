@@ -66,19 +66,27 @@ def spec_from_run_config(run_config: Mapping[str, Any]) -> FederatedSpec:
         return _SPECS[key]
 
 
+def partition_of(node_config: Mapping[str, Any]) -> int | None:
+    """The simulated user this node plays (Flower's `partition-id`), or None for a deployed
+    client, which names its own data directory (`data-dir` wins when both are given)."""
+    if "data-dir" in node_config or "partition-id" not in node_config:
+        return None
+    return int(node_config["partition-id"])
+
+
 def node_from(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Node:
     """Deployment: node config `data-dir` (and optionally `cache-dir`). Simulation: the run
     directory's users/index.json lists the virtual users; `partition-id` picks one."""
     spec = spec_from_run_config(run_config)
+    pid = partition_of(node_config)
     if "data-dir" in node_config:
         data_dir = Path(str(node_config["data-dir"]))
-    elif "partition-id" in node_config and spec.federation.run_dir:
+    elif pid is not None and spec.federation.run_dir:
         index = Path(spec.federation.run_dir) / "users" / "index.json"
         try:
             names = json.loads(index.read_text())
         except FileNotFoundError:
             raise ClientError("the run directory has no users/index.json: simulated users are prepared by `oppu simulate`") from None
-        pid = int(node_config["partition-id"])
         if not 0 <= pid < len(names):
             raise ClientError(f"partition-id {pid} but only {len(names)} simulated users were prepared")
         data_dir = index.parent / names[pid]
