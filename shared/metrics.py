@@ -38,6 +38,14 @@ METRIC_DIRECTION: dict[str, str] = {
 ROOT_MEAN_SQUARE: frozenset[str] = frozenset({"rmse"})
 
 
+def gain(value, reference, metric: str):
+    """Improvement of `value` over `reference` in the metric's own units, positive = better
+    whatever the metric's direction (an MAE that drops by 0.2 is a gain of +0.2). Works on floats
+    and on numpy arrays alike, so bootstrap resamples are signed by the same rule."""
+    sign = 1.0 if METRIC_DIRECTION.get(metric, "higher") == "higher" else -1.0
+    return sign * (value - reference)
+
+
 def _check_lengths(preds: Sequence[str], golds: Sequence[str], metric: str) -> None:
     if len(preds) != len(golds):
         raise ValueError(f"shared/metrics.py {metric}: {len(preds)} predictions but {len(golds)} golds")
@@ -70,8 +78,9 @@ def macro_f1(pred_idx: Sequence[int], gold_idx: Sequence[int], n_labels: int) ->
     return float(scores.mean()) if n_labels else 0.0
 
 
-def classification_scores(preds: Sequence[str], golds: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-    """{"accuracy", "f1"}: exact label match after stripping whitespace, as LaMP does."""
+def label_indices(preds: Sequence[str], golds: Sequence[str], labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, gold) label indices per query, as LaMP maps them: stripped, -1 outside the label
+    set for a prediction; a gold outside the label set is an error."""
     _check_lengths(preds, golds, "classification")
     labels = list(labels)
     index = {label: i for i, label in enumerate(labels)}
@@ -86,7 +95,13 @@ def classification_scores(preds: Sequence[str], golds: Sequence[str], labels: Se
             )
         gold_idx.append(index[g])
     pred_idx = [index.get(p.strip(), -1) for p in preds]
-    accuracy = float(np.mean(np.asarray(pred_idx) == np.asarray(gold_idx)))
+    return np.asarray(pred_idx, dtype=np.int64), np.asarray(gold_idx, dtype=np.int64)
+
+
+def classification_scores(preds: Sequence[str], golds: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """{"accuracy", "f1"}: exact label match after stripping whitespace, as LaMP does."""
+    pred_idx, gold_idx = label_indices(preds, golds, labels)
+    accuracy = float(np.mean(pred_idx == gold_idx))
     return {"accuracy": accuracy, "f1": macro_f1(pred_idx, gold_idx, len(labels))}
 
 
@@ -108,8 +123,8 @@ def worst_rating(gold: float) -> float:
     return 1.0 if abs(1.0 - gold) > abs(5.0 - gold) else 5.0
 
 
-def regression_scores(preds: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
-    """{"mae", "rmse"} over 1-5 ratings; unparseable predictions score as the worst rating."""
+def rating_errors(preds: Sequence[str], golds: Sequence[str]) -> np.ndarray:
+    """Prediction minus gold per query; an unparseable prediction counts as the worst rating."""
     _check_lengths(preds, golds, "regression")
     gold_vals = []
     for i, gold in enumerate(golds):
@@ -121,7 +136,12 @@ def regression_scores(preds: Sequence[str], golds: Sequence[str]) -> dict[str, f
     for pred, gold in zip(preds, gold_vals):
         value = _as_number(pred)
         pred_vals.append(worst_rating(gold) if value is None else value)
-    err = np.asarray(pred_vals) - np.asarray(gold_vals)
+    return np.asarray(pred_vals, dtype=np.float64) - np.asarray(gold_vals, dtype=np.float64)
+
+
+def regression_scores(preds: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
+    """{"mae", "rmse"} over 1-5 ratings; unparseable predictions score as the worst rating."""
+    err = rating_errors(preds, golds)
     return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err**2)))}
 
 
@@ -137,12 +157,8 @@ def _rouge_scorer():
     return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
 
 
-def rouge_scores(preds: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
-    """{"rouge-1", "rouge-L"}: mean F-measure over examples.
-
-    evaluate's use_aggregator=True reports rouge_score's BootstrapAggregator "mid", a bootstrap
-    estimate of exactly this mean; we take the mean itself so scores are deterministic.
-    """
+def rouge_per_query(preds: Sequence[str], golds: Sequence[str]) -> dict[str, np.ndarray]:
+    """{"rouge-1", "rouge-L"}: the F-measure of each example."""
     _check_lengths(preds, golds, "generation")
     scorer = _rouge_scorer()
     r1, rl = [], []
@@ -150,4 +166,13 @@ def rouge_scores(preds: Sequence[str], golds: Sequence[str]) -> dict[str, float]
         s = scorer.score(gold.strip(), pred.strip())  # (target, prediction) order
         r1.append(s["rouge1"].fmeasure)
         rl.append(s["rougeL"].fmeasure)
-    return {"rouge-1": float(np.mean(r1)), "rouge-L": float(np.mean(rl))}
+    return {"rouge-1": np.asarray(r1, dtype=np.float64), "rouge-L": np.asarray(rl, dtype=np.float64)}
+
+
+def rouge_scores(preds: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
+    """{"rouge-1", "rouge-L"}: mean F-measure over examples.
+
+    evaluate's use_aggregator=True reports rouge_score's BootstrapAggregator "mid", a bootstrap
+    estimate of exactly this mean; we take the mean itself so scores are deterministic.
+    """
+    return {k: float(np.mean(v)) for k, v in rouge_per_query(preds, golds).items()}

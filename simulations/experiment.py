@@ -21,12 +21,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from shared.adapters import AdapterManifest
 from shared.config import ExperimentSpec, dump_toml, to_dict
 from shared.engine import Engine
-from shared.metrics import METRIC_DIRECTION
+from shared.baselines import personal_baselines
+from shared.metrics import gain
 from shared.personalize import (
     METHOD_AUGMENTATION,
     PERSONAL_METHODS,
@@ -37,11 +38,12 @@ from shared.personalize import (
 )
 from shared.records import TaskDataset, UserData
 from shared.retrieval import InMemoryHistoryStore, make_retriever
+from shared.stats import compare_methods, pooled_scorer
 from shared.tasks import get_task
 from shared.training import Example
 
 from .datasets import load_dataset
-from .reporting import atomic_write, markdown_table, signed_percent
+from .reporting import atomic_write
 
 log = logging.getLogger("oppu.experiment")
 
@@ -174,7 +176,7 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
             r.train["centralized"] = central.train
 
     # 3. Scores, exactly as LaMP computes them, pooled over all queries and per user.
-    metrics = score(task, spec.methods, dataset.eval_users, results)
+    metrics = score(task, spec.methods, dataset.eval_users, results, base_users=dataset.base_users)
     metrics["base_adapter"] = {"examples": len(examples), "steps": base_result.steps,
                                "final_loss": base_result.final_loss, "seconds": base_result.seconds}
     metrics["seconds"] = time.time() - started
@@ -237,7 +239,15 @@ def _run_user(
     return res
 
 
-def score(task: Any, methods: tuple[str, ...], users: list[UserData], results: list[UserResult]) -> dict[str, Any]:
+def score(task: Any, methods: tuple[str, ...], users: list[UserData], results: list[UserResult], *,
+          base_users: Sequence[UserData] = (), n_boot: int = 2000, n_perm: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Scores exactly as LaMP computes them (all queries pooled, and per user), the non-LLM personal
+    baselines (shared/baselines.py) on the same queries, and how sure each number is
+    (shared/stats.py): a bootstrap CI over users per method, and paired differences with CI and
+    permutation p against non-personalized, RAG and the best baseline.
+
+    `base_users` (never evaluated) give the baselines their global majority answer.
+    """
     golds = {q.id: q.target for u in users for q in u.queries}
     aggregate: dict[str, dict[str, float]] = {}
     per_user: dict[str, dict[str, dict[str, float]]] = {}
@@ -253,37 +263,55 @@ def score(task: Any, methods: tuple[str, ...], users: list[UserData], results: l
     ref = aggregate.get("non-personalized")
     if ref:
         for m, scores in aggregate.items():
-            improvement[m] = {}
-            for k, v in scores.items():
-                base = ref[k]
-                sign = 1.0 if METRIC_DIRECTION.get(k, "higher") == "higher" else -1.0
-                # Relative change is undefined against a zero score: report None there.
-                improvement[m][k] = sign * (v - base) / abs(base) if base else None
-    return {"task": task.name, "methods": list(methods), "aggregate": aggregate,
-            "improvement_over_non_personalized": improvement, "per_user": per_user,
-            "training": {r.user_id: r.train for r in results}}
+            # Relative change is undefined against a zero score: report None there.
+            improvement[m] = {k: gain(v, ref[k], k) / abs(ref[k]) if ref[k] else None for k, v in scores.items()}
+    out = {"task": task.name, "methods": list(methods), "aggregate": aggregate,
+           "improvement_over_non_personalized": improvement, "per_user": per_user,
+           "training": {r.user_id: r.train for r in results}}
+    out.update(uncertainty(task, methods, users, results, base_users=base_users, n_boot=n_boot, n_perm=n_perm,
+                           seed=seed))
+    return out
+
+
+def uncertainty(task: Any, methods: Sequence[str], users: list[UserData], results: list[UserResult], *,
+                base_users: Sequence[UserData] = (), n_boot: int = 2000, n_perm: int = 2000,
+                seed: int = 0) -> dict[str, Any]:
+    """{"baselines": their scores, "stats": CIs and paired differences} for score()."""
+    by_id = {u.user_id: u for u in users}
+    scored = [by_id[r.user_id] for r in results]
+    # One query order per user, shared by every method, so the comparisons are paired.
+    qids = [[q.id for q in u.queries] for u in scored]
+    golds = [[q.target for q in u.queries] for u in scored]
+    base_preds = personal_baselines(task, scored, base_users)
+    preds = {m: [[r.predictions[m][q] for q in ids] for r, ids in zip(results, qids)] for m in methods}
+    preds.update({b: [[p[q] for q in ids] for ids in qids] for b, p in base_preds.items()})
+    flat_golds = [g for gs in golds for g in gs]
+    baselines: dict[str, Any] = {"methods": list(base_preds), "aggregate": {}, "per_user": {}, "best": None}
+    for b in base_preds:
+        baselines["aggregate"][b] = task.score([p for ps in preds[b] for p in ps], flat_golds)
+        for u, ps, gs in zip(scored, preds[b], golds):
+            baselines["per_user"].setdefault(u.user_id, {})[b] = task.score(ps, gs)
+    primary = task.metric_names[0]
+    if base_preds:
+        baselines["best"] = max(base_preds, key=lambda b: gain(baselines["aggregate"][b][primary], 0.0, primary))
+    references = [r for r in ("non-personalized", "RAG") if r in methods] + \
+        ([baselines["best"]] if baselines["best"] else [])
+    stats = compare_methods(pooled_scorer(task), preds, golds, references, n_boot=n_boot, n_perm=n_perm, seed=seed)
+    stats["references"] = references
+    stats["metric"] = primary
+    stats["best_baseline"] = baselines["best"]
+    stats["below_best_baseline"] = ([m for m in methods if stats["vs"][baselines["best"]][m][primary]["gain"] <= 0]
+                                    if baselines["best"] else [])
+    return {"baselines": baselines, "stats": stats}
 
 
 def render_results(metrics: dict[str, Any], data_info: dict[str, Any]) -> str:
-    agg = metrics["aggregate"]
-    imp = metrics["improvement_over_non_personalized"]
-    names = list(next(iter(agg.values())).keys())
-    header = ["method"] + [f"{n} {'↑' if METRIC_DIRECTION.get(n, 'higher') == 'higher' else '↓'}" for n in names]
-    if imp:
-        header += [f"Δ{n} vs non-pers." for n in names]
-    rows = []
-    for m in metrics["methods"]:
-        row = [m] + [f"{agg[m][n]:.4f}" for n in names]
-        if imp:
-            row += [signed_percent(imp[m][n]) if imp[m][n] is not None else "n/a (baseline 0)" for n in names]
-        rows.append(row)
+    from .results import scores_section
+
     lines = [
         f"# {metrics['task']}: {data_info['eval_users']} users, {data_info['queries']} queries",
         "",
         f"Data: {data_info['source']}",
     ]
     lines += [f"Note: {n}" for n in data_info.get("notes", [])]
-    lines += ["", markdown_table(header, rows), "",
-              "Δ is the relative improvement over non-personalized (positive = better, whatever the "
-              "metric's direction).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + scores_section(metrics)) + "\n"

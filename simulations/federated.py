@@ -215,7 +215,7 @@ def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: 
             for r in results:
                 r.predictions["centralized"] = central.predictions[r.user_id]
                 r.train["centralized"] = central.train
-        metrics = score(task, methods, users, results)
+        metrics = score(task, methods, users, results, base_users=dataset.base_users)
         from shared.data import write_predictions
 
         for m in methods:  # all users' answers per method, as `oppu experiment` writes them

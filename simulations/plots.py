@@ -37,22 +37,43 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def methods_plot(metrics: Mapping[str, Any], metric: str, path: Path, title: str) -> Path:
-    """Bars: the pooled score of each method; dots: each user's own score."""
+    """Bars: the pooled score of each method and non-LLM baseline (hatched), with its 95% bootstrap
+    CI over users as error bars when the run has statistics; dots: each user's own score."""
     plt = _plt()
-    methods = list(metrics["methods"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(methods) + 2), 4.2))
-    agg = [metrics["aggregate"][m][metric] for m in methods]
-    ax.bar(range(len(methods)), agg, color="#7aa6d6", label="all queries pooled")
-    per_user = metrics.get("per_user", {})
+    baselines = metrics.get("baselines") or {}
+    methods = list(metrics["methods"]) + list(baselines.get("methods", []))
+    is_base = [i >= len(metrics["methods"]) for i in range(len(methods))]
+    agg = {**metrics["aggregate"], **baselines.get("aggregate", {})}
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(methods) + 2), 4.6))
+    heights = [agg[m][metric] for m in methods]
+    ci = (metrics.get("stats") or {}).get("ci", {})
+    yerr = None
+    if all(m in ci for m in methods):
+        lo = [max(0.0, h - ci[m][metric]["lo"]) for m, h in zip(methods, heights)]
+        hi = [max(0.0, ci[m][metric]["hi"] - h) for m, h in zip(methods, heights)]
+        yerr = [lo, hi]
+    colors = ["#cfcfcf" if b else "#7aa6d6" for b in is_base]
+    bars = ax.bar(range(len(methods)), heights, color=colors, yerr=yerr, capsize=4, ecolor="#333333",
+                  label="all queries pooled" + (" (error bar: 95% CI over users)" if yerr else ""))
+    for bar, b in zip(bars, is_base):
+        if b:
+            bar.set_hatch("//")
+    per_user = {u: {**s, **baselines.get("per_user", {}).get(u, {})} for u, s in metrics.get("per_user", {}).items()}
     for i, m in enumerate(methods):
         ys = [u[m][metric] for u in per_user.values() if m in u]
         xs = [i + (j - (len(ys) - 1) / 2) * 0.06 for j in range(len(ys))]
         ax.scatter(xs, ys, color="#1f3b5c", s=14, zorder=3, label="one user" if i == 0 else None)
-    ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
+    ax.set_xticks(range(len(methods)), [m.removeprefix("baseline: ") for m in methods], rotation=20, ha="right")
     ax.set_ylabel(f"{metric} ({_arrow(metric)})")
-    ax.set_xlabel("method")
+    ax.set_xlabel("method (grey, hatched: non-LLM baseline)" if any(is_base) else "method")
     ax.set_title(title)
-    ax.legend(loc="best", fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    if any(is_base):
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(facecolor="#cfcfcf", hatch="//", label="non-LLM baseline"))
+        labels.append("non-LLM baseline")
+    ax.legend(handles, labels, loc="best", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from shared.metrics import METRIC_DIRECTION
 
 from .reporting import markdown_table
+from .results import all_aggregate, all_methods
 
 PLOT_ORDER = ("methods.png", "levels.png", "rounds.png", "tradeoff.png")
 
@@ -71,15 +72,23 @@ def _comparison(runs: Sequence[Path]) -> list[str]:
         rows = [[r.name] + [str(configs[r].get(k, "-")) for k in differ] for r in runs]
         lines += ["Settings that differ:", "", markdown_table(["run"] + differ, rows), ""]
     metrics = {r: _read_json(r / "metrics.json") for r in runs}
-    methods = [m for r in runs for m in metrics[r].get("methods", [])]
+    # Each run's methods, then its non-LLM baselines; a cell keeps the run's 95% CI over users.
+    methods = [m for r in runs if metrics[r].get("methods") for m in all_methods(metrics[r])]
     methods = list(dict.fromkeys(methods))
-    names = {n for r in runs for a in metrics[r].get("aggregate", {}).values() for n in a}
+    aggregates = {r: all_aggregate(metrics[r]) if metrics[r].get("aggregate") else {} for r in runs}
+    names = {n for r in runs for a in aggregates[r].values() for n in a}
     for n in sorted(names):
-        rows = [[r.name] + [f"{metrics[r]['aggregate'][m][n]:.4f}" if m in metrics[r].get("aggregate", {})
-                            and n in metrics[r]["aggregate"][m] else "-" for m in methods] for r in runs]
+        rows = [[r.name] + [_cell(metrics[r], aggregates[r], m, n) for m in methods] for r in runs]
         arrow = "↑" if METRIC_DIRECTION.get(n, "higher") == "higher" else "↓"
-        lines += [f"{n} {arrow} by method:", "", markdown_table(["run"] + methods, rows), ""]
+        lines += [f"{n} {arrow} by method (pooled [95% CI over users]):", "", markdown_table(["run"] + methods, rows), ""]
     return lines
+
+
+def _cell(metrics: dict[str, Any], aggregate: dict[str, Any], method: str, metric: str) -> str:
+    if method not in aggregate or metric not in aggregate[method]:
+        return "-"
+    ci = metrics.get("stats", {}).get("ci", {}).get(method, {}).get(metric)
+    return f"{ci['mean']:.4f} [{ci['lo']:.4f}, {ci['hi']:.4f}]" if ci else f"{aggregate[method][metric]:.4f}"
 
 
 def render(run_dirs: Sequence[Path], out: Path) -> str:

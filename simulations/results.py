@@ -4,7 +4,8 @@ round, the privacy spent, the plots, and the one-page REPORT.md (simulations/rep
 run_dir/ (in addition to what simulations/experiment.py and coordinator/federation.py write)
   run.json        what kind of run this is (experiment | simulate), how long it took
   data.json       users: history size and activity level; source and notes
-  metrics.json    aggregate, per user, per activity level, per round, privacy
+  metrics.json    aggregate, per user, per activity level, per round, privacy; "baselines" (non-LLM
+                  personal baselines' scores) and "stats" (CIs over users, paired differences)
   metrics.md      the same as Markdown tables
   privacy.json    user-level (epsilon, delta) of the federation, record-level DP-SGD per user
   plots/*.png     methods.png, rounds.png (federated runs), levels.png (more than one level)
@@ -21,19 +22,15 @@ from typing import Any, Mapping
 
 from shared.adapters import FRAMEWORK_VERSION
 from shared.fileio import atomic_write
-from shared.metrics import METRIC_DIRECTION
+from shared.metrics import METRIC_DIRECTION, gain
 
-from .reporting import markdown_table, signed_percent
+from .reporting import markdown_table
+
+__all__ = ["gain", "level_gains", "metrics_markdown", "primary_metric", "scores_section", "write_outputs"]
 
 
 def primary_metric(metrics: Mapping[str, Any]) -> str:
     return next(iter(next(iter(metrics["aggregate"].values())).keys()))
-
-
-def gain(value: float, baseline: float, metric: str) -> float:
-    """Improvement in metric units, positive = better whatever the metric's direction."""
-    sign = 1.0 if METRIC_DIRECTION.get(metric, "higher") == "higher" else -1.0
-    return sign * (value - baseline)
 
 
 def level_gains(metrics: Mapping[str, Any], levels: Mapping[str, str], metric: str) -> dict[str, Any]:
@@ -105,26 +102,118 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+def _arrow(metric: str) -> str:
+    return "↑" if METRIC_DIRECTION.get(metric, "higher") == "higher" else "↓"
+
+
+def _ci(c: Mapping[str, float]) -> str:
+    return f"{c['mean']:.4f} [{c['lo']:.4f}, {c['hi']:.4f}]"
+
+
+def _p(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def _diff(d: Mapping[str, float], alpha: float) -> str:
+    """"+0.1000* [+0.0200, +0.1800] p=0.012": * marks a win: the interval is all above zero and the
+    permutation test agrees (p < alpha). With a handful of users every resample can favour the
+    method while the permutation test cannot reach p < alpha (3 users: p >= 2/8); no star then."""
+    win = d["lo"] > 0 and d["p"] < alpha
+    return f"{d['gain']:+.4f}{'*' if win else ''} [{d['lo']:+.4f}, {d['hi']:+.4f}] {_p(d['p'])}"
+
+
+_REF_LABEL = {"non-personalized": "non-pers.", "RAG": "RAG"}
+
+
+def all_methods(metrics: Mapping[str, Any]) -> list[str]:
+    """The run's methods, then its non-LLM baselines (rows of the same tables)."""
+    return list(metrics["methods"]) + list((metrics.get("baselines") or {}).get("methods", []))
+
+
+def all_aggregate(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    return {**metrics["aggregate"], **((metrics.get("baselines") or {}).get("aggregate", {}))}
+
+
+def stats_caption(stats: Mapping[str, Any]) -> str:
+    perm = (f"exact over all {stats['n_perm']} swap patterns" if stats["permutation"] == "exact"
+            else f"{stats['n_perm']} random swap patterns")
+    return (f"[95% CI]: percentile bootstrap over the {stats['users']} users ({stats['n_boot']} resamples; each "
+            "draws users with replacement and rescores all their queries pooled, as the point estimate). "
+            "Δ: paired gain on the same users and queries, in the metric's units, positive = better whatever "
+            "its direction; its CI uses the same resampled users for both methods; p: two-sided paired "
+            f"permutation test (per user, the two methods' answers swapped; {perm}). "
+            f"* marks a win: its CI excludes zero and p < {stats['alpha']:g}. "
+            "Rows named 'baseline: ...' are non-LLM personal baselines answered from each user's own "
+            "history (shared/baselines.py)"
+            + (f"; the best of them on {stats['metric']} is '{stats['best_baseline']}'." if stats.get("best_baseline")
+               else "."))
+
+
+def scores_section(metrics: Mapping[str, Any]) -> list[str]:
+    """The run's score table: per method and baseline, each metric with its 95% CI over users, the
+    paired gain in the primary metric over non-personalized and RAG (CI, permutation p), users,
+    queries, adoption when recorded, and a flag on methods that do not beat the best baseline.
+    A metrics.json written before statistics existed gets the plain pooled table."""
+    stats = metrics.get("stats")
+    agg = all_aggregate(metrics)
+    names = list(next(iter(agg.values())).keys())
+    methods = all_methods(metrics)
+    adoption = metrics.get("adoption") or {}
+    if not stats:
+        rows = [[m] + [_fmt(agg[m][n]) for n in names] for m in methods]
+        return [markdown_table(["method"] + [f"{n} {_arrow(n)}" for n in names], rows), "",
+                "Scores: all queries pooled.", ""]
+    metric = stats["metric"]
+    refs = [r for r in stats["references"] if r in _REF_LABEL]
+    header = (["method"] + [f"{n} {_arrow(n)} [95% CI]" for n in names]
+              + [f"Δ{metric} vs {_REF_LABEL[r]} [95% CI]" for r in refs] + ["users", "queries"]
+              + (["adopted"] if adoption else []) + ["note"])
+    below = set(stats.get("below_best_baseline", []))
+    rows = []
+    for m in methods:
+        row = [m] + [_ci(stats["ci"][m][n]) for n in names]
+        row += ["(reference)" if m == r else _diff(stats["vs"][r][m][metric], stats["alpha"]) for r in refs]
+        row += [str(stats["users"]), str(stats["queries"])]
+        if adoption:
+            a = adoption.get(m)
+            row.append(f"{a['adopted']}/{a['users']}" if a else "-")
+        row.append("below best non-LLM baseline" if m in below else "")
+        rows.append(row)
+    return [markdown_table(header, rows), "",
+            "Scores: all queries pooled. " + stats_caption(stats)
+            + (" adopted: users whose personal adapter was kept (it beat the base on their validation items)."
+               if adoption else ""), ""]
+
+
+def differences_section(metrics: Mapping[str, Any]) -> list[str]:
+    """Every metric's paired difference of every method against every reference."""
+    stats = metrics.get("stats")
+    if not stats or not stats.get("vs"):
+        return []
+    names = list(next(iter(all_aggregate(metrics).values())).keys())
+    rows = [[m, ref] + [_diff(stats["vs"][ref][m][n], stats["alpha"]) for n in names]
+            for ref in stats["references"] for m in all_methods(metrics) if m != ref]
+    return ["## Paired differences (gain over the reference, positive = better)", "",
+            markdown_table(["method", "reference"] + [f"Δ{n} [95% CI], p" for n in names], rows), ""]
+
+
 def metrics_markdown(metrics: Mapping[str, Any], data_info: Mapping[str, Any]) -> str:
-    """Aggregate, per-user, per-level, per-round and privacy tables of one run."""
-    names = list(next(iter(metrics["aggregate"].values())).keys())
+    """Aggregate (with CIs and baselines), paired-difference, per-user, per-level, per-round and
+    privacy tables of one run."""
     methods = list(metrics["methods"])
-    arrows = {n: "↑" if METRIC_DIRECTION.get(n, "higher") == "higher" else "↓" for n in names}
-    imp = metrics.get("improvement_over_non_personalized") or {}
-    rows = [[m] + [_fmt(metrics["aggregate"][m][n]) for n in names]
-            + ([signed_percent(imp[m][n]) if imp.get(m, {}).get(n) is not None else "n/a" for n in names] if imp else [])
-            for m in methods]
-    header = ["method"] + [f"{n} {arrows[n]}" for n in names] + ([f"Δ{n} vs non-pers." for n in names] if imp else [])
-    out = [f"## Scores ({metrics['task']}, all queries pooled)", "", markdown_table(header, rows), "",
-           "Δ: relative change against non-personalized, positive = better.", ""]
-    metric = names[0]
+    out = [f"## Scores ({metrics['task']}, all queries pooled)", ""] + scores_section(metrics)
+    out += differences_section(metrics)
+    metric = primary_metric(metrics)
     users = data_info.get("users", {})
     per_user = metrics.get("per_user", {})
     if per_user:
+        base_per_user = (metrics.get("baselines") or {}).get("per_user", {})
+        columns = all_methods(metrics)
+        scores = {u: {**per_user[u], **base_per_user.get(u, {})} for u in per_user}
         urows = [[u, str(users.get(u, {}).get("history", "-")), users.get(u, {}).get("level", "-")]
-                 + [_fmt(per_user[u][m][metric]) for m in methods] for u in per_user]
-        out += [f"## Per user ({metric} {arrows[metric]})", "",
-                markdown_table(["user", "history", "activity"] + methods, urows), ""]
+                 + [_fmt(scores[u][m][metric]) if m in scores[u] else "-" for m in columns] for u in per_user]
+        out += [f"## Per user ({metric} {_arrow(metric)})", "",
+                markdown_table(["user", "history", "activity"] + columns, urows), ""]
     by_level = metrics.get("by_level") or {}
     if by_level:
         lrows = [[lv, str(v["users"])] + [f"{v['gain'][m]:+.4f}" for m in methods] for lv, v in by_level.items()]

@@ -93,6 +93,7 @@ def write_study_outputs(name: str, study_dir: Path, runs: dict[str, Path], secon
     methods = list(first["methods"])
     summary = {"study": name, "shows": STUDIES[name][0], "task": first["task"], "metric": metric,
                "methods": methods, "variants": {v: m["aggregate"] for v, m in metrics.items()},
+               "ci": {v: m.get("stats", {}).get("ci", {}) for v, m in metrics.items()},
                "by_level": {v: m.get("by_level", {}) for v, m in metrics.items()}, "seconds": seconds}
     atomic_write(study_dir / "metrics.json", json.dumps(summary, indent=2))
     atomic_write(study_dir / "run.json", json.dumps({"kind": "study", "study": name, "seconds": seconds,
@@ -112,10 +113,18 @@ def write_study_outputs(name: str, study_dir: Path, runs: dict[str, Path], secon
 
 def study_markdown(summary: dict[str, Any], runs: dict[str, Path]) -> str:
     metric, methods = summary["metric"], summary["methods"]
-    rows = [[v, f"[{v}/]({v}/REPORT.md)"] + [f"{agg[m][metric]:.4f}" for m in methods]
-            for v, agg in summary["variants"].items()]
+    cis = summary.get("ci", {})
+
+    def cell(v: str, m: str) -> str:
+        ci = cis.get(v, {}).get(m, {}).get(metric)
+        return f"{ci['mean']:.4f} [{ci['lo']:.4f}, {ci['hi']:.4f}]" if ci else f"{summary['variants'][v][m][metric]:.4f}"
+
+    rows = [[v, f"[{v}/]({v}/REPORT.md)"] + [cell(v, m) for m in methods] for v in summary["variants"]]
     lines = [f"## Study: {summary['study']} ({summary['task']})", "", summary["shows"], "",
-             markdown_table(["variant", "run"] + methods, rows), "", f"Scores: {metric}, all queries pooled."]
+             markdown_table(["variant", "run"] + methods, rows), "",
+             f"Scores: {metric}, all queries pooled" + (" [95% bootstrap CI over users]; each variant's own report "
+                                                        "has the paired differences and the non-LLM baselines."
+                                                        if any(cis.values()) else ".")]
     for v, levels in summary["by_level"].items():
         if summary["study"] == "activity" and levels:
             lrows = [[lv, str(x["users"])] + [f"{x['gain'][m]:+.4f}" for m in methods] for lv, x in levels.items()]

@@ -85,3 +85,75 @@ def test_experiment_writes_a_complete_run_directory(tiny_model_dir, tmp_path):
         assert (user_dir / f"personal-{aug}" / "adapter_model.safetensors").exists()
     assert (run / "base_adapter" / "oppu_adapter.json").exists()
     assert (run / "log.txt").read_text()
+
+
+def _planted(n_users: int = 12, n_queries: int = 4):
+    """Users who each favour one tag; OPPU knows it, non-personalized always says "comedy", RAG is
+    right half the time; a user's history holds their favourite tag."""
+    from shared.records import HistoryItem, Query, UserData
+    from simulations.experiment import UserResult
+
+    task = get_task("synthetic-tag")
+    tags = [t for t in task.labels if t != "comedy"]
+    users, results = [], []
+    for i in range(n_users):
+        fav = tags[i % len(tags)]
+        history = [HistoryItem(f"u{i}-h{j}", {"description": f"film {j}", "tag": fav if j % 3 else "comedy"}, time=j + 1)
+                   for j in range(6)]
+        queries = [Query(f"u{i}-q{j}", task.make_input(HistoryItem("x", {"description": "d", "tag": fav})), fav)
+                   for j in range(n_queries)]
+        users.append(UserData(f"u{i}", history, queries))
+        results.append(UserResult(f"u{i}", 6, {
+            "non-personalized": {q.id: "comedy" for q in queries},
+            "RAG": {q.id: fav if j % 2 else "comedy" for j, q in enumerate(queries)},
+            "OPPU": {q.id: fav for q in queries},
+        }))
+    return task, users, results
+
+
+def test_scores_carry_cis_paired_differences_and_baselines():
+    from simulations.experiment import render_results, score
+
+    task, users, results = _planted()
+    metrics = score(task, ("non-personalized", "RAG", "OPPU"), users, results, base_users=[], n_boot=500, n_perm=500)
+    stats, base = metrics["stats"], metrics["baselines"]
+    assert base["methods"] == ["baseline: user majority", "baseline: global majority"]
+    assert base["aggregate"]["baseline: user majority"]["accuracy"] == 1.0  # the history's majority is the favourite
+    assert base["best"] == "baseline: user majority"
+    assert stats["users"] == 12 and stats["queries"] == 48
+    assert stats["references"] == ["non-personalized", "RAG", "baseline: user majority"]
+    ci = stats["ci"]["RAG"]["accuracy"]
+    assert ci["mean"] == metrics["aggregate"]["RAG"]["accuracy"] == 0.5 and ci["lo"] <= 0.5 <= ci["hi"]
+    win = stats["vs"]["non-personalized"]["OPPU"]["accuracy"]
+    assert win["gain"] == 1.0 and win["lo"] > 0 and win["p"] < 0.01
+    # Every LLM method is flagged: none beats the user's own majority tag.
+    assert stats["below_best_baseline"] == ["non-personalized", "RAG", "OPPU"]
+    json.dumps(metrics)  # all of it goes to metrics.json
+
+    metrics["adoption"] = {"OPPU": {"adopted": 11, "users": 12}}
+    table = render_results(metrics, {"eval_users": 12, "queries": 48, "source": "hand-made"})
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "Δaccuracy vs non-pers. [95% CI]" in rows["method"] and "Δaccuracy vs RAG [95% CI]" in rows["method"]
+    assert "accuracy ↑ [95% CI]" in rows["method"] and "adopted" in rows["method"]
+    assert "+1.0000* [+1.0000, +1.0000]" in rows["OPPU"] and "11/12" in rows["OPPU"]
+    assert "below best non-LLM baseline" in rows["OPPU"]
+    assert "0.5000 [" in rows["RAG"] and "(reference)" in rows["RAG"]
+    assert "baseline: user majority" in rows and "below best" not in rows["baseline: user majority"]
+    assert "percentile bootstrap over the 12 users" in table
+
+
+def test_a_method_above_the_baselines_is_not_flagged_and_metrics_md_has_the_differences():
+    from simulations.experiment import score
+    from simulations.results import metrics_markdown
+
+    task, users, results = _planted()
+    for u, r in zip(users, results):  # the history now points away from the favourite tag
+        u.history = [type(it)(it.id, {**it.fields, "tag": "comedy"}, it.time) for it in u.history]
+    metrics = score(task, ("non-personalized", "RAG", "OPPU"), users, results, n_boot=300, n_perm=300)
+    # Everyone's majority is now "comedy", which is exactly what non-personalized answers: a tie is no win.
+    assert metrics["stats"]["below_best_baseline"] == ["non-personalized"]
+    md = metrics_markdown(metrics, {"users": {}})
+    assert "## Paired differences" in md and "baseline: global majority" in md
+    scores = md.split("## Paired differences")[0]
+    rows = {line.split("|")[1].strip(): line for line in scores.splitlines() if line.startswith("| ")}
+    assert "below best non-LLM baseline" in rows["non-personalized"] and "below best" not in rows["OPPU"]

@@ -39,6 +39,21 @@ def test_run_directory_is_self_contained(tiny_run):
     assert (tiny_run / "plots" / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_every_table_says_how_sure_it_is(tiny_run):
+    """results.md, metrics.md and REPORT.md: CIs over users, paired differences, non-LLM baselines."""
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    stats = metrics["stats"]
+    assert metrics["baselines"]["methods"] == ["baseline: user majority", "baseline: global majority"]
+    assert stats["users"] == 3 and stats["permutation"] == "exact" and stats["references"][:2] == ["non-personalized", "RAG"]
+    for m in metrics["methods"] + metrics["baselines"]["methods"]:
+        ci = stats["ci"][m]["accuracy"]
+        assert ci["lo"] <= ci["mean"] <= ci["hi"]
+    for name in ("results.md", "metrics.md", "REPORT.md"):
+        text = (tiny_run / name).read_text()
+        assert "accuracy ↑ [95% CI]" in text and "Δaccuracy vs non-pers. [95% CI]" in text, name
+        assert "| baseline: user majority" in text and "percentile bootstrap over the 3 users" in text, name
+
+
 def test_centralized_baseline_trains_one_adapter_on_all_users_pooled_histories(tiny_engine):
     spec = load_experiment(None, TINY)
     ds = load_dataset(spec.data)
@@ -71,6 +86,7 @@ def test_report_renders_two_runs_side_by_side(tiny_run, tmp_path):
     assert main(["report", str(tiny_run), str(other), "--out", str(out)]) == 0
     page = out.read_text()
     assert "## Comparison" in page and "retrieval.k" in page  # the setting that differs
+    assert "by method (pooled [95% CI over users])" in page and "baseline: user majority" in page
     assert f"## {tiny_run.name}" in page and "## other" in page
     links = [line.split("](")[1].rstrip(")") for line in page.splitlines() if line.startswith("![")]
     assert len(links) >= 4 and all((out.parent / link).is_file() for link in links)
