@@ -123,14 +123,15 @@ def artifact(msg: Message, context: Context) -> Message:
 
 @app.train(mods=[secagg_when_asked, clip_when_private])
 def train(msg: Message, context: Context) -> Message:
-    from client.federated import train as train_round
+    from client.federated import reply_metrics, train as train_round
 
     if LEGACY_FITINS in msg.content.config_records:
         return _train_secagg(msg, context)
     cfg = RoundConfig.from_record(_record(msg, "config", CONFIG))
     arrays = _arrays(msg)
-    update, metrics = train_round(_node(context), cfg, arrays)
-    content = RecordDict({METRICS: MetricRecord(metrics)})
+    node = _node(context)
+    update, metrics = train_round(node, cfg, arrays)
+    content = RecordDict({METRICS: MetricRecord(reply_metrics(node, metrics))})
     if update is not None:
         content[ARRAYS] = ArrayRecord({k: Array(update[k]) for k in arrays})  # same keys, same order
     return Message(content, reply_to=msg)
@@ -138,12 +139,13 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from client.federated import evaluate as evaluate_round
+    from client.federated import evaluate as evaluate_round, reply_metrics
 
     cfg = RoundConfig.from_record(_record(msg, "config", CONFIG))
     arrays = _arrays(msg)
-    metrics = evaluate_round(_node(context), cfg, arrays)
-    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+    node = _node(context)
+    metrics = evaluate_round(node, cfg, arrays)
+    return Message(RecordDict({METRICS: MetricRecord(reply_metrics(node, metrics))}), reply_to=msg)
 
 
 LEGACY_FITINS = "fitins.config"  # SecAgg+ speaks Flower's legacy FitIns/FitRes records
@@ -155,14 +157,16 @@ def _train_secagg(msg: Message, context: Context) -> Message:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from client.federated import train as train_round
+    from client.federated import reply_metrics, train as train_round
     from shared.privacy import clip_update
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     keys = str(fitins.config["oppu-keys"]).split(",")
     arrays = dict(zip(keys, parameters_to_ndarrays(fitins.parameters)))
     cfg = RoundConfig.from_record(fitins.config)
-    update, metrics = train_round(_node(context), cfg, arrays)
+    node = _node(context)
+    update, metrics = train_round(node, cfg, arrays)
+    metrics = reply_metrics(node, metrics)
     if update is None:
         raise ClientError("a SecAgg+ round needs privacy.federate_base_adapter = true")
     if CLIPPING_NORM_KEY in fitins.config:

@@ -56,6 +56,8 @@ class Node:
     spec: FederatedSpec
     user: UserDir
     cache: ArtifactCache
+    simulated: bool = False  # a simulated user of `oppu simulate` (Flower's partition-id), not a deployed client
+    allow_metrics: bool = True  # node config `report-metrics`: the user's own say on sending numbers
 
 
 def spec_from_run_config(run_config: Mapping[str, Any]) -> FederatedSpec:
@@ -98,7 +100,20 @@ def node_from(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
         cache = Path(spec.federation.client_cache)
     else:
         cache = cache_root(spec.experiment.base_model) / "client-artifacts"
-    return Node(spec, UserDir(data_dir), ArtifactCache(cache))
+    allow = str(node_config.get("report-metrics", "true")).strip().lower() not in ("false", "0", "no", "off")
+    return Node(spec, UserDir(data_dir), ArtifactCache(cache), simulated=pid is not None, allow_metrics=allow)
+
+
+def reply_metrics(node: Node, metrics: Mapping[str, float]) -> dict[str, float]:
+    """The numbers a train or evaluate reply may carry. Under DP a deployed client sends none
+    (losses, example and history counts, scores are per-user and outside the DP guarantee) unless
+    the operator opted in (`federation.report_client_metrics`) and the user's node config does
+    not refuse (`report-metrics = false`). Simulated users always send them: the researcher owns
+    the data, and the run's report says so. Without DP the numbers are sent (the update itself
+    goes in the clear then): docs/federation.md lists each message's contents."""
+    if not node.spec.dp or node.simulated or (node.spec.federation.report_client_metrics and node.allow_metrics):
+        return dict(metrics)
+    return {}
 
 
 # ----------------------------------------------------------------------------- the model

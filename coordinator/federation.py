@@ -30,11 +30,11 @@ from shared.protocol import (
 
 from . import checkpoint
 from .report import render_report, round_line
-from .sampling import NodeNames, sample as sample_nodes
+from .sampling import NodeNames, sample_round
 from .distribution import Artifact, Distributor, export_quantized_model
 from .strategy import (
-    Accounting, SampledGrid, align_metric_keys, build_strategy, exchanged, for_round, load_strategy_state, mean_metrics, screen,
-    strategy_state,
+    Accounting, SampledGrid, aggregate_dp, align_metric_keys, bound_updates, build_strategy, exchanged,
+    load_strategy_state, mean_metrics, mechanism, screen, strategy_state, train_config,
 )
 
 log = logging.getLogger("oppu.coordinator")
@@ -204,124 +204,149 @@ class Coordinator:
                            delta=p.delta if epsilon is not None else 0.0)
 
     def _round(self, grid: Any, rnd: int) -> bool:
+        """One round. Nothing derived from this round's updates leaves the coordinator before the
+        checkpoint holding the new base adapter, the accountant that paid for it and the round
+        number is durable: a coordinator killed at any point before that reruns the round (the
+        unreleased aggregate is lost, never published), one killed after it resumes at the next."""
         f, e = self.spec.federation, self.spec.experiment
         t0 = time.time()
         nodes = self.names.order(grid, self._connected(grid))
-        m = min(len(nodes), max(f.min_clients, round(f.fraction_train * len(nodes))))
-        sample = sample_nodes(nodes, m, seed=f.seed, rnd=rnd)
-        q = m / len(nodes)
-        if self.accounting.would_exceed(sample_rate=q):
+        if self.accounting.would_exceed(sample_rate=f.fraction_train):
             log.warning("round %d: stopping, epsilon would reach %.3f > budget %.3f", rnd,
-                        self.accounting.projected(sample_rate=q), e.privacy.epsilon_budget)
+                        self.accounting.projected(sample_rate=f.fraction_train), e.privacy.epsilon_budget)
             self.status = "budget-exhausted"
             return False
-        dist = self.distributor.ensure(grid, sample)
-        ready = dist.ok(sample)
-        if not ready:
-            log.warning("round %d: no sampled user could receive the artifacts (%s); the round is skipped",
-                        rnd, "; ".join(f"{n}: {r}" for n, r in list(dist.failed.items())[:3]))
+        sample, q = sample_round(nodes, self.spec, rnd)
+        dist = self.distributor.ensure(grid, sample) if sample else None
+        ready = dist.ok(sample) if dist else []
+        if sample and not ready:
+            log.warning("round %d: no sampled user could receive the artifacts (%s)%s", rnd,
+                        "; ".join(f"{n}: {r}" for n, r in list(dist.failed.items())[:3]),
+                        "; the noise alone is released" if self.spec.dp else "; the round is skipped")
         state = exchanged(self.engine.base_state(), ffa_lora=f.ffa_lora)
         cfg = self._round_config(rnd, e.methods, epsilon=self.accounting.projected(sample_rate=q))
         if f.secagg:
-            out = self._train_secure(grid, rnd, ready, state, cfg)
+            out = self._train_secure(grid, rnd, ready, state, cfg, population=len(nodes))
         else:
-            out = self._train_plain(grid, rnd, ready, state, cfg, len(sample))
+            out = self._train_plain(grid, rnd, ready, state, cfg, population=len(nodes))
         if out["new"] is not None:
-            if self.accounting.would_exceed_with(sample_rate=q, sampled=len(sample), aggregated=out["aggregated"]):
-                # Fewer updates than sampled make the noise relatively larger per user; a release
-                # that would break the budget is dropped (nothing published, nothing spent).
-                log.warning("round %d: only %d of %d updates; releasing this aggregate would exceed the "
-                            "epsilon budget, so it is discarded", rnd, out["aggregated"], len(sample))
-                out["aggregated"] = 0
-            else:
-                self._apply(out["new"])
-                self.accounting.record(sample_rate=q, sampled=len(sample), aggregated=out["aggregated"])
+            self._apply(out["new"])  # in memory only until the checkpoint below is durable
+            self.accounting.record(out["event"])
         entry = {
             "round": rnd, "connected": len(nodes), "sampled": len(sample), "sample_rate": q,
-            "users": [self.names.label(n) for n in sample],
             "aggregated": out["aggregated"], "replied": out["replied"],
             "rejected": {str(k): v for k, v in out["rejected"].items()},
-            "failed": {**{str(k): v for k, v in dist.failed.items()}, **{str(k): v for k, v in out["failed"].items()}},
+            "failed": {**{str(k): v for k, v in (dist.failed.items() if dist else [])},
+                       **{str(k): v for k, v in out["failed"].items()}},
+            "clipped": out.get("clipped", 0),
             "train": out["train"], "epsilon": self.accounting.epsilon(),
             "delta": e.privacy.delta if self.spec.dp else None,
-            "bytes_per_client": {"artifacts": sum(dist.sent.values()) / max(1, len(dist.sent)),
+            "bytes_per_client": {"artifacts": sum(dist.sent.values()) / max(1, len(dist.sent)) if dist else 0.0,
                                  "base_adapter_down": out["down"], "base_adapter_up": out["up"]},
         }
-        if f.evaluate_every and rnd % f.evaluate_every == 0 and rnd < f.rounds:
-            entry["evaluate"] = self._evaluate(grid, ("non-personalized",), rnd)
+        if not self.spec.dp or f.sampling_seed >= 0:
+            # Under DP with secret sampling, who took part stays out of the run's records: the
+            # amplification by subsampling that the epsilon counts on assumes nobody learns it.
+            entry["users"] = [self.names.label(n) for n in sample]
+        report = self.accounting.report()
+        if report is not None:
+            entry["epsilon_rdp"], entry["epsilon_prv"] = report["epsilon_rdp"], report["epsilon_prv"]
         entry["seconds"] = time.time() - t0
         self.history.append(entry)
-        self._checkpoint(rnd)
+        self._checkpoint(rnd)  # durable: from here on the new adapter may leave
+        if f.evaluate_every and rnd % f.evaluate_every == 0 and rnd < f.rounds:
+            entry["evaluate"] = self._evaluate(grid, ("non-personalized",), rnd)
+            entry["seconds"] = time.time() - t0
+            self._checkpoint(rnd)
         log.info("%s", round_line(entry, f.rounds))
         return True
 
-    def _train_plain(self, grid: Any, rnd: int, ready: list[int], state: dict[str, Any], cfg: RoundConfig,
-                     sampled: int) -> dict[str, Any]:
-        """Flower's strategy (and DP wrapper) over individually validated replies."""
+    def _noise_rng(self, rnd: int) -> Any:
+        from shared.aggregation import noise_generator
+
+        seed = self.spec.federation.sampling_seed
+        return noise_generator(seed if seed >= 0 else None, rnd)
+
+    def _train_plain(self, grid: Any, rnd: int, ready: list[int], state: dict[str, Any], cfg: RoundConfig, *,
+                     population: int) -> dict[str, Any]:
+        """Flower's strategy sends the round and, without DP, averages bounded updates; under DP
+        the accepted updates go through THE DP-FedAvg round (strategy.aggregate_dp)."""
         from flwr.app import ArrayRecord, ConfigRecord
 
+        f = self.spec.federation
         arrays = ArrayRecord({k: _array(v) for k, v in state.items()})
-        strategy = for_round(self.inner, self.spec, sampled)
-        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(cfg.to_record()),
-                                             SampledGrid(grid, ready))) if ready else []
-        replies = list(grid.send_and_receive(msgs, timeout=self.spec.federation.round_timeout)) if msgs else []
+        config = ConfigRecord(train_config(self.spec, cfg.to_record()))
+        msgs = list(self.inner.configure_train(rnd, arrays, config, SampledGrid(grid, ready))) if ready else []
+        replies = list(grid.send_and_receive(msgs, timeout=f.round_timeout)) if msgs else []
         # Arrival order varies; the sums (and so a rerun's last bits) should not.
         replies.sort(key=lambda r: self.names.key(r.metadata.src_node_id))
         answered = {r.metadata.src_node_id for r in replies}
         screened = screen(replies, {k: v.shape for k, v in state.items()}, federate=cfg.federate, dp=self.spec.dp)
-        aggregated, arrays_new = 0, None
+        aggregated, arrays_new, event, clipped = 0, None, None, 0
         train_metrics = mean_metrics([r.content[METRICS] for r in screened.accepted], "num-examples")
-        if cfg.federate and screened.accepted:
+        if cfg.federate and self.spec.dp:
+            result = aggregate_dp(screened.accepted, state, self.spec, population=population, rng=self._noise_rng(rnd))
+            arrays_new, event, aggregated, clipped = result.state, result.event, result.contributions, result.clipped
+        elif cfg.federate and screened.accepted:
+            clipped = bound_updates(screened.accepted, state, max_norm=f.max_update_norm,
+                                    max_weight_ratio=f.max_weight_ratio)
             # Flower refuses to aggregate replies whose metric keys differ (e.g. one user trained a
             # personal adapter for the first time this round, and reports its loss); our own
             # mean above kept every key, Flower gets the keys all replies share.
             align_metric_keys(screened.accepted)
-            new, _ = strategy.aggregate_train(rnd, screened.accepted)
+            new, _ = self.inner.aggregate_train(rnd, screened.accepted)
             if new is not None:
                 arrays_new = {k: a.numpy() for k, a in new.items()}
                 aggregated = len(screened.accepted)
         up = sum(r.content[ARRAYS].count_bytes() for r in screened.accepted if ARRAYS in r.content.array_records)
-        return {"new": arrays_new, "replied": len(screened.accepted), "aggregated": aggregated,
-                "rejected": screened.rejected,
+        return {"new": arrays_new, "event": event, "replied": len(screened.accepted), "aggregated": aggregated,
+                "rejected": screened.rejected, "clipped": clipped,
                 "failed": {n: "no reply" for n in ready if n not in answered},
                 "train": train_metrics,
                 "down": arrays.count_bytes() if msgs else 0, "up": up / max(1, len(screened.accepted))}
 
     def _train_secure(self, grid: Any, rnd: int, ready: list[int], state: dict[str, Any],
-                      cfg: RoundConfig) -> dict[str, Any]:
-        """SecAgg+: only the sum is revealed; clients clip, the coordinator adds the noise."""
-        import secrets
-
+                      cfg: RoundConfig, *, population: int) -> dict[str, Any]:
+        """SecAgg+: only the sum is revealed. Each client clips its own update to C (the coordinator
+        cannot see one to clip it); the sum then goes through THE DP-FedAvg release (fixed
+        denominator, noise, accounting) of shared/aggregation.py."""
         import numpy as np
 
-        from shared.privacy import noise_std
+        from shared.aggregation import delta_of, release
 
         from .secagg import secure_average
 
-        p = self.spec.experiment.privacy
-        config = cfg.to_record()
-        if self.spec.dp:
-            config["clipping_norm"] = p.clipping_norm
-        res = secure_average(grid, ready, state, config, server_round=rnd, timeout=self.spec.federation.round_timeout)
-        out: dict[str, Any] = {"new": None, "replied": res.aggregated, "aggregated": 0, "rejected": {}, "failed": {},
-                               "train": mean_metrics(res.metrics, "num-examples"),
-                               "down": sum(v.nbytes for v in state.values()) if ready else 0,
-                               "up": sum(v.nbytes for v in state.values()) if res.aggregated else 0}
-        for reason in res.failures:
+        config = train_config(self.spec, cfg.to_record())
+        res = secure_average(grid, ready, state, config, server_round=rnd, timeout=self.spec.federation.round_timeout) \
+            if len(ready) >= 2 else None
+        out: dict[str, Any] = {"new": None, "event": None, "replied": res.aggregated if res else 0, "aggregated": 0,
+                               "rejected": {}, "failed": {},
+                               "train": mean_metrics(res.metrics, "num-examples") if res else {},
+                               "down": sum(v.nbytes for v in state.values()) if res else 0,
+                               "up": sum(v.nbytes for v in state.values()) if res and res.aggregated else 0}
+        if len(ready) == 1:
+            out["failed"] = {ready[0]: "SecAgg+ needs at least 2 users in a round; this update is not used"}
+        for reason in (res.failures if res else []):
             log.warning("round %d: SecAgg+ failure: %s", rnd, reason)
-        avg = res.average
-        if avg is None:
+        avg = res.average if res else None
+        if avg is not None:
+            bad = [k for k in state if k not in avg or avg[k].shape != state[k].shape or not np.isfinite(avg[k]).all()]
+            if bad or set(avg) != set(state):
+                out["rejected"] = {"aggregate": f"secure aggregate does not fit the base adapter (e.g. {(bad or ['keys'])[0]})"}
+                avg = None
+        elif ready and len(ready) >= 2:
             out["failed"] = {n: "SecAgg+ produced no aggregate" for n in ready}
+        if not self.spec.dp:
+            if avg is not None:
+                out["new"], out["aggregated"] = avg, res.aggregated
             return out
-        bad = [k for k in state if k not in avg or avg[k].shape != state[k].shape or not np.isfinite(avg[k]).all()]
-        if bad or set(avg) != set(state):
-            out["rejected"] = {"aggregate": f"secure aggregate does not fit the base adapter (e.g. {(bad or ['keys'])[0]})"}
-            return out
-        if self.spec.dp:  # the DP wrapper's noise, on the average it cannot see the parts of
-            rng = np.random.default_rng(secrets.randbits(128))
-            std = noise_std(noise_multiplier=p.noise_multiplier, clipping_norm=p.clipping_norm, num_clients=len(ready))
-            avg = {k: (v + rng.normal(0.0, std, size=v.shape)).astype(np.float32) for k, v in avg.items()}
-        out["new"], out["aggregated"] = avg, res.aggregated
+        # The securely averaged new tensors of n users -> the sum of their (client-clipped) deltas.
+        n = res.aggregated if avg is not None else 0
+        delta_sum = ({k: v * n for k, v in delta_of(avg, state).items()} if n
+                     else {k: np.zeros(v.shape) for k, v in state.items()})
+        result = release(state, delta_sum, mechanism=mechanism(self.spec), population=population,
+                         rng=self._noise_rng(rnd), contributions=n)
+        out["new"], out["event"], out["aggregated"] = result.state, result.event, n
         return out
 
     def _apply(self, new: dict[str, Any]) -> None:
@@ -368,11 +393,15 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------ reports
 
+    def _privacy_summary(self) -> dict[str, Any]:
+        return privacy_summary(self.spec, self.accounting)
+
     def _report(self, final: dict[str, float]) -> dict[str, Any]:
         summary = {
             "status": self.status, "task": self.task.name, "initial": self.initial, "rounds": self.history,
             "final": final, "epsilon": self.accounting.epsilon(),
             "delta": self.spec.experiment.privacy.delta if self.spec.dp else None,
+            "privacy": self._privacy_summary(),
             "artifacts": {"model": self.model.id, "model_bytes": self.model.manifest.total_bytes,
                           "base_adapter": self.base_artifact.id,
                           "base_adapter_bytes": self.base_artifact.manifest.total_bytes,
@@ -382,6 +411,34 @@ class Coordinator:
         atomic_write(self.run_dir / "federation.json", json.dumps(summary, indent=2))
         atomic_write(self.run_dir / "report.md", render_report(summary, self.spec))
         return summary
+
+
+SEEDED_NOTE = "sampling seeded for reproducibility: the epsilon assumes the seed is secret"
+
+
+def privacy_summary(spec: FederatedSpec, accounting: Accounting) -> dict[str, Any]:
+    """How the run's user-level epsilon was obtained (federation.json, privacy.json, REPORT.md)."""
+    f = spec.federation
+    if not spec.dp:
+        return {"mechanism": "none" if not spec.experiment.privacy.federate_base_adapter else "no noise (epsilon infinite)",
+                "sampling": f"fixed-size, seeded by federation.seed={f.seed}"}
+    out: dict[str, Any] = {
+        "mechanism": "DP-FedAvg (shared/aggregation.py): Poisson participation, server-side clipping to C, "
+                     "fixed denominator q*N, Gaussian noise z*C/(q*N)",
+        "accountant": "Poisson-subsampled Gaussian; epsilon = the smaller of the RDP (Opacus) and PRV "
+                      "(Opacus, Gopi et al. 2021) upper bounds",
+        "sample_rate": f.fraction_train,
+        "sampling": (f"Poisson, seeded by federation.sampling_seed={f.sampling_seed}" if f.sampling_seed >= 0
+                     else "Poisson, from the OS's CSPRNG"),
+        "sampling_seeded": f.sampling_seed >= 0,
+        **(accounting.report() or {}),
+    }
+    if f.sampling_seed >= 0:
+        out["note"] = SEEDED_NOTE
+    if f.secagg:
+        out["secagg"] = ("under SecAgg+ the coordinator cannot clip individual updates: the bound C relies on each "
+                         "client clipping its own")
+    return out
 
 
 def _array(v: Any) -> Any:

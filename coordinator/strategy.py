@@ -1,14 +1,19 @@
-"""Aggregation of base-adapter updates: Flower's FedAvg / FedAdam / FedProx, FFA-LoRA's B-only
-exchange, validation of every update before it is aggregated, user-level DP (Flower's
-client-side fixed clipping wrapper adds the noise) and our own RDP accounting with a budget.
+"""Aggregation of base-adapter updates: validation of every reply, then either user-level
+DP-FedAvg (shared/aggregation.py, THE round maths) or, without DP, Flower's FedAvg / FedAdam /
+FedProx over bounded updates; FFA-LoRA's B-only exchange; the privacy ledger and its budget.
 
 A reply is aggregated only if it carries exactly the tensors that were sent (same keys, same
-shapes, finite values) and a positive finite example count; anything else is rejected with a
-logged reason and the round goes on with the rest. Under DP every accepted update weighs the
-same (the clipping bound is per user, so weighting by example counts would scale a user's
-influence past it), the noise is calibrated to the number of users sampled, and the round is
-accounted as one sampled-Gaussian step with q = sampled / connected users; if fewer replies
-than sampled were aggregated the effective noise multiplier is z · accepted / sampled.
+shapes, finite values) and, without DP, a positive finite example count; anything else is
+rejected with a logged reason and the round goes on with the rest.
+
+- Under DP (`aggregate_dp`): every accepted update is clipped to C by the coordinator whatever
+  the client did (clients clip too: Flower's `fixedclipping_mod`, asked for by the clipping norm
+  in the train config), summed, divided by the fixed q·N and noised with std z·C/(q·N); the round
+  is accounted as one Poisson-subsampled Gaussian step (z, q) whoever replied.
+- Without DP (`bound_updates`): each update is clipped to `federation.max_update_norm` and each
+  example count is capped at `federation.max_weight_ratio` x the round's lower-median count
+  before Flower's strategy averages them, so one client can neither push the global adapter
+  further than the bound nor take over the weighted average.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ import numpy as np
 
 from shared.config import FederatedSpec
 from shared.metrics import ROOT_MEAN_SQUARE
-from shared.privacy import RDPAccountant
+from shared.aggregation import Mechanism, RoundResult, bounded, dp_fedavg_round, robust_weights
+from shared.privacy import Accountant, PrivacyEvent
 from shared.protocol import AGG_WEIGHT, ARRAYS, METRICS, NUM_EXAMPLES, is_lora_b
 
 log = logging.getLogger("oppu.strategy")
+
+CLIPPING_NORM_KEY = "clipping_norm"  # flwr.supercore.differential_privacy.KEY_CLIPPING_NORM
 
 
 def build_strategy(spec: FederatedSpec) -> Any:
@@ -42,15 +50,20 @@ def build_strategy(spec: FederatedSpec) -> Any:
     return FedAvg(**common)
 
 
-def for_round(inner: Any, spec: FederatedSpec, num_sampled: int) -> Any:
-    """Under DP, Flower's client-side fixed-clipping wrapper around the inner strategy: it sends
-    the clipping norm (the clients' `fixedclipping_mod` clips) and adds the Gaussian noise."""
-    if not spec.dp:
-        return inner
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+def train_config(spec: FederatedSpec, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The train messages' config: under DP it names the clipping norm, which makes the client's
+    `fixedclipping_mod` clip its update before it leaves (the coordinator clips again)."""
+    out = dict(record)
+    if spec.dp:
+        out[CLIPPING_NORM_KEY] = spec.experiment.privacy.clipping_norm
+    return out
 
+
+def mechanism(spec: FederatedSpec) -> Mechanism:
+    """The run's DP-FedAvg parameters: z and C from [privacy], q = federation.fraction_train."""
     p = spec.experiment.privacy
-    return DifferentialPrivacyClientSideFixedClipping(inner, p.noise_multiplier, p.clipping_norm, num_sampled)
+    return Mechanism(noise_multiplier=p.noise_multiplier, clipping_norm=p.clipping_norm,
+                     sample_rate=spec.federation.fraction_train)
 
 
 class SampledGrid:
@@ -77,8 +90,10 @@ def exchanged(state: Mapping[str, Any], *, ffa_lora: bool) -> dict[str, np.ndarr
     return out
 
 
-def validate_reply(reply: Any, expected: Mapping[str, tuple[int, ...]], *, federate: bool) -> str | None:
-    """None if the reply may be aggregated, else why not."""
+def validate_reply(reply: Any, expected: Mapping[str, tuple[int, ...]], *, federate: bool,
+                   dp: bool = False) -> str | None:
+    """None if the reply may be aggregated, else why not. Under DP the example count is not
+    needed (every user weighs the same) and a deployed client does not send it."""
     if reply.has_error():
         return f"client error: {reply.error.reason}"
     content = reply.content
@@ -86,7 +101,8 @@ def validate_reply(reply: Any, expected: Mapping[str, tuple[int, ...]], *, feder
     if metrics is None or len(content.metric_records) != 1:
         return "no single metrics record"
     n = metrics.get(NUM_EXAMPLES)
-    if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n <= 0:
+    if (not dp or n is not None) and (
+            not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n <= 0):
         return f"{NUM_EXAMPLES}={n!r} is not a positive finite number"
     if not federate:
         return "unexpected tensors in a round that does not federate the base adapter" if content.array_records else None
@@ -115,19 +131,48 @@ class Screened:
 
 
 def screen(replies: Iterable[Any], expected: Mapping[str, tuple[int, ...]], *, federate: bool, dp: bool) -> Screened:
-    """Validate every reply; set the aggregation weight of those accepted."""
+    """Validate every reply; keep those that may be aggregated."""
     out = Screened()
     for reply in replies:
         node = reply.metadata.src_node_id
-        reason = validate_reply(reply, expected, federate=federate)
+        reason = validate_reply(reply, expected, federate=federate, dp=dp)
         if reason is not None:
             out.rejected[node] = reason
             log.warning("round update from node %s rejected: %s", node, reason)
             continue
-        metrics = reply.content[METRICS]
-        metrics[AGG_WEIGHT] = 1.0 if dp else float(metrics[NUM_EXAMPLES])
         out.accepted.append(reply)
     return out
+
+
+def bound_updates(accepted: list[Any], global_state: Mapping[str, np.ndarray], *, max_norm: float,
+                  max_weight_ratio: float) -> int:
+    """Without DP, before Flower's strategy averages the accepted replies (in place): each update
+    clipped to `max_norm` around the global tensors (0: unbounded), each example count capped
+    (shared.aggregation.robust_weights) as the aggregation weight. Returns how many were clipped."""
+    from flwr.app import Array, ArrayRecord
+
+    weights = robust_weights([float(r.content[METRICS][NUM_EXAMPLES]) for r in accepted], max_ratio=max_weight_ratio)
+    clipped = 0
+    for reply, w in zip(accepted, weights):
+        reply.content[METRICS][AGG_WEIGHT] = w
+        if ARRAYS not in reply.content.array_records:
+            continue
+        record = reply.content[ARRAYS]
+        new, n = bounded({k: record[k].numpy() for k in global_state}, global_state, bound=max_norm)
+        if max_norm > 0 and n > max_norm:
+            clipped += 1
+            log.warning("update from node %s has norm %.3g > federation.max_update_norm %.3g: clipped",
+                        reply.metadata.src_node_id, n, max_norm)
+            reply.content[ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(new[k])) for k in record})
+    return clipped
+
+
+def aggregate_dp(accepted: list[Any], global_state: Mapping[str, np.ndarray], spec: FederatedSpec, *,
+                 population: int, rng: np.random.Generator) -> RoundResult:
+    """The coordinator's DP-FedAvg round over the accepted replies (the Flower path): THE round
+    of shared/aggregation.py with the run's mechanism, q·N = fraction_train x connected users."""
+    updates = [{k: reply.content[ARRAYS][k].numpy() for k in global_state} for reply in accepted]
+    return dp_fedavg_round(global_state, updates, mechanism=mechanism(spec), population=population, rng=rng)
 
 
 def align_metric_keys(replies: list[Any]) -> None:
@@ -169,16 +214,22 @@ def _quadratic(key: str) -> bool:
 
 
 class Accounting:
-    """The run's privacy ledger: one sampled-Gaussian step per aggregated DP round."""
+    """The run's privacy ledger: one Poisson-subsampled Gaussian step (z, q) per DP round. It
+    reports the tightest correct epsilon (shared.privacy.Accountant: the smaller of the RDP and
+    PRV bounds), and the budget stop uses the same number."""
 
     def __init__(self, spec: FederatedSpec, state: Mapping[str, Any] | None = None) -> None:
         p = spec.experiment.privacy
         self.enabled = spec.dp
         self.noise_multiplier, self.delta, self.budget = p.noise_multiplier, p.delta, p.epsilon_budget
-        self.accountant = RDPAccountant.from_state_dict(state) if state else RDPAccountant()
+        self.accountant = Accountant.from_state_dict(state) if state else Accountant()
 
     def epsilon(self) -> float | None:
         return self.accountant.epsilon(delta=self.delta) if self.enabled else None
+
+    def report(self) -> dict[str, float] | None:
+        """epsilon (the one reported), epsilon_rdp, epsilon_prv, delta; None without DP."""
+        return self.accountant.report(delta=self.delta) if self.enabled else None
 
     def projected(self, *, sample_rate: float) -> float | None:
         if not self.enabled:
@@ -190,18 +241,11 @@ class Accounting:
         return self.enabled and self.accountant.would_exceed(
             budget=self.budget, delta=self.delta, noise_multiplier=self.noise_multiplier, sample_rate=sample_rate)
 
-    def would_exceed_with(self, *, sample_rate: float, sampled: int, aggregated: int) -> bool:
-        """Would releasing an aggregate of `aggregated` of `sampled` updates break the budget?"""
-        if not self.enabled or aggregated == 0:
-            return False
-        return self.accountant.would_exceed(budget=self.budget, delta=self.delta, sample_rate=sample_rate,
-                                            noise_multiplier=self.noise_multiplier * aggregated / sampled)
-
-    def record(self, *, sample_rate: float, sampled: int, aggregated: int) -> None:
-        if not self.enabled or aggregated == 0:
+    def record(self, event: PrivacyEvent | None) -> None:
+        """Compose one released round (`RoundResult.event`); nothing without DP."""
+        if not self.enabled or event is None:
             return
-        z_eff = self.noise_multiplier * aggregated / sampled
-        self.accountant.step(noise_multiplier=z_eff, sample_rate=sample_rate)
+        self.accountant.step(noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps)
 
     def state_dict(self) -> dict[str, Any]:
         return self.accountant.state_dict()

@@ -512,7 +512,9 @@ class FederationSpec:
 
     rounds: int = field(default=3, metadata={"help": "Federated rounds."})
     fraction_train: float = field(
-        default=1.0, metadata={"help": "Fraction of connected users sampled each round (at least min_clients)."}
+        default=1.0,
+        metadata={"help": "Without DP: fraction of connected users sampled each round (at least min_clients). "
+                          "Under DP: q, the probability with which each connected user takes part (Poisson)."},
     )
     min_clients: int = field(default=2, metadata={"help": "Users that must be connected before a round starts."})
     strategy: str = field(default="fedavg", metadata={"help": "fedavg | fedadam | fedprox (base-adapter aggregation)."})
@@ -551,10 +553,37 @@ class FederationSpec:
         metadata={"help": "Simulation: the clients' artifact cache; empty: $OPPU_CACHE/client-artifacts."},
     )
     sim_client_cpus: float = field(default=1.0, metadata={"help": "Simulation: CPU cores per virtual client."})
-    seed: int = field(default=0, metadata={"help": "Seed for client sampling and server-side noise."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the fixed-size client sampling of runs without DP, and of local example shuffles."}
+    )
+    sampling_seed: int = field(
+        default=-1,
+        metadata={"help": "Under DP: seed of the Poisson participation draw and of the server's noise, for "
+                          "reproducible simulations (the epsilon then assumes the seed is secret); -1: the OS's "
+                          "CSPRNG, as a deployment must use."},
+    )
+    max_update_norm: float = field(
+        default=10.0,
+        metadata={"help": "Without DP: the coordinator clips each update (new - global) to this L2 norm; 0: no bound. "
+                          "Under DP the bound is privacy.clipping_norm."},
+    )
+    max_weight_ratio: float = field(
+        default=4.0,
+        metadata={"help": "Without DP: a reply's example count weighs at most this many times the round's "
+                          "lower-median count in FedAvg; 0: every user weighs the same."},
+    )
+    report_client_metrics: bool = field(
+        default=False,
+        metadata={"help": "Under DP, deployed clients send per-user numbers (losses, example counts, scores) only "
+                          "when this is true (they are outside the DP guarantee); simulated users always do."},
+    )
 
     def __post_init__(self) -> None:
         _positive("federation.rounds", self.rounds)
+        if self.sampling_seed < -1:
+            raise ValueError(f"federation.sampling_seed={self.sampling_seed!r} must be -1 (secret randomness) or >= 0")
+        for name in ("max_update_norm", "max_weight_ratio"):
+            _positive(f"federation.{name}", getattr(self, name), allow_zero=True)
         if not 0 < self.fraction_train <= 1:
             raise ValueError(f"federation.fraction_train={self.fraction_train!r} must be in (0, 1]")
         _positive("federation.min_clients", self.min_clients)

@@ -3,11 +3,13 @@ noise multiplier, clipping norm, clients per round and population size, with bas
 federation on or off and record-level DP-SGD on or off.
 
 Each cell runs the federation's own pieces in one process, without Flower's messaging (per-cell
-cost matters; `oppu simulate` is the Flower path): the sampled users train the base adapter with
-the client's function (client.federated.train_base_locally, optionally with DP-SGD), their
-updates are clipped (shared.privacy.clip_update), averaged with equal weights and noised with
-std z·C/m (shared.privacy.noise_std), and every round is accounted by the coordinator's
-ledger (coordinator.strategy.Accounting, RDP). Then:
+cost matters; `oppu simulate` is the Flower path): each round's participants are drawn by THE
+mechanism's Poisson participation (shared.aggregation.participants, q = m/N, seeded: see
+`sampling_seed`), train the base adapter with the client's function
+(client.federated.train_base_locally, optionally with DP-SGD), and their updates go through THE
+DP-FedAvg round the coordinator runs (shared.aggregation.dp_fedavg_round: clipping to C, the
+fixed denominator q·N, noise z·C/(q·N)); every round is accounted by the coordinator's ledger
+(coordinator.strategy.Accounting: the smaller of the RDP and PRV epsilons). Then:
 
 - utility: the final shared base adapter's score on the population's held-out queries;
 - attack: loss-threshold membership inference (simulations/membership.py) against the shared
@@ -127,7 +129,9 @@ def run_ablation(spec: AblationSpec, run_dir: Path | None = None, *, progress: b
         population_pool, holdout = chosen[: max(g.populations)], chosen[max(g.populations):]
         grid = cells(spec)
         metrics_base = {"task": dataset.task, "utility_metric": task.metric_names[0], "source": dataset.source,
-                        "notes": dataset.notes, "small_model": _small_model_note(spec, grid)}
+                        "notes": dataset.notes, "small_model": _small_model_note(spec, grid),
+                        "sampling_seed": sampling_seed(spec),
+                        "sampling_note": "sampling seeded for reproducibility: the epsilon assumes the seed is secret"}
         models: dict[bool, _Model] = {}
         results = []
         for cell in tqdm(grid, desc="ablation cells", disable=not progress, unit="cell"):
@@ -204,9 +208,10 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
 
     from client.federated import base_examples, train_base_locally
     from coordinator.strategy import Accounting, exchanged
+    from shared.aggregation import noise_generator, participants
     from shared.dpsgd import DPSGD
     from shared.personalize import Context, prompt_for
-    from shared.privacy import RDPAccountant, clip_update, noise_std
+    from shared.privacy import RDPAccountant
     from shared.retrieval import InMemoryHistoryStore, make_retriever
 
     from .membership import attack, balanced, calibrated_auc
@@ -219,12 +224,15 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
     accounting = Accounting(fspec)
     record_ledgers: dict[str, RDPAccountant] = {}
     participated: set[str] = set()
-    rng = np.random.default_rng([g.seed, cell["id"]])
-    n, m = len(population), cell["clients_per_round"]
-    losses, norms = [], []
+    n = len(population)
+    mech = ablation_mechanism(cell)
+    seed = sampling_seed(spec)
+    losses, norms, sampled = [], [], []
     if cell["federate_base_adapter"]:
         for rnd in range(1, g.rounds + 1):
-            sample = sorted(random.Random(f"{g.seed}:{cell['id']}:{rnd}").sample(range(n), m))
+            # THE round's participation: Poisson with q = m/N (m is the expected number per round).
+            sample = participants(n, sample_rate=mech.sample_rate, seed=seed, rnd=rnd)
+            sampled.append(len(sample))
             # Copies: the arrays `exchanged` returns may share memory with the live parameters.
             global_state = {k: v.copy() for k, v in exchanged(engine.base_state(), ffa_lora=f.ffa_lora).items()}
             updates = []
@@ -244,18 +252,11 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
                 losses.append(result.final_loss)
                 if dp is not None:
                     dp.account(record_ledgers.setdefault(user.user_id, RDPAccountant()))
-                new = {k: v.copy() for k, v in exchanged(engine.base_state(), ffa_lora=f.ffa_lora).items()}
-                clipped, norm = clip_update(new, global_state, clipping_norm=cell["clipping_norm"])
-                norms.append(norm)
-                updates.append(clipped)
-            avg = {k: np.mean([u[k] for u in updates], axis=0) for k in global_state}
-            if cell["noise_multiplier"] > 0:
-                std = noise_std(noise_multiplier=cell["noise_multiplier"], clipping_norm=cell["clipping_norm"],
-                                num_clients=m)
-                avg = {k: v + rng.normal(0.0, std, size=v.shape) for k, v in avg.items()}
-            engine.set_base_state({k: v.clone() for k, v in model.initial.items()}
-                                  | _to_torch({k: v.astype(np.float32) for k, v in avg.items()}, engine))
-            accounting.record(sample_rate=m / n, sampled=m, aggregated=m)
+                updates.append({k: v.copy() for k, v in exchanged(engine.base_state(), ffa_lora=f.ffa_lora).items()})
+            released = aggregate_round(global_state, updates, cell, population=n, rng=noise_generator(seed, rnd))
+            norms += released.norms
+            engine.set_base_state({k: v.clone() for k, v in model.initial.items()} | _to_torch(released.state, engine))
+            accounting.record(released.event)
     # Utility of the shared base adapter on the population's held-out queries.
     preds, golds = [], []
     for u in population:
@@ -274,18 +275,47 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
         engine.set_base_state({k: v.clone() for k, v in model.initial.items()})
         before = attack(engine, mem, non, personal=False, max_length=f.local_train.max_length)
         engine.set_base_state(final_state)
+    report = accounting.report() if cell["federate_base_adapter"] else None
     if cell["federate_base_adapter"]:
-        eps = accounting.epsilon() if fspec.dp else None  # None: shared without noise, epsilon is infinite
+        eps = report["epsilon"] if report else None  # None: shared without noise, epsilon is infinite
     else:
         eps = 0.0  # nothing derived from a user's data leaves their machine
     record_eps = max((a.epsilon(delta=p.delta) for a in record_ledgers.values()), default=None)
     return {**cell, "epsilon": eps, "delta": p.delta, "record_epsilon": record_eps,
+            "epsilon_rdp": report["epsilon_rdp"] if report else None,
+            "epsilon_prv": report["epsilon_prv"] if report else None,
+            "sample_rate": mech.sample_rate, "sampled_per_round": sampled,
             "utility": utility[task.metric_names[0]], "scores": utility, "auc_base": result["auc"], "attack": result,
             "auc_before": before["auc"], "auc_gain": result["auc"] - before["auc"],
             "auc_calibrated": calibrated_auc(result, before),
             "participants": len(participated), "local_loss": float(np.mean(losses)) if losses else None,
             "update_norm": float(np.mean(norms)) if norms else None,  # before clipping: to choose C
             "seconds": time.time() - t0}
+
+
+def ablation_mechanism(cell: dict[str, Any]) -> Any:
+    """A cell's DP-FedAvg parameters: its z and C, q = m/N (m = expected participants per round)."""
+    from shared.aggregation import Mechanism
+
+    return Mechanism(noise_multiplier=cell["noise_multiplier"], clipping_norm=cell["clipping_norm"],
+                     sample_rate=cell["clients_per_round"] / cell["population"])
+
+
+def sampling_seed(spec: AblationSpec) -> int:
+    """The grid is a simulation and reproducible: participation and noise are seeded by
+    federation.sampling_seed when set, else by grid.seed (the report says the epsilon assumes the
+    seed is secret). Every cell uses the same draws (paired cells: the same users and the same
+    standard-normal noise, scaled by each cell's std)."""
+    s = spec.run.federation.sampling_seed
+    return s if s >= 0 else spec.grid.seed
+
+
+def aggregate_round(global_state: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]], cell: dict[str, Any], *,
+                    population: int, rng: np.random.Generator) -> Any:
+    """The cell's round: THE DP-FedAvg round of shared/aggregation.py (the coordinator's)."""
+    from shared.aggregation import dp_fedavg_round
+
+    return dp_fedavg_round(global_state, updates, mechanism=ablation_mechanism(cell), population=population, rng=rng)
 
 
 def _to_torch(state: dict[str, np.ndarray], engine: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import fedkit
-from shared.privacy import RDPAccountant
+from shared.privacy import Accountant
 
 DP = ["privacy.federate_base_adapter=true", "privacy.noise_multiplier=1.0", "privacy.clipping_norm=0.5",
       "federation.rounds=3", "data.users=3", "federation.fraction_train=0.67", 'methods=["non-personalized"]']
@@ -61,7 +61,7 @@ def test_killed_after_round_2_resumes_at_round_3_with_the_same_accountant(tmp_pa
         proc.stderr.close()
     saved = json.loads(state.read_text())
     assert saved["round"] == 2 and len(saved["history"]) == 2
-    acc2 = RDPAccountant.from_state_dict(saved["accountant"])
+    acc2 = Accountant.from_state_dict(saved["accountant"])
     assert acc2.steps == 2 and saved["history"][1]["epsilon"] == acc2.epsilon(delta=1e-5)
 
     spec = fedkit.tiny_spec(tiny_model_dir, run, *DP)
@@ -71,11 +71,11 @@ def test_killed_after_round_2_resumes_at_round_3_with_the_same_accountant(tmp_pa
     assert "resuming from the checkpoint of round 2 (next round 3)" in caplog.text
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     assert summary["rounds"][:2] == saved["history"]
-    # Round 3 composed exactly one more step onto the saved accountant.
+    # Round 3 composed exactly one more step (z, q) onto the saved accountant, whoever replied.
     r3 = summary["rounds"][2]
-    acc2.step(noise_multiplier=1.0 * r3["aggregated"] / r3["sampled"], sample_rate=r3["sample_rate"])
+    acc2.step(noise_multiplier=1.0, sample_rate=r3["sample_rate"])
     final = json.loads(state.read_text())
-    assert RDPAccountant.from_state_dict(final["accountant"]) == acc2
+    assert Accountant.from_state_dict(final["accountant"]) == acc2
     assert summary["epsilon"] == acc2.epsilon(delta=1e-5) > saved["history"][1]["epsilon"]
 
     # The same settings are required to resume; a change is refused with the differing field.

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from shared.privacy import RDPAccountant, clip_update, l2_norm, noise_std, rdp_sampled_gaussian
+from shared.aggregation import Mechanism
+from shared.privacy import RDPAccountant, clip_update, l2_norm, rdp_sampled_gaussian
 
 
 def test_epsilon_matches_opacus_and_grows_with_rounds():
@@ -79,7 +80,8 @@ def test_clipping_bounds_the_update_not_the_weights():
     assert l2_norm(delta) == pytest.approx(1.0, rel=1e-5)
     small = {"a": old["a"] + 0.1, "b": old["b"]}
     assert np.allclose(clip_update(small, old, clipping_norm=1.0)[0]["a"], small["a"])
-    assert noise_std(noise_multiplier=1.0, clipping_norm=0.5, num_clients=4) == pytest.approx(0.125)
+    # DP-FedAvg's noise on the average: z·C/(q·N), q·N the expected participants (here 4).
+    assert Mechanism(noise_multiplier=1.0, clipping_norm=0.5, sample_rate=0.5).noise_std(8) == pytest.approx(0.125)
 
 
 def test_record_level_dp_sgd_in_the_training_loop(tiny_engine):
@@ -107,18 +109,21 @@ def test_record_level_dp_sgd_in_the_training_loop(tiny_engine):
 
 
 def test_the_run_stops_cleanly_before_the_budget_is_exceeded(tmp_path, tiny_model_dir):
-    """z=2, every user every round (q=1): epsilon 2.17, 3.19, 4.01 after rounds 1-3 at delta=1e-5;
-    with a budget of 3.5 the third round is never run, and the run still reports and evaluates."""
+    """z=2, every user every round (q=1): the reported epsilon (the smaller of PRV and RDP) is
+    2.00, 2.95, 3.72 after rounds 1-3 at delta=1e-5 (RDP alone: 2.17, 3.19, 4.01); with a budget
+    of 3.5 the third round is never run, and the run still reports and evaluates."""
     import fedkit
 
     run = tmp_path / "run"
     spec = fedkit.tiny_spec(tiny_model_dir, run, "federation.rounds=4", "data.users=2", 'methods=["non-personalized"]',
                             "privacy.federate_base_adapter=true", "privacy.noise_multiplier=2.0",
-                            "privacy.clipping_norm=0.5", "privacy.epsilon_budget=3.5")
+                            "privacy.clipping_norm=0.5", "privacy.epsilon_budget=3.5",
+                            "federation.report_client_metrics=true")
     _, names = fedkit.prepare(spec, run)
     summary = fedkit.run(spec, run, fedkit.local_grid(spec, run, names))
     assert summary["status"] == "budget-exhausted"
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
-    assert [round(r["epsilon"], 2) for r in summary["rounds"]] == [2.17, 3.19]
+    assert [round(r["epsilon"], 2) for r in summary["rounds"]] == [2.0, 2.95]
+    assert [round(r["epsilon_rdp"], 2) for r in summary["rounds"]] == [2.17, 3.19]
     assert summary["epsilon"] <= 3.5 and summary["final"]["users"] == 2
     assert "budget-exhausted" in (run / "report.md").read_text()
