@@ -33,6 +33,11 @@ def render_report(summary: dict[str, Any], spec: FederatedSpec) -> str:
              f"{spec.experiment.privacy.federate_base_adapter}; DP: "
              + (f"z={spec.experiment.privacy.noise_multiplier}, C={spec.experiment.privacy.clipping_norm}"
                 if spec.dp else "off"), ""]
+    how = summary.get("privacy") or {}
+    if spec.dp and how:
+        lines += [f"Epsilon: {how.get('accountant', '')}; participation: {how.get('sampling', '')}."
+                  + (f" Note: {how['note']}." if how.get("note") else "")
+                  + (f" SecAgg+: {how['secagg']}." if how.get("secagg") else ""), ""]
     a = summary.get("artifacts", {})
     if a:
         streamed = a.get("streamed_bytes_per_client", {})

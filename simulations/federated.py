@@ -124,11 +124,8 @@ def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool 
     log.info("simulating %d users for %d rounds in %s", len(names), f.rounds, run_dir)
     progress = _ProgressLines()
     logging.getLogger("oppu.coordinator").addHandler(progress)
-    # Simulation only: Flower's DP wrapper draws its noise from NumPy's global generator; seeding
-    # it makes a rerun of this run directory draw the same noise (a deployment leaves it unseeded).
-    import numpy as np
-
-    np.random.seed(f.seed)
+    # The server's DP noise and Poisson participation come from shared/aggregation.py: secret
+    # randomness, unless federation.sampling_seed asks for a reproducible simulation.
     try:
         _run_simulation(num_supernodes=len(names), exit_event=_exit_event(), client_app=client_app,
                         server_app=server_app, backend_name="ray", backend_config=backend, app_dir=str(app_dir),
@@ -255,11 +252,19 @@ def privacy_spent(spec: FederatedSpec, summary: dict[str, Any], run_dir: Path) -
 
     p = spec.experiment.privacy
     rounds = summary.get("rounds", [])
+    how = summary.get("privacy", {})
     user_level = {"federate_base_adapter": p.federate_base_adapter, "noise_multiplier": p.noise_multiplier,
                   "clipping_norm": p.clipping_norm, "delta": p.delta if spec.dp else None,
                   "epsilon": summary.get("epsilon") if spec.dp else None,  # None: no noise, epsilon is infinite
-                  "rounds_accounted": sum(1 for r in rounds if r.get("aggregated")),
-                  "sample_rates": [r.get("sample_rate") for r in rounds]}
+                  # Under DP every round is released and accounted, whoever replied.
+                  "rounds_accounted": len(rounds) if spec.dp else sum(1 for r in rounds if r.get("aggregated")),
+                  "sample_rates": [r.get("sample_rate") for r in rounds],
+                  **{k: how[k] for k in ("epsilon_rdp", "epsilon_prv", "mechanism", "accountant", "sampling",
+                                         "sampling_seeded", "note", "secagg") if k in how},
+                  # Simulated users report their numbers (losses, scores) to the harness: the
+                  # researcher owns the data; a deployed client does not under DP (docs/federation.md).
+                  "client_metrics": "reported by the simulated users (outside the DP guarantee; a deployed client "
+                                    "sends none under DP unless federation.report_client_metrics)"}
     record = {"level": p.record_level, "noise_multiplier": p.record_noise_multiplier,
               "clipping_norm": p.record_clipping_norm, "epsilon_per_user": {}}
     for f in sorted((run_dir / "users").glob("*/federation/record-privacy-*.json")):

@@ -241,9 +241,16 @@ def privacy_line(p: Mapping[str, Any]) -> str:
     if not u.get("federate_base_adapter"):
         parts.append("User level: the base adapter is not federated (nothing leaves a user's machine).")
     elif u.get("noise_multiplier"):
-        parts.append(f"User level (DP-FedAvg on the base adapter, RDP accountant): epsilon = {_fmt(u.get('epsilon'), '.3f')} "
+        rdp = f"; RDP alone: {_fmt(u['epsilon_rdp'], '.3f')}" if u.get("epsilon_rdp") is not None else ""
+        parts.append(f"User level (DP-FedAvg on the base adapter: Poisson participation, server-side clipping, fixed "
+                     f"denominator; epsilon the smaller of the PRV and RDP bounds{rdp}): "
+                     f"epsilon = {_fmt(u.get('epsilon'), '.3f')} "
                      f"at delta = {u.get('delta')} after {u.get('rounds_accounted')} rounds "
                      f"(noise multiplier {u['noise_multiplier']}, clipping norm {u['clipping_norm']}).")
+        if u.get("note"):
+            parts.append(f"Note: {u['note']}.")
+        if u.get("client_metrics"):
+            parts.append(f"Per-user numbers: {u['client_metrics']}.")
     else:
         parts.append("User level: base-adapter updates are shared without noise: epsilon is infinite.")
     r = p.get("record_level", {})

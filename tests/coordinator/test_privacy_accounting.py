@@ -1,5 +1,7 @@
-"""shared/privacy.py: RDP accounting of the sampled Gaussian mechanism (Opacus's analysis), state
-that survives save/load, keyword-only privacy parameters, clipping."""
+"""shared/privacy.py: accounting of the Poisson-subsampled Gaussian mechanism checked against
+independent implementations (Google's dp-accounting RDP and PLD accountants, Opacus's RDP), the
+reported epsilon (the smaller of RDP and PRV) and the budget stop on that same number, state that
+survives save/load, keyword-only privacy parameters, clipping."""
 
 import json
 import math
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 from shared.aggregation import Mechanism
-from shared.privacy import RDPAccountant, clip_update, l2_norm, rdp_sampled_gaussian
+from shared.privacy import Accountant, RDPAccountant, clip_update, l2_norm, rdp_sampled_gaussian
 
 
 def test_epsilon_matches_opacus_and_grows_with_rounds():
@@ -23,6 +25,75 @@ def test_epsilon_matches_opacus_and_grows_with_rounds():
     # Same maths (our order grid is a superset of Opacus's, so ours is at least as tight).
     assert eps[-1] <= theirs.get_epsilon(delta=1e-5) + 1e-9
     assert eps[-1] == pytest.approx(theirs.get_epsilon(delta=1e-5), rel=0.05)
+
+
+# (z, q, steps, delta): the default simulate config (0.8, 2 of 6 users, 2 rounds, 1e-3), a
+# cross-device scale (q=0.001, 10,000 rounds), full participation, and a few in between.
+REFERENCE_EVENTS = [(0.8, 1 / 3, 2, 1e-3), (1.1, 0.001, 10_000, 1e-5), (2.0, 1.0, 3, 1e-5),
+                    (1.0, 0.01, 1000, 1e-5), (5.0, 0.1, 50, 1e-6), (0.6, 0.05, 200, 1e-5)]
+
+
+def _dp_accounting(z, q, steps, delta):
+    """(RDP, PLD) epsilons from Google's dp-accounting (a test-only dependency: an independent
+    implementation of both analyses)."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+    rdp = rdp_privacy_accountant.RdpAccountant()
+    rdp.compose(event, steps)
+    pld = pld_privacy_accountant.PLDAccountant()
+    pld.compose(event, steps)
+    return rdp.get_epsilon(delta), pld.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("z, q, steps, delta", REFERENCE_EVENTS)
+def test_accountant_matches_independent_references(z, q, steps, delta):
+    from opacus.accountants import RDPAccountant as OpacusRDP
+
+    ref_rdp, ref_pld = _dp_accounting(z, q, steps, delta)
+    opacus = OpacusRDP()
+    opacus.history = [(z, q, steps)]
+    ours = Accountant()
+    ours.step(noise_multiplier=z, sample_rate=q, steps=steps)
+    report = ours.report(delta=delta)
+    # RDP: the same number as dp-accounting's and Opacus's RDP accountants (to the third decimal).
+    assert report["epsilon_rdp"] == pytest.approx(ref_rdp, abs=1e-3)
+    assert report["epsilon_rdp"] == pytest.approx(opacus.get_epsilon(delta=delta), abs=1e-3)
+    # PRV: an upper bound that dp-accounting's PLD (another tight accountant, pessimistic
+    # discretization) confirms: never below it, at most its 0.01 error interval above.
+    assert ref_pld - 1e-6 <= report["epsilon_prv"] <= ref_pld + 0.02
+    # Reported: the tighter of the two, here the PRV one, well below RDP.
+    assert report["epsilon"] == ours.epsilon(delta=delta) == min(report["epsilon_rdp"], report["epsilon_prv"])
+    assert report["epsilon"] < report["epsilon_rdp"]
+
+
+def test_the_figures_quoted_for_the_default_simulate_config():
+    """z=0.8, q=1/3 (2 of 6 users expected), 2 rounds, delta=1e-3: RDP 4.26, the tight accountants 3.47."""
+    a = Accountant()
+    a.step(noise_multiplier=0.8, sample_rate=1 / 3, steps=2)
+    r = a.report(delta=1e-3)
+    assert round(r["epsilon_rdp"], 2) == 4.26 and r["epsilon"] == pytest.approx(3.47, abs=0.015)
+
+
+def test_the_budget_stop_uses_the_reported_epsilon():
+    """After one round at (0.8, 1/3), a second would reach 3.48 (PRV) or 4.26 (RDP): a budget of 4
+    lets it run, because the reported epsilon is the one that must stay within the budget."""
+    from coordinator.strategy import Accounting
+    from shared.config import load_federated
+    from shared.privacy import PrivacyEvent
+
+    spec = load_federated(None, ["privacy.federate_base_adapter=true", "privacy.noise_multiplier=0.8",
+                                 "privacy.delta=1e-3", "privacy.epsilon_budget=4.0", "federation.fraction_train=0.3333"])
+    ledger = Accounting(spec)
+    ledger.record(PrivacyEvent(0.8, 1 / 3, 1))
+    assert not ledger.would_exceed(sample_rate=1 / 3) and ledger.projected(sample_rate=1 / 3) == pytest.approx(3.48, abs=0.01)
+    rdp_only = RDPAccountant.from_state_dict(ledger.state_dict())
+    assert rdp_only.would_exceed(budget=4.0, delta=1e-3, noise_multiplier=0.8, sample_rate=1 / 3)
+    ledger.record(PrivacyEvent(0.8, 1 / 3, 1))
+    assert ledger.epsilon() <= 4.0 and ledger.would_exceed(sample_rate=1 / 3)  # a third round would not fit
+    assert Accountant.from_state_dict(json.loads(json.dumps(ledger.state_dict()))).epsilon(delta=1e-3) == ledger.epsilon()
 
 
 def test_sampling_amplifies_and_more_noise_helps():

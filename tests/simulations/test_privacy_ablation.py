@@ -118,6 +118,9 @@ def test_tiny_grid_end_to_end(tiny_model_dir, tmp_path):
         assert (run / name).is_file(), name
     assert load_ablation(run / "config.toml").grid.noise_multipliers == (0.0, 1.0, 8.0)
     assert "attack AUC (base)" in (run / "metrics.md").read_text()
+    # The grid is seeded (reproducible), and its page says what that means for the epsilon.
+    assert metrics["sampling_seed"] == 0 and all(c["sample_rate"] == 0.5 for c in metrics["cells"])
+    assert "sampling seeded for reproducibility: the epsilon assumes the seed is secret" in (run / "REPORT.md").read_text()
 
 
 @pytest.mark.slow
