@@ -10,8 +10,11 @@ Messages from the coordinator (all replies are checked by tests/client/test_outb
 | query.inventory     | -                                           | artifact ids already in the client cache|
 | query.artifact      | one chunk of one file of one artifact       | ack: bytes held, file/artifact verified |
 | train               | global base adapter (arrays) + RoundConfig  | updated base adapter (only when the run |
-|                     |                                             | federates it) + numbers                 |
-| evaluate            | global base adapter (arrays) + RoundConfig  | metric numbers                          |
+|                     |                                             | federates it) + numbers (*)             |
+| evaluate            | global base adapter (arrays) + RoundConfig  | metric numbers (*)                      |
+
+(*) none from a deployed client under DP unless the operator and the user opted in
+(client.federated.reply_metrics); docs/federation.md, "What each message carries", lists every key.
 
 Artifacts (the quantized base model, the initial base adapter) are content-addressed: their id is
 the sha256 of their sorted file-hash list (`shared.model.model_hash`), so "do you have it" is a set
