@@ -166,6 +166,21 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from simulations.audit import AuditSpec, render, run_audit, write_audit
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(AuditSpec) if getattr(args, f.name, None) is not None}
+    result = run_audit(AuditSpec(**given))
+    out = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-audit-privacy"
+    write_audit(result, out)
+    print(render(result))
+    print(f"Written: {out / 'audit.md'}, {out / 'audit.json'}")
+    return 0 if result["consistent"] else 1
+
+
 DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "study.toml"
 
 
@@ -281,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any setting (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("audit", help="empirical privacy audit (privacy: canary users through DP-FedAvg's rounds, "
+                                     "a lower bound on epsilon beside the accountant's)")
+    p.add_argument("what", choices=["privacy"], help="privacy: the coordinator's DP-FedAvg round (shared/aggregation.py)")
+    import dataclasses
+
+    from simulations.audit import AuditSpec  # numpy-only module
+
+    for f in dataclasses.fields(AuditSpec):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default),
+                       help=f"{f.metadata['help']} (default {f.default})")
+    p.add_argument("--out", help="directory for audit.json and audit.md (default: runs/<time>-audit-privacy)")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("report", help="render run directories as one Markdown page with their plots")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (experiment, simulate, study, ablate)")
