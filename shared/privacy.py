@@ -21,6 +21,9 @@ Two analyses of the same events, both upper bounds on epsilon at a given delta:
 
 `Accountant.epsilon` reports the smaller of the two (each is a valid upper bound, so the smaller
 one is too), and the budget stop uses that same number; `epsilon_rdp`/`epsilon_prv` give each.
+Where RDP's epsilon exceeds PRV_MAX_EPSILON (64) the PRV analysis is skipped (reported as None):
+its discretization grows with the range of the privacy loss and runs out of memory for tiny noise
+(z = 0.003), and at such epsilons the difference does not matter.
 `RDPAccountant` (RDP only) serves record-level DP-SGD ledgers (shared/dpsgd.py).
 
 Maths (pure functions) is kept apart from state, as in Opacus' `accountants/`; every privacy
@@ -44,6 +47,8 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple(
 
 # Accuracy asked of the PRV accountant; its upper bound is at most this far above its estimate.
 PRV_EPS_ERROR = 0.01
+# The PRV analysis runs only where RDP's epsilon is at most this (see Accountant.report).
+PRV_MAX_EPSILON = 64.0
 
 # --------------------------------------------------------------------------------------- maths
 
@@ -257,7 +262,7 @@ class Accountant(RDPAccountant):
         return prv_epsilon(events=[(e.noise_multiplier, e.sample_rate, e.steps) for e in self.history], delta=delta)
 
     def epsilon(self, *, delta: float) -> float:
-        return min(self.epsilon_rdp(delta=delta), self.epsilon_prv(delta=delta))
+        return self.report(delta=delta)["epsilon"]
 
     def epsilon_after(self, *, delta: float, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
         future = Accountant(orders=self.orders)
@@ -266,9 +271,14 @@ class Accountant(RDPAccountant):
         return future.epsilon(delta=delta)
 
     def report(self, *, delta: float) -> dict[str, float]:
-        """What a run reports: epsilon (the smaller), and each analysis's figure."""
-        rdp, prv = self.epsilon_rdp(delta=delta), self.epsilon_prv(delta=delta)
-        return {"epsilon": min(rdp, prv), "epsilon_rdp": rdp, "epsilon_prv": prv, "delta": delta}
+        """What a run reports: epsilon (the smaller), and each analysis's figure (epsilon_prv None
+        where the PRV analysis did not run or could not bound it)."""
+        rdp = self.epsilon_rdp(delta=delta)
+        # Above PRV_MAX_EPSILON the tighter figure changes nothing that matters, and the PRV
+        # discretization grows with the privacy loss's range (z = 0.003 exhausts memory): RDP stands.
+        prv = self.epsilon_prv(delta=delta) if rdp <= PRV_MAX_EPSILON else math.inf
+        return {"epsilon": min(rdp, prv), "epsilon_rdp": rdp,
+                "epsilon_prv": prv if math.isfinite(prv) else None, "delta": delta}
 
     def __repr__(self) -> str:
         return f"Accountant(steps={self.steps}, events={len(self.history)})"

@@ -197,11 +197,11 @@ def run_audit(spec: AuditSpec) -> dict[str, Any]:
     bound = epsilon_lower_bound(false_positives=fp, negatives=len(others), false_negatives=fn,
                                 positives=len(members), delta=spec.delta, confidence=spec.confidence)
     ledger = Accountant()
-    accounted: dict[str, Any] = {"epsilon": math.inf, "epsilon_rdp": math.inf, "epsilon_prv": math.inf}
+    accounted: dict[str, Any] = {"epsilon": None, "epsilon_rdp": None, "epsilon_prv": None}  # None: infinite
     if spec.noise_multiplier > 0:
         ledger.step(noise_multiplier=spec.noise_multiplier, sample_rate=spec.sample_rate, steps=spec.rounds)
         accounted = ledger.report(delta=spec.delta)
-    consistent = bound["epsilon_lower"] <= accounted["epsilon"]
+    consistent = accounted["epsilon"] is None or bound["epsilon_lower"] <= accounted["epsilon"]
     return {
         "settings": dataclasses.asdict(spec),
         "mechanism": "shared.aggregation.dp_fedavg_round with Poisson participation (the coordinator's round)",
@@ -222,15 +222,17 @@ def run_audit(spec: AuditSpec) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     s = result["settings"]
-    eps = result["accounted_epsilon"]
+    def fmt(v: float | None) -> str:
+        return "∞" if v is None else f"{v:.3f}"
+
     lines = [
         "## Privacy audit of DP-FedAvg (shared/aggregation.py)", "",
         f"Mechanism: z = {s['noise_multiplier']:g}, C = {s['clipping_norm']:g}, q = {s['sample_rate']:g}, "
         f"N = {s['users']} honest users + 1 canary slot, {s['rounds']} round(s) per run; {s['trials']} runs "
         f"({result['members']} with the canary, {result['nonmembers']} without); delta = {s['delta']:g}.", "",
         "| | value |", "|---|---|",
-        f"| accounted epsilon (smaller of RDP and PRV) | {'∞' if math.isinf(eps) else f'{eps:.3f}'} |",
-        f"| accounted epsilon, RDP alone | {result['accounted_epsilon_rdp']:.3f} |",
+        f"| accounted epsilon (smaller of RDP and PRV) | {fmt(result['accounted_epsilon'])} |",
+        f"| accounted epsilon, RDP alone | {fmt(result['accounted_epsilon_rdp'])} |",
         f"| empirical lower bound ({s['confidence']:.0%} confidence) | {result['epsilon_lower']:.3f} |",
         f"| false negatives / members | {result['false_negatives']} / {result['members']} "
         f"(upper bound {result['fnr_upper']:.3f}) |",

@@ -69,6 +69,16 @@ def test_accountant_matches_independent_references(z, q, steps, delta):
     assert report["epsilon"] < report["epsilon_rdp"]
 
 
+def test_tiny_noise_is_accounted_by_rdp_without_exhausting_memory():
+    """z = 0.003 (a cell of the default privacy ablation): the PRV discretization would not fit in
+    memory; above epsilon 64 the report is RDP's, and says the PRV figure is missing."""
+    a = Accountant()
+    a.step(noise_multiplier=0.003, sample_rate=0.5, steps=2)
+    r = a.report(delta=1e-3)
+    assert r["epsilon_prv"] is None and r["epsilon"] == r["epsilon_rdp"] > 1e5
+    assert json.loads(json.dumps(r)) == r  # plain JSON (no Infinity) for privacy.json
+
+
 def test_the_figures_quoted_for_the_default_simulate_config():
     """z=0.8, q=1/3 (2 of 6 users expected), 2 rounds, delta=1e-3: RDP 4.26, the tight accountants 3.47."""
     a = Accountant()
