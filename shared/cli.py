@@ -107,7 +107,8 @@ def _simulate_overrides(args: argparse.Namespace) -> list[str]:
     ov = flag_overrides(args, SIMULATE_FLAGS)
     if args.seed is not None:  # one seed for every random choice of the run
         ov += [f"data.seed={args.seed}", f"base_train.seed={args.seed}", f"personal_train.seed={args.seed}",
-               f"federation.seed={args.seed}", f"federation.local_train.seed={args.seed}"]
+               f"federation.seed={args.seed}", f"federation.local_train.seed={args.seed}",
+               f"federation.sampling_seed={args.seed}"]  # DP participation and noise too (privacy.json says so)
     return ov
 
 
