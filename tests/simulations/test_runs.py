@@ -131,9 +131,11 @@ def test_simulate_run_directory_reproduces(tiny_model_dir, tmp_path):
     assert main(args) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert "centralized" in metrics["aggregate"] and len(metrics["rounds"]) == 2
-    assert all(r["sampled"] == 2 for r in metrics["rounds"])
+    # Under DP each user takes part with q = 2/3 (Poisson), seeded by the default config's
+    # federation.sampling_seed, which the run's privacy.json states.
     privacy = json.loads((run / "privacy.json").read_text())
     assert privacy["user_level"]["epsilon"] > 0 and privacy["user_level"]["sample_rates"] == [2 / 3, 2 / 3]
+    assert privacy["user_level"]["note"] == "sampling seeded for reproducibility: the epsilon assumes the seed is secret"
     assert main(["reproduce", str(run), "--into", str(tmp_path / "again"), "--quiet"]) == 0
     result = json.loads((tmp_path / "again" / "reproduce.json").read_text())
     assert result["reproduced"] and result["answers"]["changed"] == 0, result["verdict"]
