@@ -29,7 +29,7 @@ from shared.protocol import (
 )
 
 from . import checkpoint
-from .report import render_report, round_line
+from .report import privacy_summary, render_report, round_line
 from .sampling import NodeNames, sample_round
 from .distribution import Artifact, Distributor, export_quantized_model
 from .strategy import (
@@ -411,34 +411,6 @@ class Coordinator:
         atomic_write(self.run_dir / "federation.json", json.dumps(summary, indent=2))
         atomic_write(self.run_dir / "report.md", render_report(summary, self.spec))
         return summary
-
-
-SEEDED_NOTE = "sampling seeded for reproducibility: the epsilon assumes the seed is secret"
-
-
-def privacy_summary(spec: FederatedSpec, accounting: Accounting) -> dict[str, Any]:
-    """How the run's user-level epsilon was obtained (federation.json, privacy.json, REPORT.md)."""
-    f = spec.federation
-    if not spec.dp:
-        return {"mechanism": "none" if not spec.experiment.privacy.federate_base_adapter else "no noise (epsilon infinite)",
-                "sampling": f"fixed-size, seeded by federation.seed={f.seed}"}
-    out: dict[str, Any] = {
-        "mechanism": "DP-FedAvg (shared/aggregation.py): Poisson participation, server-side clipping to C, "
-                     "fixed denominator q*N, Gaussian noise z*C/(q*N)",
-        "accountant": "Poisson-subsampled Gaussian; epsilon = the smaller of the RDP (Opacus) and PRV "
-                      "(Opacus, Gopi et al. 2021) upper bounds",
-        "sample_rate": f.fraction_train,
-        "sampling": (f"Poisson, seeded by federation.sampling_seed={f.sampling_seed}" if f.sampling_seed >= 0
-                     else "Poisson, from the OS's CSPRNG"),
-        "sampling_seeded": f.sampling_seed >= 0,
-        **(accounting.report() or {}),
-    }
-    if f.sampling_seed >= 0:
-        out["note"] = SEEDED_NOTE
-    if f.secagg:
-        out["secagg"] = ("under SecAgg+ the coordinator cannot clip individual updates: the bound C relies on each "
-                         "client clipping its own")
-    return out
 
 
 def _array(v: Any) -> Any:

@@ -1,5 +1,5 @@
-"""The coordinator's reports: one log line per round, and report.md (per-round table and the
-final per-method scores the clients reported)."""
+"""The coordinator's reports: one log line per round, report.md (per-round table and the
+final per-method scores the clients reported), and how the run's epsilon was obtained."""
 
 from __future__ import annotations
 
@@ -71,3 +71,31 @@ def render_report(summary: dict[str, Any], spec: FederatedSpec) -> str:
                                  [[m] + [f"{final.get(f'{m}/{n}', float('nan')):.4f}" for n in names] for m in methods]),
                   ""]
     return "\n".join(lines)
+
+
+SEEDED_NOTE = "sampling seeded for reproducibility: the epsilon assumes the seed is secret"
+
+
+def privacy_summary(spec: FederatedSpec, accounting: Any) -> dict[str, Any]:
+    """How the run's user-level epsilon was obtained (federation.json, privacy.json, REPORT.md)."""
+    f = spec.federation
+    if not spec.dp:
+        return {"mechanism": "none" if not spec.experiment.privacy.federate_base_adapter else "no noise (epsilon infinite)",
+                "sampling": f"fixed-size, seeded by federation.seed={f.seed}"}
+    out: dict[str, Any] = {
+        "mechanism": "DP-FedAvg (shared/aggregation.py): Poisson participation, server-side clipping to C, "
+                     "fixed denominator q*N, Gaussian noise z*C/(q*N)",
+        "accountant": "Poisson-subsampled Gaussian; epsilon = the smaller of the RDP (Opacus) and PRV "
+                      "(Opacus, Gopi et al. 2021) upper bounds",
+        "sample_rate": f.fraction_train,
+        "sampling": (f"Poisson, seeded by federation.sampling_seed={f.sampling_seed}" if f.sampling_seed >= 0
+                     else "Poisson, from the OS's CSPRNG"),
+        "sampling_seeded": f.sampling_seed >= 0,
+        **(accounting.report() or {}),
+    }
+    if f.sampling_seed >= 0:
+        out["note"] = SEEDED_NOTE
+    if f.secagg:
+        out["secagg"] = ("under SecAgg+ the coordinator cannot clip individual updates: the bound C relies on each "
+                         "client clipping its own")
+    return out

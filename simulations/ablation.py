@@ -101,6 +101,7 @@ class _Model:
 def run_ablation(spec: AblationSpec, run_dir: Path | None = None, *, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
+    from coordinator.report import SEEDED_NOTE
     from shared.tasks import get_task
     from simulations.datasets import load_dataset
     from simulations.experiment import new_run_dir
@@ -130,8 +131,7 @@ def run_ablation(spec: AblationSpec, run_dir: Path | None = None, *, progress: b
         grid = cells(spec)
         metrics_base = {"task": dataset.task, "utility_metric": task.metric_names[0], "source": dataset.source,
                         "notes": dataset.notes, "small_model": _small_model_note(spec, grid),
-                        "sampling_seed": sampling_seed(spec),
-                        "sampling_note": "sampling seeded for reproducibility: the epsilon assumes the seed is secret"}
+                        "sampling_seed": sampling_seed(spec), "sampling_note": SEEDED_NOTE}
         models: dict[bool, _Model] = {}
         results = []
         for cell in tqdm(grid, desc="ablation cells", disable=not progress, unit="cell"):

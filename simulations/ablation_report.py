@@ -72,8 +72,8 @@ def render(metrics: Mapping[str, Any], seconds: float) -> str:
               "server-side clipping to C, fixed denominator q·N, noise z·C/(q·N)), one Poisson-subsampled Gaussian "
               "step per round, the smaller of the RDP and PRV bounds; ∞ = updates shared without noise; "
               "0 = nothing shared. ε (record): largest per-user epsilon of record-level DP-SGD on the local training.",
-              f"Sampling and noise seeded for reproducibility (seed {metrics.get('sampling_seed', '-')}): "
-              "sampling seeded for reproducibility: the epsilon assumes the seed is secret.",
+              f"Participation and noise seeded (seed {metrics.get('sampling_seed', '-')}): "
+              f"{metrics.get('sampling_note', '')}.",
               "Attack: loss-threshold membership inference against the shared base adapter; members = history "
               "records of the users sampled at least once, non-members = records of hold-out users who never take "
               "part (both drawn by a seeded shuffle of the same selection); AUC 0.5 = chance. "

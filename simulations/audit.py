@@ -193,9 +193,8 @@ def run_audit(spec: AuditSpec) -> dict[str, Any]:
     coins = np.random.default_rng([spec.seed, 0, 4]).integers(0, 2, size=spec.trials).astype(bool)
     scores = [play(spec, t, bool(coins[t])) for t in range(spec.trials)]
     fp, n_others, fn, n_members = _errors(scores, coins, threshold)
-    members, others = [None] * n_members, [None] * n_others
-    bound = epsilon_lower_bound(false_positives=fp, negatives=len(others), false_negatives=fn,
-                                positives=len(members), delta=spec.delta, confidence=spec.confidence)
+    bound = epsilon_lower_bound(false_positives=fp, negatives=n_others, false_negatives=fn,
+                                positives=n_members, delta=spec.delta, confidence=spec.confidence)
     ledger = Accountant()
     accounted: dict[str, Any] = {"epsilon": None, "epsilon_rdp": None, "epsilon_prv": None}  # None: infinite
     if spec.noise_multiplier > 0:
@@ -206,9 +205,9 @@ def run_audit(spec: AuditSpec) -> dict[str, Any]:
         "settings": dataclasses.asdict(spec),
         "mechanism": "shared.aggregation.dp_fedavg_round with Poisson participation (the coordinator's round)",
         "canary": "one user whose update is norm C along a coordinate no honest update touches",
-        "threshold": threshold, "members": len(members), "nonmembers": len(others),
+        "threshold": threshold, "members": n_members, "nonmembers": n_others,
         "false_negatives": fn, "false_positives": fp,
-        "fnr": fn / max(1, len(members)), "fpr": fp / max(1, len(others)),
+        "fnr": fn / max(1, n_members), "fpr": fp / max(1, n_others),
         **bound,
         "accounted_epsilon": accounted["epsilon"], "accounted_epsilon_rdp": accounted["epsilon_rdp"],
         "accounted_epsilon_prv": accounted["epsilon_prv"],
