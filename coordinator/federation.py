@@ -232,21 +232,21 @@ class Coordinator:
         if out["new"] is not None:
             self._apply(out["new"])  # in memory only until the checkpoint below is durable
             self.accounting.record(out["event"])
+        # Under DP with secret sampling, who took part stays out of the run's records: the
+        # amplification by subsampling that the epsilon counts on assumes nobody learns it.
+        secret = self.spec.dp and f.sampling_seed < 0
+        failed = {**dict(dist.failed if dist else {}), **out["failed"]}
         entry = {
             "round": rnd, "connected": len(nodes), "sampled": len(sample), "sample_rate": q,
             "aggregated": out["aggregated"], "replied": out["replied"],
-            "rejected": {str(k): v for k, v in out["rejected"].items()},
-            "failed": {**{str(k): v for k, v in (dist.failed.items() if dist else [])},
-                       **{str(k): v for k, v in out["failed"].items()}},
+            "rejected": _keyed(out["rejected"], secret), "failed": _keyed(failed, secret),
             "clipped": out.get("clipped", 0),
             "train": out["train"], "epsilon": self.accounting.epsilon(),
             "delta": e.privacy.delta if self.spec.dp else None,
             "bytes_per_client": {"artifacts": sum(dist.sent.values()) / max(1, len(dist.sent)) if dist else 0.0,
                                  "base_adapter_down": out["down"], "base_adapter_up": out["up"]},
         }
-        if not self.spec.dp or f.sampling_seed >= 0:
-            # Under DP with secret sampling, who took part stays out of the run's records: the
-            # amplification by subsampling that the epsilon counts on assumes nobody learns it.
+        if not secret:
             entry["users"] = [self.names.label(n) for n in sample]
         report = self.accounting.report()
         if report is not None:
@@ -411,6 +411,11 @@ class Coordinator:
         atomic_write(self.run_dir / "federation.json", json.dumps(summary, indent=2))
         atomic_write(self.run_dir / "report.md", render_report(summary, self.spec))
         return summary
+
+
+def _keyed(by_node: dict[Any, str], secret: bool) -> dict[str, str]:
+    """Per-node reasons for the round log: by node id, or numbered when the sample is secret."""
+    return {(f"#{i}" if secret else str(k)): v for i, (k, v) in enumerate(by_node.items(), 1)}
 
 
 def _array(v: Any) -> Any:

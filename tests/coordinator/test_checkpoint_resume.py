@@ -71,6 +71,10 @@ def test_killed_after_round_2_resumes_at_round_3_with_the_same_accountant(tmp_pa
     assert "resuming from the checkpoint of round 2 (next round 3)" in caplog.text
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     assert summary["rounds"][:2] == saved["history"]
+    # DP with secret (unseeded) Poisson sampling: the round log counts the users, never names them.
+    assert all("users" not in r and all(k.startswith("#") for k in {**r["failed"], **r["rejected"]})
+               for r in summary["rounds"])
+    assert "user-" not in (run / "report.md").read_text() and "node-" not in (run / "federation.json").read_text()
     # Round 3 composed exactly one more step (z, q) onto the saved accountant, whoever replied.
     r3 = summary["rounds"][2]
     acc2.step(noise_multiplier=1.0, sample_rate=r3["sample_rate"])
