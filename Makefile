@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM=false
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 
-.PHONY: install prepare demo test test-all soak bench clean
+.PHONY: install prepare demo test test-all soak reliability-doc bench quality sweep clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,10 +43,23 @@ test-all: install
 
 # The reliability suite's long variants (docs/reliability.md is rewritten with their figures).
 soak: install
-	OPPU_SOAK=1 $(BIN)/python -m pytest -q tests/reliability
+	OPPU_SOAK=1 OPPU_RELIABILITY_DOC=1 $(BIN)/python -m pytest -q tests/reliability
+
+# docs/reliability.md from a whole run of the reliability suite, slow variants included.
+reliability-doc: install
+	OPPU_RELIABILITY_DOC=1 $(BIN)/python -m pytest -q tests/reliability
 
 bench: prepare
 	$(BIN)/python -m simulations.bench --out bench
+
+# Both real tasks on 40+ reviewers each, statistics and non-LLM baselines: docs/quality.md.
+quality: prepare
+	$(BIN)/python -m simulations.quality --out docs/quality.md
+
+# The personal-recipe sweep behind the defaults (validation items only): runs/sweep-*/sweep.md.
+sweep: prepare
+	$(BIN)/oppu sweep simulations/configs/sweep-amazon-rating.toml
+	$(BIN)/oppu sweep simulations/configs/sweep-amazon-title.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

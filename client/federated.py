@@ -31,7 +31,9 @@ import numpy as np
 
 from shared.config import BaseModelSpec, FederatedSpec, from_run_config
 from shared.model import cache_root
+from shared.fileio import atomic_write
 from shared.protocol import ClientError, ProtocolError, RoundConfig, is_lora_b
+from shared.selection import train_and_select
 
 from .artifacts import ArtifactCache
 from .userdir import UserDir
@@ -270,15 +272,35 @@ def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any]
     dp = record_dp(node, "personal", train_spec)
     if usable:
         engine.load_personal(published.path)
-    tr = engine.train_personal(examples, train_spec, fresh=not usable, progress=False,
+    tr, sel = train_and_select(engine, task, examples, train_spec, spec.selection, fresh=not usable, progress=False,
                                **({"dp_sgd": dp} if dp else {}))
     privacy = account_record_dp(node, f"personal-{aug}", dp)
-    manifest = new_manifest(base_model_hash=engine.model_hash, task=task.name, peft_type=spec.personal_adapter.peft_type,
-                            data={"history_items": len(history), "examples": len(examples)},
-                            train={"steps": tr.steps, "final_loss": tr.final_loss, "augmentation": aug,
-                                   "refreshed": bool(usable)}, privacy=privacy)
-    adapters.publish(lambda target: engine.save_personal(target, manifest))
-    return tr.final_loss
+    log.info("personal adapter (%s): %s", aug, sel.summary())
+    atomic_write(_selection_file(node, aug), json.dumps({"base_model_hash": engine.model_hash, "task": task.name,
+                                                         **sel.to_dict()}, indent=2))
+    if sel.adopted:
+        manifest = new_manifest(base_model_hash=engine.model_hash, task=task.name,
+                                peft_type=spec.personal_adapter.peft_type,
+                                data={"history_items": len(history), "examples": sel.train_items,
+                                      "validation_items": sel.validation_items},
+                                train={"steps": tr.steps, "final_loss": tr.final_loss, "augmentation": aug,
+                                       "refreshed": bool(usable), "selection": sel.summary()}, privacy=privacy)
+        adapters.publish(lambda target: engine.save_personal(target, manifest))
+    return tr.final_loss if tr.losses else None
+
+
+def _selection_file(node: Node, aug: str) -> Path:
+    return node.user.path / "federation" / f"selection-{aug}.json"
+
+
+def _not_adopted(node: Node, engine: Any, task: Any, aug: str) -> bool:
+    """The last selection for this augmentation, model and task kept no personal adapter."""
+    try:
+        record = json.loads(_selection_file(node, aug).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(record, dict) and record.get("adopted") is False
+            and record.get("base_model_hash") == engine.model_hash and record.get("task") == task.name)
 
 
 def record_dp(node: Node, what: str, train: Any) -> Any:
@@ -381,7 +403,7 @@ def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> 
             prompts = [prompt_for(task, ctx, q.input, aug) for q in queries]
             personal = method in PERSONAL_METHODS
             if personal:
-                load_or_train_personal(engine, node, task, ctx, history, aug)
+                personal = load_or_train_personal(engine, node, task, ctx, history, aug)
             answers = engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=personal)
             preds = [task.parse_output(a) for a in answers]
             predictions[method] = {q.id: p for q, p in zip(queries, preds)}
@@ -392,11 +414,18 @@ def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> 
     return metrics
 
 
-def load_or_train_personal(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str) -> None:
+def load_or_train_personal(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str) -> bool:
+    """Put this user's adopted personal adapter in the slot; False when none was adopted
+    (shared.selection), and the method then answers as its non-personal counterpart."""
     from client.personal import PersonalAdapters
 
     published, _ = PersonalAdapters(node.user.personal_root(aug)).resolve(base_model_hash=engine.model_hash)
     if published is None or published.manifest.task != task.name:
+        if _not_adopted(node, engine, task, aug):
+            return False
         personalize(engine, node, task, ctx, history, aug)  # a user never sampled for training
         published, _ = PersonalAdapters(node.user.personal_root(aug)).resolve(base_model_hash=engine.model_hash)
+        if published is None:
+            return False
     engine.load_personal(published.path)
+    return True

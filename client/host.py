@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from shared import adapters
-from shared.adapters import ADAPTER_MANIFEST, BASE, PERSONAL
+from shared.adapters import ADAPTER_MANIFEST
 
 from .personal import PersonalAdapters, Published, version_name
 
@@ -101,17 +101,7 @@ class ModelHost:
             with self._turns:
                 self._trainer_claim = False
                 self._turns.notify_all()
-            self._resume_training_mode()
-
-    def _resume_training_mode(self) -> None:
-        # What Engine.train_personal set up before its loop; an answer in between reset it.
-        e = self.engine
-        if e.soft_prompt is not None:
-            adapters.activate(e.model, [BASE])
-            e.soft_prompt.requires_grad_(True)
-        else:
-            adapters.activate(e.model, [BASE, PERSONAL], trainable=PERSONAL)
-        e.model.train()
+            self.engine.resume_personal_training()  # an answer in between reset it
 
     # -- adapters ------------------------------------------------------------------------------
 
@@ -219,11 +209,14 @@ class ModelHost:
 
     # -- training ------------------------------------------------------------------------------
 
-    def train(self, examples: Sequence[Any], spec: Any, *, on_step: Callable[[int, int, float], None],
-              cancelled: Callable[[], bool], manifest: Callable[[Any], Any]) -> tuple[Any, int | None]:
-        """THE training loop (Engine.train_personal) in the slot, yielding to answers between
-        steps; publishes the result unless cancelled. Returns (TrainResult, version or None).
-        `manifest(result)` builds the AdapterManifest to save with it."""
+    def train(self, task: Any, examples: Sequence[Any], spec: Any, selection: Any, *,
+              on_step: Callable[[int, int, float], None], cancelled: Callable[[], bool],
+              manifest: Callable[[Any, Any], Any]) -> tuple[Any, Any, int | None]:
+        """THE training loop with per-user validation (shared.selection.train_and_select) in the
+        slot, yielding to answers between steps; publishes the adapter when it is adopted (not
+        cancelled, beat the base on validation). Returns (TrainResult, Selection, version or
+        None). `manifest(result, selection)` builds the AdapterManifest to save with it."""
+        from shared.selection import train_and_select
 
         def should_stop() -> bool:
             if not cancelled():
@@ -232,8 +225,8 @@ class ModelHost:
 
         self.training = True
         try:
-            result = self.engine.train_personal(examples, spec, progress=False, on_step=on_step,
-                                                should_stop=should_stop)
+            result, sel = train_and_select(self.engine, task, examples, spec, selection, progress=False,
+                                           on_step=on_step, should_stop=should_stop)
         except BaseException:
             with self.engine.lock:
                 self._restore_published()
@@ -241,13 +234,13 @@ class ModelHost:
             raise
         with self.engine.lock:
             try:
-                if result.cancelled:
+                if not sel.adopted:  # the version in use (if any) keeps answering
                     self._restore_published()
-                    return result, None
-                m = manifest(result)
+                    return result, sel, None
+                m = manifest(result, sel)
                 version = self.personal.publish(lambda target: self.engine.save_personal(target, m))
                 self._adopt(version)
-                return result, version
+                return result, sel, version
             except BaseException:
                 self._restore_published()
                 raise

@@ -227,19 +227,25 @@ class ClientService:
                     "final_loss": result.final_loss if result.losses else None,
                     "seconds": round(result.seconds, 3), "tokens_per_second": round(result.tokens_per_second, 1)}
 
-        def manifest(result: Any) -> AdapterManifest:
+        def manifest(result: Any, sel: Any) -> AdapterManifest:
             return new_manifest(
                 base_model_hash=self.engine.model_hash, task=self.task.name,
                 peft_type=self.spec.personal_adapter.peft_type,
-                data={"history_items": len(history), "examples": len(examples)},
+                data={"history_items": len(history), "examples": sel.train_items,
+                      "validation_items": sel.validation_items},
                 train={**summary(result), "epochs": spec.epochs, "lr": spec.lr, "augmentation": self.spec.augmentation,
-                       "job": ctl.job.id, "base_adapter": self.host.base_info["version"]},
+                       "job": ctl.job.id, "base_adapter": self.host.base_info["version"],
+                       "selection": sel.summary()},
             )
 
-        result, version = self.host.train(examples, spec, on_step=ctl.progress, cancelled=ctl.cancelled,
-                                           manifest=manifest)
-        out = {**summary(result), "history_items": len(history)}
-        return {**out, "cancelled": True} if version is None else {**out, "version": version}
+        result, sel, version = self.host.train(self.task, examples, spec, self.spec.selection, on_step=ctl.progress,
+                                                cancelled=ctl.cancelled, manifest=manifest)
+        log.info("training job %s: %s", ctl.job.id, sel.summary())
+        out = {**summary(result), "history_items": len(history), "adopted": sel.adopted,
+               "selection": sel.summary()}
+        if result.cancelled:
+            return {**out, "cancelled": True}
+        return out if version is None else {**out, "version": version}
 
     # -- status --------------------------------------------------------------------------------
 

@@ -31,8 +31,12 @@ ABLATE_FLAGS = (("noise", "grid.noise_multipliers", "nums"), ("clip", "grid.clip
 
 
 def flag_overrides(args: argparse.Namespace, flags: tuple[tuple[str, str, str], ...]) -> list[str]:
-    """`--set` strings first (as typed), then one override per flag that was given."""
-    ov = list(getattr(args, "set", None) or [])
+    """A preset's overrides, then `--set` strings (as typed), then one override per flag given."""
+    from shared.config import PRESETS
+
+    preset = getattr(args, "preset", None)
+    ov = list(PRESETS[preset]) if preset else []
+    ov += list(getattr(args, "set", None) or [])
     for attr, key, kind in flags:
         value = getattr(args, attr, None)
         if value is None or value == "":
@@ -227,8 +231,21 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--quantization", help="nf4 | int8 | none")
     p.add_argument("--out", help="parent directory for run directories (default: runs)")
+    p.add_argument("--preset", choices=["paper"],
+                   help="paper: the OPPU paper's personal recipe (LoRA r=8 on q/v, lr 1e-4, 2 epochs, BM25 k=1, "
+                   "always adopted) instead of the defaults chosen for the embedded model (docs/quality.md)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override any setting, e.g. --set personal_train.epochs=3 (repeatable)")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from simulations.sweep import run_sweep
+
+    out = run_sweep(args.config, list(args.set or []), Path(args.run_dir) if args.run_dir else None,
+                    progress=not args.quiet)
+    print((out / "sweep.md").read_text())
+    print(f"Sweep directory: {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{f.metadata['help']} (default {f.default})")
     p.add_argument("--out", help="directory for audit.json and audit.md (default: runs/<time>-audit-privacy)")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("sweep", help="choose the personal-training recipe on users' validation items only")
+    p.add_argument("config", help="sweep TOML (e.g. simulations/configs/sweep-amazon-rating.toml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep setting, e.g. users=4")
+    p.add_argument("--run-dir", help="write into this directory instead of a new one under the sweep's out_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="render run directories as one Markdown page with their plots")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (experiment, simulate, study, ablate)")

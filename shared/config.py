@@ -125,6 +125,43 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class SelectionSpec:
+    """Per-user validation and model selection of the personal adapter (shared.selection).
+
+    A user's most recent history items are held out of personal training; the adapter is scored
+    on them at evenly spaced checkpoints and the best checkpoint is kept, but only *adopted* when
+    it beats base + base adapter there (task metric no worse, answer loss lower). Otherwise the
+    user is answered as by the non-personal counterpart of the method.
+    """
+
+    enabled: bool = field(
+        default=True,
+        metadata={"help": "false: train on the whole history and always adopt (the paper's procedure)."},
+    )
+    validation_fraction: float = field(
+        default=0.2, metadata={"help": "Share of a user's most recent history items held out for validation."}
+    )
+    min_validation: int = field(default=2, metadata={"help": "At least this many validation items."})
+    min_train: int = field(
+        default=4,
+        metadata={"help": "Fewer training items than this after the hold-out: no personal adapter is trained "
+                  "(too little history to tell whether one helps)."},
+    )
+    checks: int = field(
+        default=2,
+        metadata={"help": "Validation checkpoints, evenly spaced over the training steps (the last at the end); "
+                  "each costs a scoring pass over the validation items."},
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"selection.validation_fraction={self.validation_fraction!r} must be in (0, 1)")
+        _positive("selection.min_validation", self.min_validation)
+        _positive("selection.min_train", self.min_train)
+        _positive("selection.checks", self.checks)
+
+
+@dataclass(frozen=True)
 class RetrievalSpec:
     """Retrieval over the user's history store, added to prompts."""
 
@@ -225,6 +262,7 @@ class ExperimentSpec:
     personal_adapter: AdapterSpec = field(default_factory=AdapterSpec)
     base_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=1, lr=5e-4))
     personal_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=2, lr=1e-4))
+    selection: SelectionSpec = field(default_factory=SelectionSpec)
     retrieval: RetrievalSpec = field(default_factory=RetrievalSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "Methods compared."})
@@ -355,6 +393,19 @@ def parse_config_file(
         raise ValueError(f"{where}{e}") from None
 
 
+# Named recipes applied before a run's own overrides (`--preset NAME`). "paper": the personal
+# recipe of OPPU (Tan et al. 2024) for 7B models, kept for comparison with the defaults, which
+# were chosen for the embedded 135M model by `oppu sweep` on validation items (docs/quality.md).
+PRESETS: dict[str, tuple[str, ...]] = {
+    "paper": (
+        'personal_adapter.peft_type="lora"', "personal_adapter.r=8", "personal_adapter.alpha=8",
+        "personal_adapter.dropout=0.05", 'personal_adapter.target_modules=["q_proj", "v_proj"]',
+        "personal_train.lr=1e-4", "personal_train.epochs=2", "personal_train.weight_decay=0.0",
+        "selection.enabled=false", 'retrieval.retriever="bm25"', "retrieval.k=1",
+    ),
+}
+
+
 def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentSpec:
     """Parse an experiment TOML file (optional) plus overrides into an ExperimentSpec."""
     return parse_config_file(path, overrides, lambda data: from_dict(ExperimentSpec, data))
@@ -386,9 +437,9 @@ def dump_toml(data: dict[str, Any]) -> str:
 
 
 __all__ = [
-    "AdapterSpec", "BaseModelSpec", "DataSpec", "ExperimentSpec", "PrivacySpec", "RetrievalSpec",
+    "AdapterSpec", "BaseModelSpec", "DataSpec", "ExperimentSpec", "PrivacySpec", "RetrievalSpec", "SelectionSpec",
     "TrainSpec", "METHODS", "BASELINES", "EMBEDDED_MODEL", "from_dict", "to_dict", "load_experiment",
-    "apply_overrides", "dump_toml",
+    "apply_overrides", "dump_toml", "PRESETS",
 ]
 
 
@@ -447,6 +498,7 @@ class DaemonSpec:
     base_adapter: AdapterSpec = field(default_factory=AdapterSpec)
     personal_adapter: AdapterSpec = field(default_factory=AdapterSpec)
     personal_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=2, lr=1e-4))
+    selection: SelectionSpec = field(default_factory=SelectionSpec)
     retrieval: RetrievalSpec = field(default_factory=RetrievalSpec)
 
     def __post_init__(self) -> None:

@@ -108,12 +108,10 @@ class Engine:
         with self.lock:
             if fresh:
                 self.reset_personal()
+            self.resume_personal_training()
             if self.soft_prompt is not None:
-                adapters.activate(self.model, [BASE])
-                self.soft_prompt.requires_grad_(True)
                 params, kw = [self.soft_prompt], {**kw, "soft_prompt": self.soft_prompt}
             else:
-                adapters.activate(self.model, [BASE, PERSONAL], trainable=PERSONAL)
                 params = adapters.trainable_parameters(self.model, PERSONAL)
             try:
                 result = train_adapter(self.model, self.tokenizer, examples, spec, params, **kw)
@@ -123,6 +121,17 @@ class Engine:
                     self.soft_prompt.requires_grad_(False)
             self.personal_loaded = "trained"
             return result
+
+    def resume_personal_training(self) -> None:
+        """Set up what train_personal's loop needs: base + personal active, only the personal
+        weights trainable, train mode. Anything that answers or scores between two training
+        steps (a daemon's answer, a validation checkpoint) resets that; this puts it back."""
+        if self.soft_prompt is not None:
+            adapters.activate(self.model, [BASE])
+            self.soft_prompt.requires_grad_(True)
+        else:
+            adapters.activate(self.model, [BASE, PERSONAL], trainable=PERSONAL)
+        self.model.train()
 
     def personal_state(self) -> dict[str, Any]:
         if self.soft_prompt is not None:

@@ -364,7 +364,9 @@ def dense_4bit_weights(model: Any, enabled: bool = True) -> Iterator[int]:
         except ImportError:
             bnb = None
         if bnb is not None:
-            layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+            # Layers already switched by an enclosing call (validation inside a training run)
+            # keep that call's dense weight: no second copy, and its exit restores them.
+            layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and "forward" not in m.__dict__]
     dense: dict[int, Any] = {}
     try:
         for m in layers:

@@ -123,6 +123,13 @@ def answer_loss(model: Any, ids: Any, mask: Any, labels: Any, soft_prompt: Any =
     return F.cross_entropy(logits.float(), next_labels[keep])
 
 
+def checkpoint_steps(total: int, n: int) -> set[int]:
+    """`n` evenly spaced steps in 1..total, the last one being `total`."""
+    if total <= 0 or n <= 0:
+        return set()
+    return {max(1, math.ceil(total * j / n)) for j in range(1, n + 1)}
+
+
 def train_adapter(
     model: Any,
     tokenizer: Any,
@@ -135,6 +142,8 @@ def train_adapter(
     should_stop: Callable[[], bool] | None = None,
     soft_prompt: Any = None,
     dp_sgd: Any = None,
+    checkpoints: int = 0,
+    on_checkpoint: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train `params` (the trainable adapter's tensors) on `examples` with answer-only loss.
 
@@ -143,6 +152,9 @@ def train_adapter(
     `soft_prompt`, when given, is prepended to every example (it is then among `params`).
     `dp_sgd` (a shared.dpsgd.DPSGD) makes it record-level DP-SGD: Poisson batches, per-example
     clipping and noise by Opacus's DPOptimizer (then spec.max_grad_norm is not used).
+    `on_checkpoint(step, total)` is called after `checkpoints` evenly spaced steps, the last one
+    after the final step (per-user validation, shared.selection); it may run eval-mode forwards
+    and must leave the model as it found it.
     """
     import torch
     from tqdm.auto import tqdm
@@ -168,6 +180,7 @@ def train_adapter(
     if dp_sgd is not None:
         plan = dp_sgd.plan(len(encoded), spec.epochs)
     total = len(plan)
+    check_at = checkpoint_steps(total, checkpoints) if on_checkpoint is not None else set()
 
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     if dp_sgd is not None:
@@ -220,6 +233,8 @@ def train_adapter(
                 bar.set_postfix(loss=f"{value:.3f}")
             if on_step is not None:
                 on_step(step + 1, total, float(value) if value is not None else float("nan"))
+            if step + 1 in check_at:
+                on_checkpoint(step + 1, total)
     finally:
         frozen.close()
         bar.close()

@@ -37,6 +37,7 @@ from shared.personalize import (
     prompt_for,
 )
 from shared.records import TaskDataset, UserData
+from shared.selection import train_and_select
 from shared.retrieval import InMemoryHistoryStore, make_retriever
 from shared.stats import compare_methods, pooled_scorer
 from shared.tasks import get_task
@@ -54,6 +55,7 @@ class UserResult:
     history: int
     predictions: dict[str, dict[str, str]] = field(default_factory=dict)  # method -> qid -> answer
     train: dict[str, dict[str, float]] = field(default_factory=dict)  # augmentation -> stats
+    selection: dict[str, dict[str, Any]] = field(default_factory=dict)  # augmentation -> Selection.to_dict()
 
 
 def new_run_dir(out_dir: str, task: str) -> Path:
@@ -177,6 +179,8 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
 
     # 3. Scores, exactly as LaMP computes them, pooled over all queries and per user.
     metrics = score(task, spec.methods, dataset.eval_users, results, base_users=dataset.base_users)
+    metrics["adoption"] = adoption_counts(spec.methods, results)
+    metrics["selection"] = {r.user_id: r.selection for r in results}
     metrics["base_adapter"] = {"examples": len(examples), "steps": base_result.steps,
                                "final_loss": base_result.final_loss, "seconds": base_result.seconds}
     metrics["seconds"] = time.time() - started
@@ -213,9 +217,16 @@ def _run_user(
     # Queries come after all history, so they retrieve from the whole store.
     prompts = {aug: [prompt_for(task, ctx, q.input, aug) for q in user.queries] for aug in augs_needed}
 
+    non_personal: dict[str, dict[str, str]] = {}  # augmentation -> qid -> answer, base adapter only
+
+    def answer_without_personal(aug: str) -> dict[str, str]:
+        if aug not in non_personal:
+            answers = engine.answer(prompts[aug], max_new_tokens=task.max_new_tokens, personal=False)
+            non_personal[aug] = {q.id: task.parse_output(a) for q, a in zip(user.queries, answers)}
+        return non_personal[aug]
+
     for m in [m for m in spec.methods if m in METHOD_AUGMENTATION and m not in PERSONAL_METHODS]:
-        answers = engine.answer(prompts[METHOD_AUGMENTATION[m]], max_new_tokens=task.max_new_tokens, personal=False)
-        res.predictions[m] = {q.id: task.parse_output(a) for q, a in zip(user.queries, answers)}
+        res.predictions[m] = answer_without_personal(METHOD_AUGMENTATION[m])
 
     for aug in ("plain", "rag", "pag"):
         methods = [m for m in spec.methods if m in PERSONAL_METHODS and METHOD_AUGMENTATION[m] == aug]
@@ -223,20 +234,41 @@ def _run_user(
             continue
         examples = history_examples(task, user.history, ctx, aug)
         label = f"{user.user_id[:14]} personal ({aug})"
-        tr = engine.train_personal(examples, spec.personal_train, progress=label if progress else False)
+        tr, sel = train_and_select(engine, task, examples, spec.personal_train, spec.selection,
+                                   progress=label if progress else False)
+        res.selection[aug] = sel.to_dict()
         res.train[aug] = {"examples": len(examples), "steps": tr.steps, "final_loss": tr.final_loss,
-                          "seconds": tr.seconds, "tokens_per_second": tr.tokens_per_second}
-        engine.save_personal(udir / f"personal-{aug}", AdapterManifest(
-            role="personal", base_model_hash=engine.model_hash, task=task.name,
-            peft_type=spec.personal_adapter.peft_type,
-            data={"history_items": len(user.history), "examples": len(examples)},
-            train=res.train[aug],
-        ))
-        answers = engine.answer(prompts[aug], max_new_tokens=task.max_new_tokens, personal=True)
+                          "seconds": tr.seconds, "tokens_per_second": tr.tokens_per_second,
+                          "adopted": sel.adopted}
+        log.info("user %s personal (%s): %s", user.user_id, aug, sel.summary())
+        if sel.adopted:
+            engine.save_personal(udir / f"personal-{aug}", AdapterManifest(
+                role="personal", base_model_hash=engine.model_hash, task=task.name,
+                peft_type=spec.personal_adapter.peft_type,
+                data={"history_items": len(user.history), "examples": sel.train_items,
+                      "validation_items": sel.validation_items},
+                train=res.train[aug],
+            ))
+            answers = engine.answer(prompts[aug], max_new_tokens=task.max_new_tokens, personal=True)
+            chosen = {q.id: task.parse_output(a) for q, a in zip(user.queries, answers)}
+        else:  # not adopted: the method answers as its non-personal counterpart
+            chosen = answer_without_personal(aug)
         for m in methods:
-            res.predictions[m] = {q.id: task.parse_output(a) for q, a in zip(user.queries, answers)}
+            res.predictions[m] = dict(chosen)
     atomic_write(udir / "predictions.json", json.dumps(res.predictions, indent=2))
+    atomic_write(udir / "selection.json", json.dumps(res.selection, indent=2))
     return res
+
+
+def adoption_counts(methods: tuple[str, ...], results: list[UserResult]) -> dict[str, dict[str, int]]:
+    """Per personal method: how many users' personal adapters were adopted ("adopted: 11/16")."""
+    out = {}
+    for m in methods:
+        aug = METHOD_AUGMENTATION.get(m)
+        if m in PERSONAL_METHODS and aug is not None:
+            decided = [r.selection[aug]["adopted"] for r in results if aug in r.selection]
+            out[m] = {"adopted": sum(bool(a) for a in decided), "users": len(decided)}
+    return out
 
 
 def score(task: Any, methods: tuple[str, ...], users: list[UserData], results: list[UserResult], *,

@@ -114,12 +114,18 @@ def _p(p: float) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
+def signed4(x: float) -> str:
+    """"+0.1234"; a value that rounds to zero reads "+0.0000", never "-0.0000"."""
+    text = f"{x:+.4f}"
+    return "+0.0000" if text == "-0.0000" else text
+
+
 def _diff(d: Mapping[str, float], alpha: float) -> str:
     """"+0.1000* [+0.0200, +0.1800] p=0.012": * marks a win: the interval is all above zero and the
     permutation test agrees (p < alpha). With a handful of users every resample can favour the
     method while the permutation test cannot reach p < alpha (3 users: p >= 2/8); no star then."""
     win = d["lo"] > 0 and d["p"] < alpha
-    return f"{d['gain']:+.4f}{'*' if win else ''} [{d['lo']:+.4f}, {d['hi']:+.4f}] {_p(d['p'])}"
+    return f"{signed4(d['gain'])}{'*' if win else ''} [{signed4(d['lo'])}, {signed4(d['hi'])}] {_p(d['p'])}"
 
 
 _REF_LABEL = {"non-personalized": "non-pers.", "RAG": "RAG"}

@@ -54,7 +54,9 @@ class DaemonProcess:
         lines = ['task = "synthetic-tag"', "retrain_after = 0", "keep_versions = 2"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
         lines += ["[base_model]", f"path = {json.dumps(str(model_dir))}", 'quantization = "none"', "threads = 1",
-                  "[personal_train]", "epochs = 2", "lr = 0.02"]
+                  "[personal_train]", "epochs = 2", "lr = 0.02",
+                  # Versions and publication are under test, on a random tiny model: every job adopts.
+                  "[selection]", "enabled = false"]
         self.config = self.dir / "daemon.toml"  # where the daemon (and the ClientApp) look by default
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from client.service import ClientService
-from shared.config import DaemonSpec, TrainSpec
+from shared.config import DaemonSpec, SelectionSpec, TrainSpec
+
+# Versions and publication are under test, on a random tiny model: every job adopts its adapter
+# (adoption itself: tests/shared/test_personal_selection.py, test_job_that_adopts_nothing_publishes_nothing).
+ALWAYS_ADOPT = SelectionSpec(enabled=False)
 from shared.data.synthetic import make_synthetic
 
 
@@ -27,7 +31,7 @@ def service(request, tmp_path):
     engine = request.getfixturevalue("tiny_engine" if request.param == "lora" else "prompt_tuning_engine")
     spec = DaemonSpec(task="synthetic-tag", retrain_after=0, keep_versions=2,
                       personal_adapter=engine.personal_adapter_spec,
-                      personal_train=TrainSpec(epochs=1, lr=2e-2, batch_size=4))
+                      personal_train=TrainSpec(epochs=1, lr=2e-2, batch_size=4), selection=ALWAYS_ADOPT)
     svc = ClientService(spec, tmp_path / "dir", engine=engine)
     user = make_synthetic("synthetic-tag", n_base_users=0, n_eval_users=1, history_size=40, n_queries=3, seed=3).eval_users[0]
     svc.add(user.history)
@@ -89,7 +93,8 @@ def test_interleaved_answers_do_not_change_what_training_learns(service):
 
 
 def test_automatic_retraining_after_enough_new_items(tiny_engine, tmp_path):
-    spec = DaemonSpec(task="synthetic-tag", retrain_after=30, personal_train=TrainSpec(epochs=1, lr=2e-2))
+    spec = DaemonSpec(task="synthetic-tag", retrain_after=30, personal_train=TrainSpec(epochs=1, lr=2e-2),
+                      selection=ALWAYS_ADOPT)
     svc = ClientService(spec, tmp_path / "dir", engine=tiny_engine)
     try:
         items = make_synthetic("synthetic-tag", n_base_users=0, n_eval_users=1, history_size=70, n_queries=1,
@@ -140,7 +145,7 @@ def test_unreachable_coordinator_is_retried_with_backoff_while_answering(tiny_en
 
 def test_pag_profile_then_oppu_pag(tiny_engine, tmp_path):
     spec = DaemonSpec(task="synthetic-tag", retrain_after=0, augmentation="pag",
-                      personal_train=TrainSpec(epochs=1, lr=2e-2))
+                      personal_train=TrainSpec(epochs=1, lr=2e-2), selection=ALWAYS_ADOPT)
     svc = ClientService(spec, tmp_path / "dir", engine=tiny_engine)
     try:
         user = make_synthetic("synthetic-tag", n_base_users=0, n_eval_users=1, history_size=12, n_queries=1,
@@ -150,6 +155,23 @@ def test_pag_profile_then_oppu_pag(tiny_engine, tmp_path):
         assert svc.store.get_profile() is not None  # generated once, cached in the store
         _wait(svc, svc.train())
         assert svc.ask(user.queries[0].input)["method"] == "OPPU+PAG"
+    finally:
+        svc.close()
+        tiny_engine.reset_personal()
+
+
+def test_job_that_adopts_nothing_publishes_nothing_and_says_why(tiny_engine, tmp_path):
+    spec = DaemonSpec(task="synthetic-tag", retrain_after=0, personal_train=TrainSpec(epochs=1, lr=2e-2),
+                      selection=SelectionSpec(min_train=50))  # 40 items: too few to train besides validating
+    svc = ClientService(spec, tmp_path / "dir", engine=tiny_engine)
+    try:
+        user = make_synthetic("synthetic-tag", n_base_users=0, n_eval_users=1, history_size=40, n_queries=1,
+                              seed=3).eval_users[0]
+        svc.add(user.history)
+        done = _wait(svc, svc.train())
+        assert done.result["adopted"] is False and "too little history" in done.result["selection"]
+        assert "version" not in done.result and svc.personal.versions() == []
+        assert svc.ask(user.queries[0].input)["personal_version"] is None
     finally:
         svc.close()
         tiny_engine.reset_personal()

@@ -3,10 +3,10 @@ and survived, bad inputs tried and refused, items lost); at the end of the sessi
 are written to docs/reliability.md (atomically), with the machine, the date and the test that
 produced each one.
 
-The file is rewritten only when every fast test of this directory was selected (a run of
-`make test`, `make test-all` or `pytest tests/reliability`); a partial run (-k, one file) writes
-its figures to OPPU_RELIABILITY_REPORT if set, else nowhere, so docs/reliability.md always
-describes a whole run. Slow variants (`-m slow`, or OPPU_SOAK=1 for the long load test) add
+The file is rewritten only on request (OPPU_RELIABILITY_DOC=1, as `make reliability-doc` sets;
+a test run must leave the working tree as it found it) and only when every fast test of this
+directory was selected, so docs/reliability.md always describes a whole run. Otherwise the
+figures go to OPPU_RELIABILITY_REPORT if set, else nowhere. Slow variants (`-m slow`, or OPPU_SOAK=1 for the long load test) add
 their rows when they run and are listed as "not run" otherwise.
 """
 
@@ -109,7 +109,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     covered = {nodeid.split("::")[0] for nodeid in [*FIGURES.outcomes, *FIGURES.slow_not_run]}
     all_files = {p.relative_to(REPO).as_posix() for p in HERE.glob("test_*.py")}
     target: Path | None = None
-    if not FIGURES.deselected_fast and covered >= all_files:
+    if os.environ.get("OPPU_RELIABILITY_DOC") == "1" and not FIGURES.deselected_fast and covered >= all_files:
         target = DOC
     elif os.environ.get("OPPU_RELIABILITY_REPORT"):
         target = Path(os.environ["OPPU_RELIABILITY_REPORT"])

@@ -20,7 +20,7 @@ from client.archive import ArchiveError
 from client.items import ItemError
 from client.jobs import JobBusy
 from client.service import Busy, ClientService, Conflict
-from shared.config import DaemonSpec, TrainSpec
+from shared.config import DaemonSpec, SelectionSpec, TrainSpec
 from shared.data.synthetic import make_synthetic
 
 TOKEN = "t" * 43
@@ -34,7 +34,7 @@ def _user(n: int, seed: int):
 @pytest.fixture(scope="module")
 def service(tiny_engine, tmp_path_factory):
     spec = DaemonSpec(task="synthetic-tag", retrain_after=0, keep_versions=2, max_request_mb=1.0,
-                      personal_train=TrainSpec(epochs=1, lr=2e-2, batch_size=4))
+                      personal_train=TrainSpec(epochs=1, lr=2e-2, batch_size=4), selection=SelectionSpec(enabled=False))
     svc = ClientService(spec, tmp_path_factory.mktemp("svc") / "dir", engine=tiny_engine)
     svc.add(_user(24, seed=5).history)
     job = svc.train()

@@ -215,10 +215,11 @@ def test_disk_full_during_adapter_save_and_history_write(tiny_engine, tmp_path, 
     import peft.peft_model as pm
 
     from client.service import ClientService
-    from shared.config import DaemonSpec, TrainSpec
+    from shared.config import DaemonSpec, SelectionSpec, TrainSpec
     from shared.data.synthetic import make_synthetic
 
-    spec = DaemonSpec(task="synthetic-tag", retrain_after=0, personal_train=TrainSpec(epochs=1, lr=2e-2, batch_size=4))
+    spec = DaemonSpec(task="synthetic-tag", retrain_after=0, personal_train=TrainSpec(epochs=1, lr=2e-2, batch_size=4),
+                      selection=SelectionSpec(enabled=False))  # publication under test: always adopt
     svc = ClientService(spec, tmp_path / "dir", engine=tiny_engine)
     try:
         user = make_synthetic("synthetic-tag", n_base_users=0, n_eval_users=1, history_size=30, n_queries=2,

@@ -1,0 +1,200 @@
+"""Per-user validation and model selection: a personal adapter is adopted only when it makes the
+model better for its user on that user's own most recent history.
+
+Why: on a small model and a few dozen history items a personal adapter can as easily hurt as
+help (repetition, copying an earlier target, a collapsed score), and nothing at query time would
+notice. So every caller that trains a personal adapter (experiment harness, federation client,
+daemon) goes through `train_and_select`:
+
+1. The user's most recent items (SelectionSpec.validation_fraction, at least min_validation) are
+   held out of training; training example i still retrieves only from items before i.
+2. Base + base adapter is scored on them once (answer loss and the task's primary metric).
+3. The adapter is scored at evenly spaced checkpoints during training; the best checkpoint that
+   *beats base* (metric no worse, loss lower) is kept.
+4. If no checkpoint beats base, the adapter is not adopted: the slot is reset and the caller
+   answers as the method's non-personal counterpart. The decision and every score are recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+from .config import SelectionSpec, TrainSpec
+from .metrics import METRIC_DIRECTION
+from .training import Example, TrainResult
+
+
+@dataclass(frozen=True)
+class ValScore:
+    """Validation score of one model state: mean answer-token loss and the task's primary metric."""
+
+    loss: float
+    metric: float
+    item_losses: tuple[float, ...] = ()  # per validation item, same order for every state scored
+
+
+@dataclass
+class Selection:
+    """What was decided for one user's personal adapter, and why (written to the run directory)."""
+
+    adopted: bool
+    reason: str
+    metric: str  # the task's primary metric (direction: shared.metrics.METRIC_DIRECTION)
+    train_items: int
+    validation_items: int
+    base: ValScore | None = None
+    best: ValScore | None = None
+    best_step: int = 0
+    total_steps: int = 0
+    checks: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", "metric", "items_improved"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for logs and for a person: what was decided on which numbers."""
+        if self.base is None:
+            return f"{'adopted' if self.adopted else 'not adopted'}: {self.reason}"
+        best = (f"best checkpoint (step {self.best_step}/{self.total_steps}) loss {self.best.loss:.3f} "
+                f"{self.metric} {self.best.metric:.4f}" if self.best else "no checkpoint beat it")
+        return (f"{'adopted' if self.adopted else 'not adopted'} on {self.validation_items} validation items: "
+                f"base loss {self.base.loss:.3f} {self.metric} {self.base.metric:.4f}; {best}")
+
+
+def validation_size(n_history: int, spec: SelectionSpec) -> int:
+    """How many of the most recent items are held out (0 when selection is off)."""
+    if not spec.enabled:
+        return 0
+    return max(spec.min_validation, math.ceil(n_history * spec.validation_fraction))
+
+
+def beats(candidate: ValScore, base: ValScore, metric: str) -> bool:
+    """The adoption rule: no worse on the task metric, a lower mean answer loss than base, and a
+    lower loss on most validation items.
+
+    All three, because on a handful of validation items the metric alone is coarse (a rating MAE
+    over two items moves in steps of 0.5), the loss alone can fall while the answers get worse,
+    and a mean can fall on one item an adapter happened to fit while the others get worse (what
+    an adapter fitted to a history without a personal signal looks like).
+    """
+    sign = 1.0 if METRIC_DIRECTION.get(metric, "higher") == "higher" else -1.0
+    if sign * (candidate.metric - base.metric) < -1e-12 or not candidate.loss < base.loss:
+        return False
+    pairs = list(zip(candidate.item_losses, base.item_losses))
+    return not pairs or 2 * sum(c < b for c, b in pairs) > len(pairs)
+
+
+def _better(a: ValScore, b: ValScore, metric: str) -> bool:
+    """Among checkpoints that beat base: higher metric first, then lower loss."""
+    sign = 1.0 if METRIC_DIRECTION.get(metric, "higher") == "higher" else -1.0
+    da = sign * (a.metric - b.metric)
+    return da > 1e-12 or (abs(da) <= 1e-12 and a.loss < b.loss)
+
+
+def score(engine: Any, task: Any, examples: Sequence[Example], *, personal: bool, max_length: int,
+          pause: Callable[[], Any] | None = None, chunk: int = 4) -> ValScore:
+    """Loss and primary metric of base + base adapter (+ the personal slot) on `examples`.
+
+    `pause()` runs between chunks of `chunk` items: a daemon serves the answers waiting
+    meanwhile, so a validation checkpoint delays them by one chunk, not the whole set.
+    """
+    metric = task.metric_names[0]
+    losses: list[float] = []
+    answers: list[str] = []
+    for s in range(0, len(examples), chunk):
+        part = list(examples[s : s + chunk])
+        if pause is not None:
+            pause()
+        losses += engine.example_losses(part, personal=personal, max_length=max_length)
+        answers += engine.answer([e.prompt for e in part], max_new_tokens=task.max_new_tokens, personal=personal)
+    value = task.score([task.parse_output(a) for a in answers], [e.target for e in examples])[metric]
+    return ValScore(loss=float(sum(losses) / len(losses)), metric=float(value), item_losses=tuple(losses))
+
+
+@contextlib.contextmanager
+def _dense_weights(engine: Any) -> Iterator[None]:
+    """A 4-bit base dequantized once for the whole selection (base score, training, every
+    checkpoint) instead of once per scoring call; see shared.model.dense_4bit_weights."""
+    base = getattr(engine, "base", None)
+    if base is None or getattr(base, "device", "cpu") != "cpu":
+        yield
+        return
+    from .model import dense_4bit_weights
+
+    with dense_4bit_weights(engine.model):
+        yield
+
+
+def train_and_select(
+    engine: Any,
+    task: Any,
+    examples: Sequence[Example],
+    train: TrainSpec,
+    spec: SelectionSpec,
+    *,
+    fresh: bool = True,
+    **kw: Any,
+) -> tuple[TrainResult, Selection]:
+    """THE way a personal adapter is trained: `examples` are the user's history in time order
+    (example i retrieving only from items before i). Leaves the engine's personal slot holding
+    the adopted adapter, or reset when none is adopted. `kw` goes to Engine.train_personal
+    (progress, on_step, should_stop, dp_sgd)."""
+    metric = task.metric_names[0]
+    n_val = validation_size(len(examples), spec)
+    n_train = len(examples) - n_val
+    # Under record-level DP-SGD, choosing a checkpoint on held-out items would let those items
+    # shape the adapter outside the DP guarantee: train on everything, adopt, as the paper does.
+    private = kw.get("dp_sgd") is not None
+    if not spec.enabled or private:
+        result = engine.train_personal(list(examples), train, fresh=fresh, **kw)
+        why = "record-level DP-SGD: no validation selection" if private else "selection disabled"
+        return result, Selection(adopted=not result.cancelled, reason=f"{why}: always adopted",
+                                 metric=metric, train_items=len(examples), validation_items=0,
+                                 total_steps=result.steps)
+    if n_train < spec.min_train:
+        with engine.lock:
+            engine.reset_personal()
+        return TrainResult(0, 0, train.epochs, 0, 0), Selection(
+            adopted=False, metric=metric, train_items=max(0, n_train), validation_items=n_val,
+            reason=f"too little history: {len(examples)} items, needs {spec.min_train} to train besides "
+                   f"{n_val} to validate")
+    train_ex, val_ex = list(examples[:n_train]), list(examples[n_train:])
+    pause = kw.get("should_stop")
+    with engine.lock, _dense_weights(engine):
+        base = score(engine, task, val_ex, personal=False, max_length=train.max_length, pause=pause)
+        sel = Selection(adopted=False, reason="", metric=metric, train_items=n_train, validation_items=n_val,
+                        base=base)
+        best_state: dict[str, Any] | None = None
+
+        def consider(step: int, total: int) -> None:
+            nonlocal best_state
+            s = score(engine, task, val_ex, personal=True, max_length=train.max_length, pause=pause)
+            sel.checks.append({"step": step, "loss": s.loss, "metric": s.metric,
+                               "items_improved": sum(c < b for c, b in zip(s.item_losses, base.item_losses))})
+            sel.total_steps = total
+            if beats(s, base, metric) and (sel.best is None or _better(s, sel.best, metric)):
+                sel.best, sel.best_step = s, step
+                best_state = {k: v.detach().clone() for k, v in engine.personal_state().items()}
+            engine.resume_personal_training()
+
+        if not fresh:  # continuing a published adapter: its current state is a candidate too
+            consider(0, 0)
+        result = engine.train_personal(train_ex, train, fresh=fresh, checkpoints=spec.checks,
+                                       on_checkpoint=consider, **kw)
+        engine.model.eval()
+        if result.cancelled:
+            sel.reason = "training cancelled"
+            best_state = None
+        elif best_state is None:
+            sel.reason = "no checkpoint beat base + base adapter on validation (metric no worse, loss lower)"
+        else:
+            sel.adopted = True
+            sel.reason = "a checkpoint beat base + base adapter on validation"
+        if best_state is not None:
+            engine.set_personal_state(best_state, label="trained")
+        elif not result.cancelled:
+            engine.reset_personal()
+        return result, sel

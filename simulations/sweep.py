@@ -1,0 +1,239 @@
+"""`oppu sweep`: choose the personal-training recipe on validation data only.
+
+Each variant (a set of `--set` overrides on one experiment config) trains every sweep user's
+personal adapter through THE selection path (shared.selection.train_and_select), which holds
+out the user's most recent history items. What is compared is measured on those held-out items
+only; the users' queries (what `oppu experiment` and `make quality` report) are never read.
+
+Per variant and user the sweep records: the validation score of base + base adapter under the
+variant's prompt (for OPPU+RAG that is RAG itself), of the last checkpoint, and of what
+selection keeps (the adopted checkpoint, else base), and whether it adopted. The choice is
+the variant with the best mean selected validation metric, ties broken by the last
+checkpoint's loss. The selected score is optimistic for every variant alike (it is chosen on the
+same items), which is why the last-checkpoint gain is shown beside it.
+
+sweep_dir/ config.toml (the sweep), sweep.json (every number), sweep.md (the table, the choice).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.config import ExperimentSpec, apply_overrides, from_dict, load_experiment, parse_config_file, to_dict
+from shared.fileio import atomic_write
+from shared.metrics import METRIC_DIRECTION
+from shared.personalize import METHOD_AUGMENTATION, Context, history_examples
+from shared.retrieval import make_retriever
+from shared.selection import train_and_select
+from shared.tasks import get_task
+
+from .datasets import load_dataset
+from .experiment import base_examples, new_run_dir, open_store
+from .reporting import markdown_table
+from .results import signed4
+
+log = logging.getLogger("oppu.sweep")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str = field(metadata={"help": "Short label of the variant (a row of the table)."})
+    set: tuple[str, ...] = field(default=(), metadata={"help": "section.key=value overrides of the experiment."})
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """One sweep: an experiment config, the method whose personal adapter is swept, the variants."""
+
+    experiment: str = field(metadata={"help": "Experiment TOML the variants start from (relative to the sweep file)."})
+    method: str = field(default="OPPU+RAG", metadata={"help": "OPPU | OPPU+RAG | OPPU+PAG."})
+    users: int = field(default=8, metadata={"help": "Users swept (the experiment's first N evaluated users)."})
+    variants: tuple[Variant, ...] = field(default=(), metadata={"help": "[[variants]] name, set."})
+    out_dir: str = field(default="runs", metadata={"help": "Where the sweep directory is created."})
+
+    def __post_init__(self) -> None:
+        if self.method not in ("OPPU", "OPPU+RAG", "OPPU+PAG"):
+            raise ValueError(f"sweep.method={self.method!r} is not allowed; choose one of OPPU, OPPU+RAG, OPPU+PAG")
+        if self.users <= 0:
+            raise ValueError(f"sweep.users={self.users!r} must be > 0")
+        if not self.variants:
+            raise ValueError("sweep.variants is empty; add [[variants]] tables with name and set")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sweep.variants: names repeat ({', '.join(names)})")
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepSpec, list[ExperimentSpec]]:
+    """The sweep and each variant's ExperimentSpec (parsed once, errors naming the variant)."""
+    spec = parse_config_file(path, overrides, lambda data: from_dict(SweepSpec, data))
+    exp_path = (Path(path).parent / spec.experiment) if not Path(spec.experiment).is_absolute() else Path(spec.experiment)
+    base = load_experiment(exp_path)
+    specs = []
+    for v in spec.variants:
+        try:
+            specs.append(from_dict(ExperimentSpec, apply_overrides(to_dict(base), list(v.set))))
+        except ValueError as e:
+            raise ValueError(f"{path}: variant {v.name!r}: {e}") from None
+    fixed = ("data", "base_model", "base_adapter", "base_train")
+    for v, s in zip(spec.variants, specs):
+        for section in fixed:
+            if getattr(s, section) != getattr(base, section):
+                raise ValueError(f"{path}: variant {v.name!r} changes [{section}]; a sweep compares personal "
+                                 "recipes on one base adapter, so only personal_adapter, personal_train, "
+                                 "selection and retrieval may vary")
+    return spec, specs
+
+
+def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Path | None = None, *,
+              progress: bool = True) -> Path:
+    from tqdm.auto import tqdm
+
+    from shared.engine import Engine
+    from shared.model import load_base_model
+
+    spec, variants = load_sweep(path, overrides)
+    first = variants[0]
+    dataset = load_dataset(first.data)
+    task = get_task(dataset.task)
+    users = dataset.eval_users[: spec.users]
+    run_dir = Path(run_dir) if run_dir else new_run_dir(spec.out_dir, f"sweep-{dataset.task}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "config.toml", Path(path).read_text() + "".join(f"# --set {o}\n" for o in overrides or []))
+    started = time.time()
+    base_state = None
+    rows: dict[str, Any] = {}
+    engine = None
+    bar = tqdm(total=len(variants) * len(users), desc="sweep", disable=not progress, unit="user")
+    for v, exp in zip(spec.variants, variants):
+        # A personal adapter's shape is fixed when the engine wraps the model: one engine per
+        # personal adapter spec, each given the same base adapter.
+        if engine is None or engine.personal_adapter_spec != exp.personal_adapter:
+            engine = None  # its wrapped model goes with it
+            engine = Engine(load_base_model(first.base_model), exp.base_adapter, exp.personal_adapter,
+                            seed=exp.personal_train.seed)
+            if base_state is None:
+                ex = base_examples(task, exp, dataset.base_users)
+                engine.train_base(ex, exp.base_train, progress="base adapter" if progress else False)
+                base_state = {k: t.detach().clone() for k, t in engine.base_state().items()}
+            else:
+                engine.set_base_state(base_state)
+        aug = METHOD_AUGMENTATION[spec.method]
+        retriever = make_retriever(exp.retrieval.retriever, task.item_text)
+        per_user = []
+        t0 = time.time()
+        for user in users:
+            store = open_store(exp, run_dir / "stores" / v.name / _safe(user.user_id), task)
+            store.add(user.history)
+            ctx = Context(store, retriever, exp.retrieval)
+            examples = history_examples(task, user.history, ctx, aug)
+            tr, sel = train_and_select(engine, task, examples, exp.personal_train, exp.selection, progress=False)
+            close = getattr(store, "close", None)
+            if close is not None:
+                close()
+            last = sel.checks[-1] if sel.checks else None
+            per_user.append({"user": user.user_id, "adopted": sel.adopted, "reason": sel.reason,
+                             "base": None if sel.base is None else {"loss": sel.base.loss, "metric": sel.base.metric},
+                             "last": last, "selected": _selected(sel), "best_step": sel.best_step,
+                             "steps": sel.total_steps, "seconds": tr.seconds})
+            bar.update(1)
+        rows[v.name] = {"set": list(v.set), "users": per_user, "seconds": time.time() - t0}
+        log.info("variant %s: %s", v.name, _summary(rows[v.name], task.metric_names[0]))
+    bar.close()
+    metric = task.metric_names[0]
+    table, choice = summarize(rows, metric)
+    result = {"task": dataset.task, "method": spec.method, "metric": metric, "users": [u.user_id for u in users],
+              "variants": rows, "summary": table, "choice": choice, "seconds": time.time() - started}
+    atomic_write(run_dir / "sweep.json", json.dumps(result, indent=2))
+    atomic_write(run_dir / "sweep.md", render_sweep(result))
+    return run_dir
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+
+
+def _selected(sel: Any) -> dict[str, float] | None:
+    chosen = sel.best if sel.adopted and sel.best is not None else sel.base
+    return None if chosen is None else {"loss": chosen.loss, "metric": chosen.metric}
+
+
+def _gains(users: list[dict[str, Any]], key: str, metric: str) -> tuple[list[float], list[float]]:
+    """Per user: (metric gain, loss fall) of `key` ("last" | "selected") over base, positive = better."""
+    sign = 1.0 if METRIC_DIRECTION.get(metric, "higher") == "higher" else -1.0
+    mg, lg = [], []
+    for u in users:
+        if u["base"] is None or u.get(key) is None:
+            continue
+        mg.append(sign * (u[key]["metric"] - u["base"]["metric"]))
+        lg.append(u["base"]["loss"] - u[key]["loss"])
+    return mg, lg
+
+
+def _ci(values: list[float], seed: int = 0, n_boot: int = 2000) -> tuple[float, float, float]:
+    """Mean and 95% bootstrap CI over users."""
+    if not values:
+        return float("nan"), float("nan"), float("nan")
+    x = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    boots = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    return float(x.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+def _summary(row: dict[str, Any], metric: str) -> str:
+    mg, lg = _gains(row["users"], "selected", metric)
+    adopted = sum(u["adopted"] for u in row["users"])
+    return f"adopted {adopted}/{len(row['users'])}, selected {metric} gain {np.mean(mg) if mg else float('nan'):+.4f}"
+
+
+def summarize(rows: dict[str, Any], metric: str) -> tuple[list[dict[str, Any]], str]:
+    table = []
+    for name, row in rows.items():
+        us = row["users"]
+        base = [u["base"]["metric"] for u in us if u["base"]]
+        sel_m = [u["selected"]["metric"] for u in us if u["selected"]]
+        last_mg, last_lg = _gains(us, "last", metric)
+        sel_mg, _ = _gains(us, "selected", metric)
+        table.append({"variant": name, "set": row["set"], "users": len(us),
+                      "adopted": sum(u["adopted"] for u in us),
+                      "base_metric": float(np.mean(base)) if base else float("nan"),
+                      "selected_metric": float(np.mean(sel_m)) if sel_m else float("nan"),
+                      "selected_gain": _ci(sel_mg), "last_gain": _ci(last_mg), "last_loss_fall": _ci(last_lg),
+                      "seconds": row["seconds"]})
+    sign = 1.0 if METRIC_DIRECTION.get(metric, "higher") == "higher" else -1.0
+
+    def key(r: dict[str, Any]) -> tuple[float, float]:
+        m = r["selected_metric"]
+        return (sign * m if m == m else float("-inf"), r["last_loss_fall"][0] if r["last_loss_fall"][0] == r["last_loss_fall"][0] else float("-inf"))
+
+    choice = max(table, key=key)["variant"]
+    return table, choice
+
+
+def render_sweep(result: dict[str, Any]) -> str:
+    metric = result["metric"]
+    arrow = "↑" if METRIC_DIRECTION.get(metric, "higher") == "higher" else "↓"
+
+    def ci(t: tuple[float, float, float]) -> str:
+        return f"{signed4(t[0])} [{signed4(t[1])}, {signed4(t[2])}]"
+
+    rows = [[r["variant"] + (" **(chosen)**" if r["variant"] == result["choice"] else ""),
+             " ".join(r["set"]) or "(config as is)", f"{r['adopted']}/{r['users']}", f"{r['base_metric']:.4f}",
+             f"{r['selected_metric']:.4f}", ci(r["selected_gain"]), ci(r["last_gain"]), ci(r["last_loss_fall"]),
+             f"{r['seconds']:.0f}"] for r in result["summary"]]
+    header = ["variant", "overrides", "adopted", f"base {metric} {arrow}", f"selected {metric} {arrow}",
+              "selected gain [95% CI]", "last-checkpoint gain [95% CI]", "last-checkpoint loss fall [95% CI]", "s"]
+    return "\n".join([
+        f"# Recipe sweep: {result['task']}, {result['method']}, {len(result['users'])} users (validation only)", "",
+        markdown_table(header, rows), "",
+        f"Validation = each user's most recent history items (selection.validation_fraction); queries are never "
+        f"read. 'base' is base + base adapter under the method's prompt; 'selected' is what selection keeps "
+        f"(adopted checkpoint, else base) and is optimistic for every variant alike; gains are over base, "
+        f"positive = better, 95% bootstrap CI over users. Chosen: **{result['choice']}** (best selected "
+        f"{metric}, then last-checkpoint loss). Wall time {result['seconds']:.0f} s.", ""])

@@ -1,0 +1,168 @@
+"""Per-user validation and adoption of personal adapters (shared.selection): the rule on a
+scripted engine, and on the real model that planted preferences are adopted while histories
+without a personal signal are rejected."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from shared.config import RetrievalSpec, SelectionSpec, TrainSpec, load_experiment
+from shared.personalize import Context, history_examples, prompt_for
+from shared.records import HistoryItem, UserData
+from shared.retrieval import InMemoryHistoryStore, make_retriever
+from shared.selection import ValScore, beats, train_and_select, validation_size
+from shared.tasks import get_task
+from shared.training import Example, TrainResult
+
+
+def test_validation_size_holds_out_the_most_recent_fifth_at_least_two():
+    spec = SelectionSpec()
+    assert [validation_size(n, spec) for n in (4, 10, 11, 40)] == [2, 2, 3, 8]
+    assert validation_size(40, SelectionSpec(enabled=False)) == 0
+
+
+def test_a_mean_carried_by_one_item_is_not_adopted():
+    base = ValScore(2.0, 0.5, (2.0, 2.0, 2.0))
+    assert not beats(ValScore(1.9, 0.5, (0.5, 2.5, 2.6)), base, "accuracy")  # one item fitted, two worse
+    assert beats(ValScore(1.9, 0.5, (1.9, 1.9, 1.9)), base, "accuracy")
+
+
+def test_adoption_needs_no_worse_metric_and_lower_loss():
+    base = ValScore(loss=2.0, metric=0.5)
+    assert beats(ValScore(1.9, 0.5), base, "accuracy")
+    assert not beats(ValScore(1.9, 0.25), base, "accuracy")  # better loss, worse answers
+    assert not beats(ValScore(2.1, 1.0), base, "accuracy")  # better answers by luck, worse loss
+    assert beats(ValScore(1.9, 0.4), ValScore(2.0, 0.5), "mae")  # lower MAE is better
+    assert not beats(ValScore(1.9, 0.6), ValScore(2.0, 0.5), "mae")
+
+
+class ScriptedEngine:
+    """An engine whose validation scores follow a script: the base's, then one per checkpoint.
+    Validation prompts are "q<i>"; item j of the n held out is answered right when
+    j < metric * n."""
+
+    def __init__(self, base: ValScore, checks: list[ValScore], n_examples: int = 10, n_val: int = 2) -> None:
+        import threading
+
+        self.lock = threading.RLock()
+        self.script = [base] + checks
+        self.current = base
+        self.first_val, self.n_val = n_examples - n_val, n_val
+        self.state = {"w": 0.0}
+        self.resets = 0
+        self.trained_on: list[Example] = []
+
+    def example_losses(self, examples, *, personal, max_length):
+        return [self.current.loss] * len(examples)
+
+    def answer(self, prompts, *, max_new_tokens, personal):
+        right = round(self.current.metric * self.n_val)
+        return ["comedy" if int(p[1:]) - self.first_val < right else "classic" for p in prompts]
+
+    def train_personal(self, examples, spec, *, fresh, checkpoints, on_checkpoint, **kw):
+        self.trained_on = list(examples)
+        for step in range(1, len(self.script)):
+            self.state, self.current = {"w": float(step)}, self.script[step]
+            on_checkpoint(step, len(self.script) - 1)
+        return TrainResult(len(self.script) - 1, len(examples), spec.epochs, 0, 0, losses=[1.0])
+
+    def resume_personal_training(self):
+        pass
+
+    def personal_state(self):
+        import torch
+
+        return {"w": torch.tensor(self.state["w"])}
+
+    def set_personal_state(self, state, label=None):
+        self.state = {"w": float(state["w"])}
+
+    def reset_personal(self):
+        self.resets += 1
+        self.state = {"w": 0.0}
+
+    model = type("M", (), {"eval": lambda self: None})()
+
+
+def _examples(n: int) -> list[Example]:
+    return [Example(f"q{i}", "comedy") for i in range(n)]
+
+
+def test_best_checkpoint_that_beats_base_is_kept_and_the_rest_is_never_trained_on():
+    task = get_task("synthetic-tag")
+    base = ValScore(2.0, 0.5)
+    engine = ScriptedEngine(base, [ValScore(1.8, 0.5), ValScore(1.5, 1.0), ValScore(1.2, 0.5), ValScore(2.5, 1.0)])
+    result, sel = train_and_select(engine, task, _examples(10), TrainSpec(), SelectionSpec(checks=4))
+    assert sel.adopted and sel.best_step == 2 and sel.best.metric == 1.0
+    assert engine.state == {"w": 2.0}  # the slot holds the chosen checkpoint, not the last one
+    assert [e.prompt for e in engine.trained_on] == [f"q{i}" for i in range(8)]  # the last 2 validate
+    assert (sel.train_items, sel.validation_items) == (8, 2) and len(sel.checks) == 4
+
+
+def test_no_checkpoint_beating_base_is_not_adopted_and_the_slot_is_reset():
+    task = get_task("synthetic-tag")
+    engine = ScriptedEngine(ValScore(2.0, 1.0), [ValScore(1.5, 0.5), ValScore(2.2, 1.0)])
+    result, sel = train_and_select(engine, task, _examples(10), TrainSpec(), SelectionSpec(checks=2))
+    assert not sel.adopted and sel.best is None and engine.state == {"w": 0.0} and engine.resets == 1
+    assert "no checkpoint beat" in sel.reason
+
+
+def test_too_little_history_trains_nothing():
+    task = get_task("synthetic-tag")
+    engine = ScriptedEngine(ValScore(2.0, 1.0), [], n_examples=5)
+    result, sel = train_and_select(engine, task, _examples(5), TrainSpec(), SelectionSpec(min_train=4))
+    assert not sel.adopted and result.steps == 0 and engine.trained_on == [] and "too little history" in sel.reason
+
+
+def _accuracy(task, answers, queries):
+    return task.score([task.parse_output(a) for a in answers], [q.target for q in queries])["accuracy"]
+
+
+def _without_signal(user: UserData, population: list[UserData], seed: int) -> UserData:
+    """The same items with tags drawn from the whole population's tags (the base users'): a user
+    indistinguishable from everyone else, so nothing personal to learn beyond the base adapter."""
+    pool = [it.fields["tag"] for u in population for it in u.history]
+    rng = random.Random(seed)
+    history = [HistoryItem(it.id, {**it.fields, "tag": rng.choice(pool)}, it.time) for it in user.history]
+    return UserData(user.user_id + "-nosignal", history, user.queries)
+
+
+@pytest.mark.realmodel
+def test_planted_preferences_are_adopted_and_histories_without_signal_are_not(real_engine):
+    from simulations.datasets import load_dataset
+    from simulations.experiment import base_examples
+
+    spec = load_experiment(None, [
+        'data.task="synthetic-tag"', 'data.source="synthetic"', "data.users=1", "data.base_users=12",
+        "data.queries=10", "data.min_history=20", "data.max_history=20", "data.seed=3",
+        "data.base_examples=120", 'retrieval.store="memory"',
+    ])
+    ds = load_dataset(spec.data)
+    task = get_task(ds.task)
+    # A base adapter that has learned the task itself, so what a personal adapter adds is personal.
+    # (Seed 3: the base users' most common tag, action, is not this user's favourite, sci-fi.)
+    real_engine.train_base(base_examples(task, spec, ds.base_users), TrainSpec(epochs=2, lr=1e-3, batch_size=8),
+                           progress=False)
+    train = TrainSpec(epochs=2, lr=1e-3, batch_size=4)
+    planted = ds.eval_users[0]
+    prompts = [prompt_for(task, None, q.input, "plain") for q in planted.queries]
+    baseline = _accuracy(task, real_engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=False),
+                         planted.queries)
+
+    def select(user):
+        store = InMemoryHistoryStore(task.item_text)
+        store.add(user.history)
+        ctx = Context(store, make_retriever("bm25", task.item_text), RetrievalSpec(store="memory"))
+        return train_and_select(real_engine, task, history_examples(task, user.history, ctx, "plain"), train,
+                                SelectionSpec(), progress=False)[1]
+
+    sel = select(planted)
+    assert sel.adopted, sel.summary()
+    personal = _accuracy(task, real_engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=True),
+                         planted.queries)
+    assert personal > baseline and personal >= 0.5, (personal, baseline)
+
+    without = [select(_without_signal(planted, ds.base_users, seed)) for seed in (0, 1)]
+    assert not any(s.adopted for s in without), [(s.summary(), s.checks) for s in without]

@@ -1,0 +1,34 @@
+"""`make quality`'s page: runs, tables with CIs and baselines, the claims checked, the machine."""
+
+from __future__ import annotations
+
+
+def test_quality_page_checks_the_claims_on_its_own_numbers(tmp_path, tiny_model_dir):
+    from simulations.quality import main
+
+    cfg = tmp_path / "q.toml"
+    cfg.write_text(f'''
+methods = ["non-personalized", "RAG", "OPPU", "OPPU+RAG"]
+[data]
+task = "synthetic-rating"
+source = "synthetic"
+users = 3
+base_users = 2
+base_examples = 8
+queries = 2
+min_history = 8
+max_history = 8
+[base_model]
+path = "{tiny_model_dir}"
+quantization = "none"
+[personal_train]
+epochs = 1
+[retrieval]
+store = "memory"
+''')
+    out = tmp_path / "quality.md"
+    assert main(["--config", str(cfg), "--out", str(out), "--runs", str(tmp_path / "runs")]) == 0
+    page = out.read_text()
+    assert "## synthetic-rating (3 users, 6 queries" in page and "Machine: " in page and "cores" in page
+    assert "OPPU+RAG at least as good as RAG" in page and "OPPU no worse than non-personalized" in page
+    assert "baseline: user mode" in page and "[95% CI]" in page and "adopted on validation" in page

@@ -1,0 +1,76 @@
+"""`oppu sweep`: variants compared on validation items only, one table, a choice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simulations.sweep import load_sweep, run_sweep
+
+
+def _write(tmp_path, model_dir, variants: str):
+    (tmp_path / "exp.toml").write_text(f'''
+methods = ["non-personalized", "OPPU+RAG"]
+[data]
+task = "synthetic-tag"
+source = "synthetic"
+users = 2
+base_users = 2
+base_examples = 8
+queries = 1
+min_history = 8
+max_history = 8
+[base_model]
+path = "{model_dir}"
+quantization = "none"
+[base_train]
+epochs = 1
+[personal_train]
+epochs = 1
+[retrieval]
+store = "memory"
+''')
+    (tmp_path / "sweep.toml").write_text('experiment = "exp.toml"\nusers = 2\n' + variants)
+    return tmp_path / "sweep.toml"
+
+
+def test_sweep_compares_variants_on_validation_only(tmp_path, tiny_model_dir, monkeypatch):
+    path = _write(tmp_path, tiny_model_dir, '''
+[[variants]]
+name = "slow"
+set = ["personal_train.lr=1e-5"]
+[[variants]]
+name = "r4"
+set = ["personal_train.lr=1e-2", "personal_adapter.r=4"]
+''')
+    import shared.selection as selection
+
+    seen: list[str] = []
+    real_score = selection.score
+
+    def spy(engine, task, examples, **kw):
+        seen.extend(e.prompt for e in examples)
+        return real_score(engine, task, examples, **kw)
+
+    monkeypatch.setattr(selection, "score", spy)
+    out = run_sweep(path, run_dir=tmp_path / "out", progress=False)
+    result = json.loads((out / "sweep.json").read_text())
+    assert [r["variant"] for r in result["summary"]] == ["slow", "r4"]
+    assert result["choice"] in ("slow", "r4")
+    for row in result["variants"].values():
+        assert len(row["users"]) == 2 and all(u["base"] is not None for u in row["users"])
+    # Only history items were scored: no query text reached validation.
+    from simulations.datasets import load_dataset
+
+    spec, variants = load_sweep(path)
+    ds = load_dataset(variants[0].data)
+    queries = [q.input for u in ds.eval_users for q in u.queries]
+    assert seen and not any(q in p for p in seen for q in queries)
+    assert "(chosen)" in (out / "sweep.md").read_text()
+
+
+def test_a_variant_may_not_change_the_base_adapter(tmp_path, tiny_model_dir):
+    path = _write(tmp_path, tiny_model_dir, '[[variants]]\nname = "x"\nset = ["base_train.lr=1e-2"]\n')
+    with pytest.raises(ValueError, match="variant 'x' changes \\[base_train\\]"):
+        load_sweep(path)
