@@ -7,12 +7,13 @@ shared base adapter and whose eval users are personalized and evaluated.
 from __future__ import annotations
 
 from .amazon import build_amazon, default_data_root
-from .lamp import load_lamp_dataset, read_lamp, write_lamp, write_predictions
+from .lamp import lamp_task_name, load_lamp_dataset, read_lamp, write_lamp, write_predictions
 from .synthetic import make_synthetic, oracle_predict, oracle_scores
 
 __all__ = [
     "build_amazon",
     "default_data_root",
+    "lamp_task_name",
     "load_lamp_dataset",
     "make_synthetic",
     "oracle_predict",

@@ -8,6 +8,11 @@ Each question is one user (the profile is that user's history). The outputs file
 
 Files this module writes carry one extra key per question, "user_id", so a user with several
 queries reads back as one user; LaMP's own tools ignore unknown keys. Every write is atomic.
+
+The "task" of an outputs file (golds or predictions) is written as LaMP spells it ("LaMP_5",
+see LAMP_TASK_NAMES): LaMP's evaluator (eval/evaluation.py) refuses predictions whose "task"
+differs from the task it is asked to score or from the golds' "task". Reading accepts our
+spelling and older ones too.
 """
 
 from __future__ import annotations
@@ -20,6 +25,31 @@ from typing import Any, Iterable, Mapping
 from ..fileio import atomic_write
 from ..records import HistoryItem, Query, TaskDataset, UserData
 from ..tasks import Task, get_task
+
+
+# Our task names (configs, reports) -> the names LaMP's files and evaluator use. LaMP-2 is movie
+# tagging in LaMP's current release, "LaMP_2". News categorization, the LaMP-2 of LaMP's first
+# release (withdrawn since), keeps the name OPPU's evaluator gives it, "LaMP_2N": a file saying
+# "LaMP_2" would be scored against the movie tags by LaMP's current evaluator.
+LAMP_TASK_NAMES: dict[str, str] = {
+    "LaMP-1": "LaMP_1", "LaMP-2M": "LaMP_2", "LaMP-2N": "LaMP_2N", "LaMP-3": "LaMP_3",
+    "LaMP-4": "LaMP_4", "LaMP-5": "LaMP_5", "LaMP-7": "LaMP_7",
+}
+# Further names a file may carry for one of our tasks: OPPU's evaluator's name for movie tagging,
+# and the first LaMP release's name for news categorization.
+_ALSO_READ: dict[str, tuple[str, ...]] = {"LaMP-2M": ("LaMP_2M",), "LaMP-2N": ("LaMP_2",)}
+
+
+def lamp_task_name(task: Task | str) -> str:
+    """The "task" LaMP-format files carry for `task` (ours or LaMP's name; others unchanged)."""
+    name = task.name if isinstance(task, Task) else str(task)
+    return LAMP_TASK_NAMES.get(name, name)
+
+
+def task_names_read(task: Task | str) -> tuple[str, ...]:
+    """Every "task" an outputs file for `task` may carry: LaMP's spelling, ours, older ones."""
+    name = task.name if isinstance(task, Task) else str(task)
+    return tuple(dict.fromkeys((lamp_task_name(name), name, *_ALSO_READ.get(name, ()))))
 
 
 def questions_path(directory: str | Path, split: str) -> Path:
@@ -100,10 +130,14 @@ def _read_profile(profile: Any, qid: str, task: Task, where: str) -> list[Histor
     return sorted(items, key=lambda it: it.time)
 
 
-def _read_golds(path: Path) -> dict[str, str]:
+def _read_golds(path: Path, task: Task) -> dict[str, str]:
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
         raise ValueError(f"{path}: expected an object {{\"task\": ..., \"golds\": [{{\"id\", \"output\"}}, ...]}}")
+    names = task_names_read(task)
+    if "task" in data and not (isinstance(data["task"], str) and data["task"] in names):
+        raise ValueError(f"{path}: field 'task' is {str(data['task'])[:80]!r}, but these are read as {task.name} "
+                         f"golds (task {' or '.join(map(repr, names))})")
     golds: dict[str, str] = {}
     for i, rec in enumerate(data["golds"]):
         where = f"{path}: golds[{i}]"
@@ -126,7 +160,7 @@ def read_lamp(directory: str | Path, split: str, task: Task | str) -> list[UserD
     questions = _load_json(qpath)
     if not isinstance(questions, list):
         raise ValueError(f"{qpath}: expected a JSON list of questions, got {type(questions).__name__}")
-    golds = _read_golds(opath) if opath.is_file() else None
+    golds = _read_golds(opath, task) if opath.is_file() else None
 
     users: dict[str, UserData] = {}
     for i, rec in enumerate(questions):
@@ -178,14 +212,15 @@ def _dump(obj: Any) -> str:
 
 
 def write_predictions(path: str | Path, task_name: str, preds: Mapping[str, str]) -> Path:
-    """Predictions {query id: output} in LaMP's outputs format, readable by LaMP's evaluator."""
+    """Predictions {query id: output} in LaMP's outputs format, readable by LaMP's evaluator:
+    `task_name` (ours or LaMP's) is written as LaMP's (lamp_task_name)."""
     path = Path(path)
     golds = []
     for qid, out in preds.items():
         if not isinstance(out, str):
             raise ValueError(f"{path}: prediction for id {qid!r} must be a string, got {type(out).__name__}")
         golds.append({"id": str(qid), "output": out})
-    return atomic_write(path, _dump({"task": task_name, "golds": golds}))
+    return atomic_write(path, _dump({"task": lamp_task_name(task_name), "golds": golds}))
 
 
 def write_lamp(directory: str | Path, split: str, users: Iterable[UserData], task: Task | str) -> tuple[Path, Path | None]:
@@ -219,5 +254,5 @@ def write_lamp(directory: str | Path, split: str, users: Iterable[UserData], tas
     atomic_write(qpath, _dump(questions))
     if not golds:
         return qpath, None
-    atomic_write(opath, _dump({"task": task.name, "golds": golds}))
+    atomic_write(opath, _dump({"task": lamp_task_name(task), "golds": golds}))
     return qpath, opath
