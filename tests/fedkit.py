@@ -19,6 +19,9 @@ BASE_OVERRIDES = [
     'retrieval.store="memory"', "retrieval.k=1", "retrieval.profile_max_tokens=6", "personal_train.epochs=1",
     "personal_train.batch_size=4", "base_train.batch_size=4", 'methods=["non-personalized", "RAG", "OPPU", "OPPU+RAG"]',
     "federation.rounds=2", "federation.chunk_mb=4", "federation.evaluate_every=0", "federation.round_timeout=120",
+    # Rounds and publication are under test, on a random tiny model: every personal adapter is
+    # adopted (adoption in a round: test_client_app.py::test_an_adapter_not_adopted_is_not_used).
+    "selection.enabled=false",
 ]
 
 

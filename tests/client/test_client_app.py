@@ -79,3 +79,20 @@ def test_record_level_dp_sgd_on_the_users_machine(tmp_path, tiny_model_dir):
         assert manifest["privacy"]["record_epsilon"] > 0 and manifest["privacy"]["record_delta"] == 1e-5
         for what in ("base", "personal-plain"):
             assert json.loads((d / "federation" / f"record-privacy-{what}.json").read_text())["history"]
+
+
+def test_an_adapter_not_adopted_is_not_used(tmp_path, tiny_model_dir):
+    """A user whose personal adapter loses to the base on validation (here: too little history
+    to train one besides validating) keeps none, says why, and OPPU answers as non-personalized."""
+    run = tmp_path / "run"
+    spec = fedkit.tiny_spec(tiny_model_dir, run, "federation.rounds=1", "data.users=2",
+                            'methods=["non-personalized", "OPPU"]', "selection.enabled=true", "selection.min_train=50")
+    _, names = fedkit.prepare(spec, run)
+    summary = fedkit.run(spec, run, fedkit.local_grid(spec, run, names))
+    assert summary["status"] == "completed"
+    d = run / "users" / names[0]
+    record = json.loads((d / "federation" / "selection-plain.json").read_text())
+    assert record["adopted"] is False and "too little history" in record["reason"]
+    assert not (d / "personal-plain" / "CURRENT").exists()
+    preds = json.loads((d / "predictions.json").read_text())
+    assert preds["OPPU"] == preds["non-personalized"]
