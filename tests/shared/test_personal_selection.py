@@ -129,6 +129,8 @@ def _without_signal(user: UserData, population: list[UserData], seed: int) -> Us
     return UserData(user.user_id + "-nosignal", history, user.queries)
 
 
+# Slow (make test-all): a base adapter trained to fit the population, then three selections.
+@pytest.mark.slow
 @pytest.mark.realmodel
 def test_planted_preferences_are_adopted_and_histories_without_signal_are_not(real_engine):
     from simulations.datasets import load_dataset
