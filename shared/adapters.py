@@ -127,6 +127,20 @@ def lora_scaling(pm: Any, name: str) -> float:
     return cfg.lora_alpha / (cfg.r ** 0.5 if getattr(cfg, "use_rslora", False) else cfg.r)
 
 
+def stack_problem(pm: Any, *, base: str = BASE, personal_slot: str = PERSONAL) -> str | None:
+    """Why `base` and `personal_slot` cannot be stacked into one LoRA (None: they can)."""
+    if personal_slot not in pm.peft_config:
+        return "mixed-batch serving needs a LoRA personal adapter slot (prompt tuning has none)"
+    cb, cp = pm.peft_config[base], pm.peft_config[personal_slot]
+    if cb.peft_type.value != "LORA" or cp.peft_type.value != "LORA":
+        return ("mixed-batch serving needs LoRA for both the base and the personal adapter "
+                f"(got {cb.peft_type.value.lower()} and {cp.peft_type.value.lower()})")
+    if set(cb.target_modules) != set(cp.target_modules):
+        return (f"mixed-batch serving needs the same target modules for both adapters "
+                f"(base {sorted(cb.target_modules)}, personal {sorted(cp.target_modules)})")
+    return None
+
+
 def stacked_as_one(pm: Any, personal: dict[str, Any], *, base: str = BASE, personal_slot: str = PERSONAL) -> tuple[Any, dict[str, Any]]:
     """One LoRA adapter equal to `base` stacked with the personal weights `personal`.
 
@@ -136,18 +150,20 @@ def stacked_as_one(pm: Any, personal: dict[str, Any], *, base: str = BASE, perso
         s1·B1·A1 + s2·B2·A2 = [s1·B1 | s2·B2] · [A1 ; A2]
     so we concatenate them (scales folded into B, the slot's own scale 1). This holds for a 4-bit
     base as well, which cannot have the base adapter merged into its weights.
+    The identity is exact in real numbers, not in floating point: one rank-(r1 + r2) product, added
+    to the base output once, rounds differently from two products added one after the other (in
+    bf16 enough to change a greedy answer). So the one-user answer path answers through such a
+    slot too (shared.engine.Engine.answer), and a user's row in a mixed batch computes exactly what
+    that user's own batch computes.
     Returns (LoraConfig for the slot, its state keyed as PEFT saves it).
     """
     import torch
     from peft import LoraConfig
 
+    problem = stack_problem(pm, base=base, personal_slot=personal_slot)
+    if problem:
+        raise ValueError(problem)
     cb, cp = pm.peft_config[base], pm.peft_config[personal_slot]
-    if cb.peft_type.value != "LORA" or cp.peft_type.value != "LORA":
-        raise ValueError("mixed-batch serving needs LoRA for both the base and the personal adapter "
-                         f"(got {cb.peft_type.value.lower()} and {cp.peft_type.value.lower()})")
-    if set(cb.target_modules) != set(cp.target_modules):
-        raise ValueError(f"mixed-batch serving needs the same target modules for both adapters "
-                         f"(base {sorted(cb.target_modules)}, personal {sorted(cp.target_modules)})")
     base_state = get_state(pm, base)
     sb, sp = lora_scaling(pm, base), lora_scaling(pm, personal_slot)
     out: dict[str, Any] = {}

@@ -54,7 +54,8 @@ class BaseModelSpec:
     dtype: str = field(
         default="auto",
         metadata={"help": "Compute dtype: auto (bf16 where the hardware computes it: CUDA since Ampere, CPUs with "
-                  "AVX512-BF16/AMX; else float32) | float32 | bfloat16 | float16."},
+                  "AVX512-BF16/AMX; else float32; the environment variable OPPU_COMPUTE_DTYPE overrides "
+                  "auto) | float32 | bfloat16 | float16."},
     )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: one per core this process may use."})

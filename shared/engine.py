@@ -48,6 +48,11 @@ class Engine:
         # Users served together in one mixed batch: user -> PEFT slot holding base ⊕ personal.
         self._served: dict[str, str] = {}
         self._slots_made = 0
+        # Where base and personal stack into one LoRA, every answer goes through such slots (the
+        # one-user path through `_alone_slot`), so a user's row of a mixed batch rounds exactly
+        # as that user's own batch would.
+        self._stacked_answers = self.soft_prompt is None and adapters.stack_problem(self.model) is None
+        self._alone_slot: str | None = None
         # One model, many threads (daemon): generation and training must not interleave.
         self.lock = threading.RLock()
         adapters.activate(self.model, [BASE])
@@ -208,17 +213,21 @@ class Engine:
             if isinstance(personal, (str, Path)):
                 self.load_personal(Path(personal))
                 personal = self.personal_state()
+            self._served[user] = self._fill_stacked_slot(self._served.get(user), personal)
+
+    def _fill_stacked_slot(self, slot: str | None, personal: dict[str, Any]) -> str:
+        """Write base ⊕ `personal` into PEFT slot `slot` (made when None or of another rank)."""
+        with torch.no_grad():  # `personal` may be the trainable tensors themselves
             config, state = adapters.stacked_as_one(self.model, personal)
-            slot = self._served.get(user)
-            if slot is None or self.model.peft_config[slot].r != config.r:
-                if slot is not None:
-                    self.model.delete_adapter(slot)
-                self._slots_made += 1
-                slot = f"served{self._slots_made}"
-                self.model.add_adapter(slot, config)
-                self._served[user] = slot
-            adapters.set_state(self.model, slot, state)
-            adapters.activate(self.model, [BASE])  # adding a slot must not change what is active
+        if slot is None or self.model.peft_config[slot].r != config.r:
+            if slot is not None:
+                self.model.delete_adapter(slot)
+            self._slots_made += 1
+            slot = f"served{self._slots_made}"
+            self.model.add_adapter(slot, config)
+        adapters.set_state(self.model, slot, state)
+        adapters.activate(self.model, [BASE])  # adding a slot must not change what is active
+        return slot
 
     def drop_served(self) -> None:
         with self.lock:
@@ -244,6 +253,23 @@ class Engine:
 
     # -- inference ----------------------------------------------------------------------------
 
+    def answer_slot(self, personal: bool) -> str | None:
+        """The PEFT adapter that answers for the base adapter (+ the personal slot's current
+        weights when `personal`), passed per row as `adapter_names`; None where answers run on the
+        active adapters instead (IA3, prompt tuning: no mixed batches there).
+
+        It is the slot a mixed batch gives such a row (answer_users), not the two adapters one
+        after the other: the same arithmetic, so a user's row computes the same among other users'
+        rows as in a batch of their own, in any compute dtype (see adapters.stacked_as_one). (In
+        bf16 a CPU's matmul may still round a row differently in a batch of another size.)"""
+        if not self._stacked_answers:
+            return None
+        if not personal:
+            return BASE
+        with self.lock:
+            self._alone_slot = self._fill_stacked_slot(self._alone_slot, self.personal_state())
+            return self._alone_slot
+
     def answer(
         self,
         prompts: Sequence[str],
@@ -259,11 +285,14 @@ class Engine:
         `raw` answers with the bare base model (no adapter at all), e.g. to write PAG profiles
         in free text rather than in the task's answer format the base adapter has learned.
         """
-        kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
         with self.lock:
             if raw:
                 with self.model.disable_adapter():
                     return generate(self.model, self.tokenizer, prompts, **kw)
+            slot = self.answer_slot(personal)
+            if slot is not None:
+                kw["adapter_names"] = [slot] * len(prompts)
             adapters.activate(self.model, self._personal_names() if personal else [BASE])
             if personal and self.soft_prompt is not None:
                 kw["soft_prompt"] = self.soft_prompt

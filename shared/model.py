@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import EMBEDDED_MODEL, BaseModelSpec
+from .config import DTYPES, EMBEDDED_MODEL, BaseModelSpec
 
 # Offline before transformers is imported anywhere: nothing may be fetched from a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -190,14 +190,24 @@ def bf16_support(device: str) -> bool:
     return cpu_bf16_support()
 
 
+# Overrides base_model.dtype = "auto" for every model this process (and its children) loads,
+# e.g. to run on an AMX machine what an AVX2-only one computes (tests: --compute-dtype).
+COMPUTE_DTYPE_ENV = "OPPU_COMPUTE_DTYPE"
+
+
 def pick_dtype(spec: BaseModelSpec, device: str):
     import torch
 
-    if spec.dtype == "auto":
+    choice = spec.dtype
+    if choice == "auto":
+        choice = os.environ.get(COMPUTE_DTYPE_ENV) or "auto"
+        if choice not in DTYPES:
+            raise ValueError(f"{COMPUTE_DTYPE_ENV}={choice!r}: expected one of {', '.join(DTYPES)}")
+    if choice == "auto":
         # bf16 where the hardware computes it (CUDA since Ampere, CPUs with AVX512-BF16/AMX);
         # elsewhere fp32: emulated bf16 is slower than fp32, and fp16 would need loss scaling.
         return torch.bfloat16 if bf16_support(device) else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
 
 
 # How many times this process loaded a base model: the simulation loads it once per worker

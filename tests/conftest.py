@@ -1,5 +1,11 @@
 """Shared fixtures: the embedded base model (converted once, cached like a user's), a tiny
-random model with the same tokenizer for fast mechanics tests, and one real nf4 engine."""
+random model with the same tokenizer for fast mechanics tests, and one real nf4 engine.
+
+Compute dtype: engines compute in bf16 on CPUs that have it in hardware (AMX, AVX512-BF16) and
+in fp32 elsewhere (shared.model.pick_dtype). `--compute-dtype=float32|bfloat16` forces one for
+every model the run loads, in this process and in the processes it starts (OPPU_COMPUTE_DTYPE),
+so either machine can run what the other computes; `dtype_engine` runs a numerics test in both.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,29 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--compute-dtype", choices=("auto",) + COMPUTE_DTYPES, default=None,
+        help="compute dtype of every model loaded with base_model.dtype='auto' (default: the "
+             "environment's OPPU_COMPUTE_DTYPE, else auto: bf16 where the CPU has it in hardware)",
+    )
+
+
+def pytest_configure(config):
+    forced = config.getoption("--compute-dtype")
+    if forced:
+        os.environ["OPPU_COMPUTE_DTYPE"] = forced  # inherited by the daemons and clients tests start
+
+
+def pytest_report_header(config):
+    from shared.config import BaseModelSpec
+    from shared.model import pick_dtype
+
+    return f"oppu compute dtype: {str(pick_dtype(BaseModelSpec(), 'cpu')).replace('torch.', '')} on cpu"
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +85,14 @@ def real_engine():
     from shared.engine import Engine
 
     return Engine(BaseModelSpec(quantization="nf4"))
+
+
+@pytest.fixture(scope="session", params=COMPUTE_DTYPES)
+def dtype_engine(request, tiny_model_dir):
+    """The tiny engine computing in fp32, then in bf16, whatever this machine picks by itself:
+    numerics (mixed batch = one user, tolerances) must hold in both. Emulated bf16 on a CPU
+    without it is slow, but a 2-layer, 64-wide model stays cheap."""
+    from shared.config import BaseModelSpec
+    from shared.engine import Engine
+
+    return Engine(BaseModelSpec(path=str(tiny_model_dir), quantization="none", dtype=request.param))

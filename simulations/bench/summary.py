@@ -123,7 +123,7 @@ def _serving(jobs: dict, targets: list) -> list[str]:
              f"{s['users']} users, one request each, each user with their own personal adapter over the shared "
              f"base adapter ({s['quantization']} base, {s['dtype']} on {s['device']}, up to {s['max_new_tokens']} "
              f"new tokens, best of {s['repeats']}). Mixed-batch answers equal one-at-a-time answers for "
-             f"{s['mixed_equals_swap']} requests.", "",
+             f"{s['mixed_equals_swap']} requests" + _batching_note(s) + ".", "",
              "| mode | answers/s | s for all |", "|---|---|---|"]
     for k, label in (("mixed_batch", "mixed batch (one forward pass, per-row adapters)"),
                      ("swap_per_request", "swap adapter per request"),
@@ -138,6 +138,16 @@ def _serving(jobs: dict, targets: list) -> list[str]:
     targets.append((f"serving M={s['users']}: mixed batch vs single adapter", f"{s['mixed_vs_single']:.0%}", ">= 70%",
                     s["mixed_vs_single"] >= 0.7))
     return lines + [""]
+
+
+def _batching_note(s: dict) -> str:
+    """What batching alone does to the answers: a row of a mixed batch computes what its user's
+    adapter computes on that batch, but bf16 matmuls round differently for other batch sizes."""
+    if "batched_equals_alone" not in s:  # results from before it was measured
+        return ""
+    return (f"; one adapter's answers in a batch of {s['users']} equal its one-at-a-time answers for "
+            f"{s['batched_equals_alone']} (in {s['dtype']} the matmuls' rounding depends on the batch size: "
+            "what batching changes, not mixing users)")
 
 
 def _memory(jobs: dict, targets: list) -> list[str]:

@@ -38,11 +38,30 @@ def test_auto_dtype_computes_bf16_only_where_the_hardware_does(monkeypatch):
     import shared.model as model
 
     spec = BaseModelSpec(dtype="auto")
+    monkeypatch.delenv(model.COMPUTE_DTYPE_ENV, raising=False)  # set by --compute-dtype
     monkeypatch.setattr(model, "cpu_bf16_support", lambda: False)
     assert model.pick_dtype(spec, "cpu") == torch.float32  # emulated bf16 is slower than fp32
     monkeypatch.setattr(model, "cpu_bf16_support", lambda: True)
     assert model.pick_dtype(spec, "cpu") == torch.bfloat16
     assert model.pick_dtype(BaseModelSpec(dtype="float32"), "cpu") == torch.float32
+
+
+def test_compute_dtype_environment_overrides_auto_only(monkeypatch):
+    """OPPU_COMPUTE_DTYPE runs on one machine what another computes (tests: --compute-dtype)."""
+    import torch
+
+    import shared.model as model
+
+    monkeypatch.setattr(model, "cpu_bf16_support", lambda: True)
+    monkeypatch.setenv("OPPU_COMPUTE_DTYPE", "float32")
+    assert model.pick_dtype(BaseModelSpec(dtype="auto"), "cpu") == torch.float32
+    assert model.pick_dtype(BaseModelSpec(dtype="bfloat16"), "cpu") == torch.bfloat16  # the config's own choice
+    monkeypatch.setattr(model, "cpu_bf16_support", lambda: False)
+    monkeypatch.setenv("OPPU_COMPUTE_DTYPE", "bfloat16")
+    assert model.pick_dtype(BaseModelSpec(dtype="auto"), "cpu") == torch.bfloat16
+    monkeypatch.setenv("OPPU_COMPUTE_DTYPE", "bf16")
+    with pytest.raises(ValueError, match="OPPU_COMPUTE_DTYPE='bf16': expected one of auto, float32, bfloat16"):
+        model.pick_dtype(BaseModelSpec(dtype="auto"), "cpu")
 
 
 def test_each_load_is_counted_and_logged(tiny_model_dir, tmp_path, monkeypatch):
