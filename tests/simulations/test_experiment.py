@@ -82,8 +82,12 @@ def test_experiment_writes_a_complete_run_directory(tiny_model_dir, tmp_path):
     assert "OPPU+RAG" in table and "accuracy" in table
     assert load_experiment(run / "config.toml") == spec
     user_dir = next((run / "users").iterdir())
-    for aug in ("plain", "rag", "pag"):
-        assert (user_dir / f"personal-{aug}" / "adapter_model.safetensors").exists()
+    selection = json.loads((user_dir / "selection.json").read_text())
+    for aug in ("plain", "rag", "pag"):  # an adapter is saved exactly when it was adopted, and says why
+        assert selection[aug]["reason"] and selection[aug]["validation_items"] == 2
+        saved = (user_dir / f"personal-{aug}" / "adapter_model.safetensors").exists()
+        assert saved == selection[aug]["adopted"], (aug, selection[aug]["reason"])
+    assert metrics["adoption"]["OPPU"] == {"adopted": int(selection["plain"]["adopted"]), "users": 1}
     assert (run / "base_adapter" / "oppu_adapter.json").exists()
     assert (run / "log.txt").read_text()
 
