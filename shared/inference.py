@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .model import dense_4bit_weights
+from .model import dense_4bit_weights, release_memory
 from .prompting import answer_end_ids, encode_prompt, fit_prompt
 
 
@@ -84,4 +84,5 @@ def generate(
                 answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
     if was_training:
         model.train()
+    release_memory()  # the call's dense weights, KV cache and activations, back to the OS
     return answers

@@ -8,6 +8,9 @@ all train through `train_adapter`. Two choices matter for speed on small hardwar
   of SmolLM2's FLOPs and most of its activation memory) runs on those positions only.
 - On a CPU a 4-bit base is dequantized once per training run, not twice per layer and step
   (shared.model.dense_4bit_weights).
+
+Memory stays bounded: a batch goes through forward and backward in parts of at most PASS_TOKENS
+tokens (batch_backward), and what a run freed is handed back to the OS when it ends.
 """
 
 from __future__ import annotations
@@ -123,6 +126,60 @@ def answer_loss(model: Any, ids: Any, mask: Any, labels: Any, soft_prompt: Any =
     return F.cross_entropy(logits.float(), next_labels[keep])
 
 
+# At most this many tokens (rows x the longest row, soft prompt included) go through one forward
+# and backward pass; a larger batch is split into parts whose gradients add up to the batch's.
+# Activations kept for the backward pass are what bounds a training process's memory, and they
+# grow with the batch's tokens: measured on SmolLM2-135M on a CPU, about 1.2 MB per token in bf16
+# and twice that in fp32, so a batch of 4 x 512 tokens alone would need 2.4-4.8 GB. Parts of 512
+# tokens still give the matmuls hundreds of rows each, so splitting costs no measurable speed.
+PASS_TOKENS = 512
+
+
+def pass_parts(encoded: list[Encoded], idx: list[int], max_tokens: int, extra: int = 0) -> list[list[int]]:
+    """Batch `idx` in parts of at most `max_tokens` padded tokens (`extra` per row: a soft
+    prompt), similar lengths together, at least one row per part; the whole batch if it fits."""
+    width = max(len(encoded[i].input_ids) for i in idx) + extra
+    if max_tokens <= 0 or len(idx) * width <= max_tokens:
+        return [list(idx)]
+    parts: list[list[int]] = [[]]
+    for i in sorted(idx, key=lambda i: len(encoded[i].input_ids)):
+        row = len(encoded[i].input_ids) + extra  # the longest of its part so far: rows come sorted
+        if parts[-1] and (len(parts[-1]) + 1) * row > max_tokens:
+            parts.append([])
+        parts[-1].append(i)
+    return parts
+
+
+def batch_backward(model: Any, encoded: list[Encoded], idx: list[int], pad_id: int, device: Any,
+                   soft_prompt: Any = None, max_tokens: int = PASS_TOKENS) -> tuple[float, int, int]:
+    """Forward and backward of one batch's answer-token loss (gradients accumulate into .grad).
+
+    The batch goes through in parts (pass_parts), each part's mean loss weighted by its share of
+    the batch's answer tokens, so the gradients and the loss are the whole batch's mean (up to
+    rounding and dropout's draws) while the activations held are one part's.
+    Returns (loss, non-padding tokens, answer tokens).
+    """
+    extra = int(soft_prompt.shape[0]) if soft_prompt is not None else 0
+    parts = [collate(encoded, part, pad_id, device) for part in pass_parts(encoded, idx, max_tokens, extra)]
+    if len(parts) == 1:
+        ids, mask, labels = parts[0]
+        loss = answer_loss(model, ids, mask, labels, soft_prompt)
+        loss.backward()
+        return loss.item(), int(mask.sum()), int((labels != -100).sum())
+    weights = [int((labels[:, 1:] != -100).sum()) for _, _, labels in parts]
+    total = sum(weights)
+    value, useful, answered = 0.0, 0, 0
+    for (ids, mask, labels), n in zip(parts, weights):
+        useful, answered = useful + int(mask.sum()), answered + int((labels != -100).sum())
+        if total and not n:
+            continue  # no answer token in this part: it adds nothing to the loss
+        share = n / total if total else 1.0  # no answer token anywhere: the loss is NaN, as unsplit
+        loss = answer_loss(model, ids, mask, labels, soft_prompt)
+        (loss * share).backward()
+        value += loss.item() * share
+    return value, useful, answered
+
+
 def checkpoint_steps(total: int, n: int) -> set[int]:
     """`n` evenly spaced steps in 1..total, the last one being `total`."""
     if total <= 0 or n <= 0:
@@ -144,6 +201,7 @@ def train_adapter(
     dp_sgd: Any = None,
     checkpoints: int = 0,
     on_checkpoint: Callable[[int, int], None] | None = None,
+    pass_tokens: int = PASS_TOKENS,
 ) -> TrainResult:
     """Train `params` (the trainable adapter's tensors) on `examples` with answer-only loss.
 
@@ -154,7 +212,8 @@ def train_adapter(
     clipping and noise by Opacus's DPOptimizer (then spec.max_grad_norm is not used).
     `on_checkpoint(step, total)` is called after `checkpoints` evenly spaced steps, the last one
     after the final step (per-user validation, shared.selection); it may run eval-mode forwards
-    and must leave the model as it found it.
+    and must leave the model as it found it. `pass_tokens` bounds one forward/backward pass
+    (batch_backward; 0: whole batches).
     """
     import torch
     from tqdm.auto import tqdm
@@ -189,7 +248,7 @@ def train_adapter(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    from .model import dense_4bit_weights
+    from .model import dense_4bit_weights, release_memory
 
     model.train()
     result = TrainResult(0, len(examples), spec.epochs, 0, 0)
@@ -210,17 +269,13 @@ def train_adapter(
                 useful = sum(len(encoded[i].input_ids) for i in idx)
                 answered = sum(len(encoded[i].input_ids) - encoded[i].n_prompt for i in idx)
             else:
-                ids, mask, labels = collate(encoded, idx, pad_id, device)
-                loss = answer_loss(model, ids, mask, labels, soft_prompt)
-                value = loss.item()
-                useful, answered = int(mask.sum()), int((labels != -100).sum())
+                opt.zero_grad(set_to_none=True)
+                value, useful, answered = batch_backward(model, encoded, idx, pad_id, device, soft_prompt,
+                                                         pass_tokens)
             if value is not None and not math.isfinite(value):
                 raise FloatingPointError(f"training loss became {value} at step {step}; lower train.lr")
-            if dp_sgd is None:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if spec.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            if dp_sgd is None and spec.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
             opt.step()
             sched.step()
             result.steps += 1
@@ -240,4 +295,5 @@ def train_adapter(
         bar.close()
         model.eval()
         result.seconds = time.perf_counter() - start
+        release_memory()  # the run's activations and dense weights, back to the OS
     return result

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("memory", "comms", "training", "serving", "scaling")
+SECTIONS = ("memory", "footprint", "comms", "training", "serving", "scaling")
 
 
 def one(job: str, args: argparse.Namespace) -> dict:
@@ -29,6 +29,10 @@ def one(job: str, args: argparse.Namespace) -> dict:
         from . import memory
 
         return memory.run(args.model)
+    if kind == "footprint":
+        from . import footprint
+
+        return footprint.run(4, long=True, model=args.model)
     if kind == "comms":
         from . import comms
 
@@ -47,7 +51,7 @@ def jobs(sections: list[str], args: argparse.Namespace) -> list[str]:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     training = [f"training:{c}:{p}" for c in configs for p in ("ours", "reference")] if "training" in sections else []
     out = training[:2]
-    out += [s for s in ("serving", "memory", "comms") if s in sections]
+    out += [s for s in ("serving", "memory", "footprint", "comms") if s in sections]
     out += training[2:]
     if "scaling" in sections:
         out += [f"scaling:{n.strip()}" for n in args.scaling.split(",") if n.strip()]

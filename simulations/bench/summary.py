@@ -35,6 +35,7 @@ def render(r: dict) -> str:
     lines += _training(jobs, targets)
     lines += _serving(jobs, targets)
     lines += _memory(jobs, targets)
+    lines += _footprint(jobs, targets)
     lines += _scaling(jobs, targets)
     lines += _comms(jobs)
     wall = r.get("wall_seconds")
@@ -163,6 +164,27 @@ def _memory(jobs: dict, targets: list) -> list[str]:
         rows.append(f"| nf4, embedding kept in {mem['nf4_embeddings_unquantized']['dtype']} "
                     f"(base_model.quantize_embeddings = false) | {_mib(mem['nf4_embeddings_unquantized']['resident_bytes'])} |")
     return rows + [f"| bf16 | {_mib(mem['bf16']['resident_bytes'])} |", ""]
+
+
+def _footprint(jobs: dict, targets: list) -> list[str]:
+    from .footprint import LIMITS_MB
+
+    f = jobs.get("footprint")
+    if not f:
+        return []
+    rss = f["rss_mb"]
+    targets.append(("one process serving users in turn (`oppu experiment`, the daemon): peak resident",
+                    f"{f['peak_mb']:.0f} MiB", f"<= {LIMITS_MB['peak']:.0f} MiB", f["peak_mb"] <= LIMITS_MB["peak"]))
+    targets.append(("... resident growth from the first user to the last", f"{f['growth_mb']:+.0f} MiB",
+                    f"<= {LIMITS_MB['growth']:.0f} MiB (flat in users)", f["growth_mb"] <= LIMITS_MB["growth"]))
+    return ["## Footprint of a process serving users in turn", "",
+            f"{f['users']} users of {f['task']} ({f['dtype'].replace('torch.', '')}), each: Chroma store, answers, personal "
+            f"training, answers; prompts up to {f['prompt_tokens']['max']} tokens (mean {f['prompt_tokens']['mean']}). "
+            "`python -m simulations.bench.footprint` runs it alone.", "",
+            "| when | resident |", "|---|---|",
+            f"| base model loaded | {rss['loaded']:.0f} MiB |", f"| base adapter trained | {rss['base_trained']:.0f} MiB |",
+            *[f"| after user {i + 1} | {v:.0f} MiB |" for i, v in enumerate(rss["after_user"])],
+            f"| peak | {f['peak_mb']:.0f} MiB |", ""]
 
 
 def _scaling(jobs: dict, targets: list) -> list[str]:

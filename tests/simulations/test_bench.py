@@ -53,6 +53,9 @@ def test_summary_states_each_target_with_met_or_not():
             "training:nf4:ours": {**train, "procedure": "ours", "tokens_per_second": 300, "final_loss": 1.0},
             "training:nf4:reference": {**train, "procedure": "reference", "tokens_per_second": 100, "final_loss": 1.5},
             "memory": {"nf4": {"resident_bytes": 30}, "bf16": {"resident_bytes": 100}, "nf4_vs_bf16": 0.3},
+            "footprint": {"task": "amazon-rating", "dtype": "torch.float32", "users": 3, "peak_mb": 3500.0,
+                          "growth_mb": 12.0, "prompt_tokens": {"max": 500, "mean": 300},
+                          "rss_mb": {"loaded": 550.0, "base_trained": 570.0, "after_user": [700.0, 705.0, 712.0]}},
         },
     }
     text = render(results)
@@ -61,6 +64,10 @@ def test_summary_states_each_target_with_met_or_not():
     assert "**not met**" in rows["same final loss as reference, nf4 base"]  # 0.5 apart, tolerance 0.25
     assert "70%" in rows["hardware utilization, nf4 base"] and "**met**" in rows["hardware utilization, nf4 base"]
     assert "**met**" in rows["base model resident size, nf4 vs bf16"]
+    peak = next(v for k, v in rows.items() if k.endswith("peak resident"))
+    assert "3500 MiB" in peak and "**not met**" in peak
+    assert "+12 MiB" in rows["... resident growth from the first user to the last"] and "**met**" in rows["... resident growth from the first user to the last"]
+    assert "| after user 3 | 712 MiB |" in text
     assert "no bf16 hardware" in text
     assert "25.0 min" in rows["whole benchmark wall time (`make bench`, model already prepared)"]
     assert "**met**" in rows["whole benchmark wall time (`make bench`, model already prepared)"]
