@@ -131,7 +131,8 @@ class SelectionSpec:
 
     A user's most recent history items are held out of personal training; the adapter is scored
     on them at evenly spaced checkpoints and the best checkpoint is kept, but only *adopted* when
-    it beats base + base adapter there (task metric no worse, answer loss lower). Otherwise the
+    it beats base + base adapter there (a better task metric at a lower answer loss; a tie
+    keeps the base). Otherwise the
     user is answered as by the non-personal counterpart of the method.
     """
 

@@ -10,7 +10,7 @@ daemon) goes through `train_and_select`:
    held out of training; training example i still retrieves only from items before i.
 2. Base + base adapter is scored on them once (answer loss and the task's primary metric).
 3. The adapter is scored at evenly spaced checkpoints during training; the best checkpoint that
-   *beats base* (metric no worse, loss lower) is kept.
+   *beats base* (a better task metric at a lower mean loss; a tie keeps the base) is kept.
 4. If no checkpoint beats base, the adapter is not adopted: the slot is reset and the caller
    answers as the method's non-personal counterpart. The decision and every score are recorded.
 """
@@ -72,19 +72,18 @@ def validation_size(n_history: int, spec: SelectionSpec) -> int:
 
 
 def beats(candidate: ValScore, base: ValScore, metric: str) -> bool:
-    """The adoption rule: no worse on the task metric, a lower mean answer loss than base, and a
-    lower loss on most validation items.
+    """The adoption rule: a better task metric than base, at a lower mean answer loss.
 
-    All three, because on a handful of validation items the metric alone is coarse (a rating MAE
-    over two items moves in steps of 0.5), the loss alone can fall while the answers get worse,
-    and a mean can fall on one item an adapter happened to fit while the others get worse (what
-    an adapter fitted to a history without a personal signal looks like).
+    A tie on the metric keeps the base: the adapter is extra model capacity fitted to a few dozen
+    items, and on held-out items it has shown no gain. A falling loss alone is not a gain: an
+    adapter trained on a history with no personal signal still lowers the validation loss (it fits
+    the task's format and the population's labels a little further; measured on SmolLM2-135M,
+    synthetic tags drawn from the population: 1.52 -> 1.35 at equal accuracy) while answering no
+    better. The loss condition guards the other way: a metric that improved by luck on a handful
+    of items while the adapter's answers became less likely overall.
     """
     sign = 1.0 if METRIC_DIRECTION.get(metric, "higher") == "higher" else -1.0
-    if sign * (candidate.metric - base.metric) < -1e-12 or not candidate.loss < base.loss:
-        return False
-    pairs = list(zip(candidate.item_losses, base.item_losses))
-    return not pairs or 2 * sum(c < b for c, b in pairs) > len(pairs)
+    return sign * (candidate.metric - base.metric) > 1e-12 and candidate.loss < base.loss
 
 
 def _better(a: ValScore, b: ValScore, metric: str) -> bool:
@@ -189,7 +188,7 @@ def train_and_select(
             sel.reason = "training cancelled"
             best_state = None
         elif best_state is None:
-            sel.reason = "no checkpoint beat base + base adapter on validation (metric no worse, loss lower)"
+            sel.reason = "no checkpoint beat base + base adapter on validation (a better metric at a lower loss)"
         else:
             sel.adopted = True
             sel.reason = "a checkpoint beat base + base adapter on validation"
