@@ -1,4 +1,4 @@
-"""Flower ClientApp: message glue only; the work is in client/federated.py.
+"""Flower ClientApp: message glue only; the work is in client/rounds.py.
 
 The same app runs in the simulation engine (virtual users) and under a SuperNode (one user's
 data directory, node config `data-dir`). Replies carry only artifact ids, chunk acks, the
@@ -8,14 +8,10 @@ base adapter's tensors (when the run federates it) and numbers: see shared/proto
 from __future__ import annotations
 
 import logging
-import os
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from shared import environment
+
+environment.apply()  # before Flower is imported: its telemetry and update check reach the network
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -66,7 +62,7 @@ app = ClientApp(mods=[contain_errors])
 
 
 def _node(context: Context):  # type: ignore[no-untyped-def]
-    from client.federated import node_from
+    from client.rounds import node_from
 
     return node_from(context.run_config, context.node_config)
 
@@ -76,7 +72,7 @@ def identify(msg: Message, context: Context) -> Message:
     # A simulated user's node id is random per run; its partition id is what the coordinator
     # samples by, so a rerun trains the same users (coordinator/sampling.py). A deployed client
     # (its own data directory) says nothing about itself.
-    from client.federated import partition_of
+    from client.rounds import partition_of
 
     pid = partition_of(context.node_config)
     mine = {"partition": pid} if pid is not None else {}
@@ -85,7 +81,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.query("inventory")
 def inventory(msg: Message, context: Context) -> Message:
-    from client.federated import inventory as held
+    from client.rounds import inventory as held
 
     return Message(RecordDict({REPLY: ConfigRecord({"held": held(_node(context))})}), reply_to=msg)
 
@@ -123,7 +119,7 @@ def artifact(msg: Message, context: Context) -> Message:
 
 @app.train(mods=[secagg_when_asked, clip_when_private])
 def train(msg: Message, context: Context) -> Message:
-    from client.federated import reply_metrics, train as train_round
+    from client.rounds import reply_metrics, train as train_round
 
     if LEGACY_FITINS in msg.content.config_records:
         return _train_secagg(msg, context)
@@ -139,7 +135,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from client.federated import evaluate as evaluate_round, reply_metrics
+    from client.rounds import evaluate as evaluate_round, reply_metrics
 
     cfg = RoundConfig.from_record(_record(msg, "config", CONFIG))
     arrays = _arrays(msg)
@@ -157,7 +153,7 @@ def _train_secagg(msg: Message, context: Context) -> Message:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from client.federated import reply_metrics, train as train_round
+    from client.rounds import reply_metrics, train as train_round
     from shared.privacy import clip_update
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)

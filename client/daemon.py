@@ -3,7 +3,7 @@
 It owns the user's history store and private adapter, answers their requests with the
 personalized model over a local HTTP API (client/api.py), trains in the background
 (client/jobs.py), and, given a coordinator, takes part in federated rounds through a supervised
-Flower SuperNode (client/federation.py, which documents the ClientApp contract, including
+Flower SuperNode (client/supernode.py, which documents the ClientApp contract, including
 DIR/federation.json for the privacy spent).
 
 The data directory (mode 0700):

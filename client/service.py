@@ -3,7 +3,7 @@
 `ClientService` owns the user's Chroma history store, their versioned personal adapters
 (client.personal), the model host (client.host: the Engine shared by answering and training,
 answering first), the job runner (client.jobs) and, with a coordinator, the SuperNode supervisor
-(client.federation). The API (client/api.py) is a thin layer over its methods; tests drive it
+(client.supernode). The API (client/api.py) is a thin layer over its methods; tests drive it
 directly too.
 
 Locks, always taken in this order: `_maintenance` (import / forget / starting a job) ->
@@ -34,7 +34,7 @@ from shared.retrieval import make_retriever, new_items
 from shared.tasks import get_task
 
 from .archive import Archive, ArchiveError, read_archive, write_archive
-from .federation import read_privacy, supernode_supervisor
+from .supernode import read_privacy, supernode_supervisor
 from .host import ModelHost
 from .items import parse_items
 from .jobs import JobBusy, JobControl, JobRegistry

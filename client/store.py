@@ -14,18 +14,18 @@ metadata = {"fields": json of the item's fields, "time", "seq" (insertion counte
 
 from __future__ import annotations
 
-import os
-
-# Before chromadb / transformers are imported: they read these at import time.
-os.environ["ANONYMIZED_TELEMETRY"] = "False"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any, Sequence
+
+from shared import environment
+
+# Before chromadb / transformers are imported: they read these at import time. Chroma's
+# telemetry stays off even where a user's environment turned it on: this store holds their history.
+environment.apply()
+os.environ["ANONYMIZED_TELEMETRY"] = "False"
 
 import chromadb
 import numpy as np
@@ -35,7 +35,7 @@ from chromadb.utils.embedding_functions import register_embedding_function
 
 from shared.fileio import atomic_write
 from shared.records import HistoryItem
-from shared.retrieval import TextOf, chronological, new_items
+from shared.retrieval import InMemoryHistoryStore, TextOf, chronological, new_items
 
 MINILM_DIM = 384
 
@@ -293,6 +293,18 @@ class ChromaHistoryStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_history_store(kind: str, directory: Path | None, text_of: TextOf, *, retriever: str) -> Any:
+    """The store a user's retrieval reads from: Chroma at `directory` (kind "chroma", what a client
+    keeps on disk), or in memory (kind "memory"; with MiniLM vectors when the retriever is dense
+    or hybrid, none for BM25). The simulation, the sweep and a client's data directory open
+    stores here."""
+    if kind == "chroma":
+        if directory is None:
+            raise ValueError("a chroma history store needs a directory")
+        return ChromaHistoryStore(directory, text_of)
+    return InMemoryHistoryStore(text_of, MiniLMEmbedder() if retriever != "bm25" else None)
 
 
 def _metadata(item: HistoryItem, seq: int, order: int) -> dict[str, Any]:

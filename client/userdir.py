@@ -70,21 +70,14 @@ class UserDir:
     # -- history and queries -------------------------------------------------------------------
 
     def open_store(self, task: Any, *, store: str, retriever: str) -> Any:
+        from client.store import open_history_store
+
         if (self.path / "history").is_dir() and store == "chroma":
-            from client.store import ChromaHistoryStore
-
-            return ChromaHistoryStore(self.path / "history", task.item_text)
-        from shared.retrieval import InMemoryHistoryStore
-
+            return open_history_store("chroma", self.path / "history", task.item_text, retriever=retriever)
         f = self.path / "history.json"
         if not f.is_file():
             raise ClientError("the user data directory holds no history store (history/ or history.json)")
-        embed = None
-        if retriever != "bm25":
-            from client.store import MiniLMEmbedder
-
-            embed = MiniLMEmbedder()
-        mem = InMemoryHistoryStore(task.item_text, embed)
+        mem = open_history_store("memory", None, task.item_text, retriever=retriever)
         mem.add([HistoryItem(d["id"], d["fields"], int(d.get("time", 0))) for d in json.loads(f.read_text())])
         return mem
 

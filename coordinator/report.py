@@ -25,7 +25,7 @@ def round_line(entry: dict[str, Any], total: int) -> str:
 
 
 def render_report(summary: dict[str, Any], spec: FederatedSpec) -> str:
-    from simulations.reporting import markdown_table
+    from shared.tables import markdown_table
 
     f = spec.federation
     lines = [f"# Federated OPPU: {summary['task']}, {len(summary['rounds'])} rounds ({summary['status']})", "",

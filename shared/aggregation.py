@@ -1,7 +1,7 @@
 """THE DP-FedAvg round (McMahan et al., "Learning Differentially Private Recurrent Language
 Models", ICLR 2018): who takes part, how updates are bounded, averaged and noised, and what the
 round costs in privacy. The coordinator's Flower path (coordinator/strategy.py `aggregate_dp`),
-its SecAgg+ path (coordinator/federation.py `_train_secure`, which only sees the sum) and
+its SecAgg+ path (coordinator/run.py `_train_secure`, which only sees the sum) and
 `oppu ablate privacy` (simulations/ablation.py `run_cell`) all call the functions below, so the
 mechanism the ablation measures is the one the coordinator runs.
 

@@ -63,15 +63,34 @@ class Engine:
 
     # -- base adapter -------------------------------------------------------------------------
 
-    def train_base(self, examples: Sequence[Example], spec: TrainSpec, **kw: Any) -> TrainResult:
+    def train_base(self, examples: Sequence[Example], spec: TrainSpec, *, freeze_lora_a: bool = False,
+                   proximal_mu: float = 0.0, **kw: Any) -> TrainResult:
+        """Train the shared base adapter (THE training loop; `kw` goes to train_adapter, e.g.
+        dp_sgd=). Every caller trains the base slot here: the simulation and the coordinator from
+        base users, a federated client for its local update, the privacy ablation.
+
+        freeze_lora_a: FFA-LoRA, only the B matrices train (and are exchanged).
+        proximal_mu: FedProx, mu * (w - w_global) added to each gradient, which is the gradient
+        of (mu/2) * ||w - w_global||^2 added to the loss (w_global: the state before training).
+        """
         with self.lock:
             adapters.activate(self.model, [BASE], trainable=BASE)
+            hooks = []
             try:
-                return train_adapter(
-                    self.model, self.tokenizer, examples, spec,
-                    adapters.trainable_parameters(self.model, BASE), **kw,
-                )
+                named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+                if freeze_lora_a:
+                    for n, p in named:
+                        if ".lora_A." in n:
+                            p.requires_grad_(False)
+                params = [p for _, p in named if p.requires_grad]
+                if proximal_mu > 0:
+                    for p in params:
+                        anchor = p.detach().clone()
+                        hooks.append(p.register_hook(lambda g, p=p, a=anchor: g + proximal_mu * (p.detach() - a)))
+                return train_adapter(self.model, self.tokenizer, examples, spec, params, **kw)
             finally:
+                for h in hooks:
+                    h.remove()
                 adapters.activate(self.model, [BASE])
 
     def base_state(self) -> dict[str, Any]:

@@ -23,19 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import environment
 from .config import DTYPES, EMBEDDED_MODEL, BaseModelSpec
 
 # Offline before transformers is imported anywhere: nothing may be fetched from a hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-# torch's CPU matmuls (oneDNN, and ideep above it) cache a compiled kernel for every input shape,
-# up to 1024 of each by default, and training sees a new shape with every new batch length: a
-# process grew by about 11 MB per new length (SmolLM2-135M, bf16) up to about a gigabyte, i.e.
-# with every user it served. 64 recent shapes keep the reuse within a run (a training step's
-# layers, a generation's decode steps) at a bounded cost. Read when the first kernel is built.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
+environment.apply()
 
 log = logging.getLogger(__name__)
 # bitsandbytes warns on every import that an optional CPU kernel package is absent, and PEFT

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .config import RetrievalSpec
+from .config import ExperimentSpec, RetrievalSpec
 from .prompting import build_prompt, clip_words
-from .records import HistoryItem
+from .records import HistoryItem, UserData
+from .retrieval import InMemoryHistoryStore, make_retriever
 from .training import Example
 
 AUGMENTATIONS = ("plain", "rag", "pag")
@@ -80,14 +81,54 @@ def profile_prompt(task: Any, history: Sequence[HistoryItem], n_items: int, seed
     )
 
 
-def ensure_profile(engine: Any, task: Any, ctx: Context, history: Sequence[HistoryItem], *, seed: int = 0) -> str:
-    """The user's profile (PAG): supplied or cached in their store, else generated once and cached."""
+def ensure_profile(engine: Any, task: Any, ctx: Context, history: Sequence[HistoryItem], *, seed: int = 0,
+                   keep: Callable[[str], None] | None = None) -> str:
+    """The user's profile (PAG): the context's, else the one cached in their store, else generated
+    once by the base model and kept by `keep` (default: in the store). A federated client keeps
+    it in its own directory instead: the store belongs to the daemon process."""
+    if ctx.profile:
+        return ctx.profile
     cached = ctx.store.get_profile()
     if cached:
         ctx.profile = cached
         return cached
     prompt = profile_prompt(task, history, ctx.spec.profile_items, seed, ctx.spec.item_max_words)
     text = engine.answer([prompt], max_new_tokens=ctx.spec.profile_max_tokens, personal=False, raw=True)[0]
-    ctx.store.set_profile(text)
+    (keep or ctx.store.set_profile)(text)
     ctx.profile = text
     return text
+
+
+def base_examples(task: Any, ctx: Context, history: Sequence[HistoryItem], *, rng: random.Random,
+                  with_context: bool = True) -> list[Example]:
+    """One user's history as training examples for the shared base adapter.
+
+    The base adapter serves every method, so it sees both prompt shapes: plain, and (for about
+    half the items after the first, when `with_context` and retrieval is on) with items retrieved
+    from the same user's earlier history. Profiles are left out: writing one per user would cost a
+    generation pass each. Used by a federated client for its local update and, through
+    `population_base_examples`, by the simulation and the coordinator.
+    """
+    out = []
+    for i, item in enumerate(history):
+        query_input, target = task.item_to_example(item)
+        aug = "rag" if with_context and i > 0 and ctx.spec.k > 0 and rng.random() < 0.5 else "plain"
+        out.append(Example(prompt_for(task, ctx, query_input, aug, before=i), target))
+    return out
+
+
+def population_base_examples(task: Any, spec: ExperimentSpec, users: Sequence[UserData]) -> list[Example]:
+    """Base-adapter training data from users who are never evaluated (simulations, and the
+    coordinator's initial base adapter): every user's `base_examples` (retrieved context only
+    when some method of `spec` retrieves), shuffled together with `spec.data.seed`, at most
+    `spec.data.base_examples` of them (0: all)."""
+    rng = random.Random(spec.data.seed)
+    wants_context = any(METHOD_AUGMENTATION.get(m, "plain") != "plain" for m in spec.methods)
+    examples: list[Example] = []
+    for u in users:
+        store = InMemoryHistoryStore(task.item_text)
+        store.add(u.history)
+        ctx = Context(store, make_retriever("bm25", task.item_text), spec.retrieval)
+        examples += base_examples(task, ctx, u.history, rng=rng, with_context=wants_context)
+    rng.shuffle(examples)
+    return examples[: spec.data.base_examples] if spec.data.base_examples else examples

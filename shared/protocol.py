@@ -14,7 +14,7 @@ Messages from the coordinator (all replies are checked by tests/client/test_outb
 | evaluate            | global base adapter (arrays) + RoundConfig  | metric numbers (*)                      |
 
 (*) none from a deployed client under DP unless the operator and the user opted in
-(client.federated.reply_metrics); docs/federation.md, "What each message carries", lists every key.
+(client.rounds.reply_metrics); docs/federation.md, "What each message carries", lists every key.
 
 Artifacts (the quantized base model, the initial base adapter) are content-addressed: their id is
 the sha256 of their sorted file-hash list (`shared.model.model_hash`), so "do you have it" is a set

@@ -6,7 +6,7 @@ Each cell runs the federation's own pieces in one process, without Flower's mess
 cost matters; `oppu simulate` is the Flower path): each round's participants are drawn by THE
 mechanism's Poisson participation (shared.aggregation.participants, q = m/N, seeded: see
 `sampling_seed`), train the base adapter with the client's function
-(client.federated.train_base_locally, optionally with DP-SGD), and their updates go through THE
+(shared.engine.Engine.train_base, as a client does, optionally with DP-SGD), and their updates go through THE
 DP-FedAvg round the coordinator runs (shared.aggregation.dp_fedavg_round: clipping to C, the
 fixed denominator q·N, noise z·C/(q·N)); every round is accounted by the coordinator's ledger
 (coordinator.strategy.Accounting: the smaller of the RDP and PRV epsilons). Then:
@@ -37,6 +37,7 @@ import numpy as np
 
 from shared.config import AblationSpec, FederatedSpec, dump_ablation_toml, load_ablation
 from shared.fileio import atomic_write
+from shared.rundir import new_run_dir, run_log
 
 from .ablation_report import write_ablation_outputs
 
@@ -89,12 +90,12 @@ class _Model:
 
     def __init__(self, spec: AblationSpec, base_model: Any, task: Any, base_users: list[Any]) -> None:
         from shared.engine import Engine
-        from simulations.experiment import base_examples
+        from shared.personalize import population_base_examples
 
         e = spec.run.experiment
         self.engine = Engine(base_model, e.base_adapter, e.personal_adapter, seed=e.personal_train.seed)
         if spec.run.federation.base_init == "train" and base_users:
-            self.engine.train_base(base_examples(task, e, base_users), e.base_train, progress=False)
+            self.engine.train_base(population_base_examples(task, e, base_users), e.base_train, progress=False)
         self.initial = {k: v.detach().clone() for k, v in self.engine.base_state().items()}
 
 
@@ -103,17 +104,12 @@ def run_ablation(spec: AblationSpec, run_dir: Path | None = None, *, progress: b
 
     from coordinator.report import SEEDED_NOTE
     from shared.tasks import get_task
-    from simulations.datasets import load_dataset
-    from simulations.experiment import new_run_dir
+    from shared.data import load_dataset
 
     g, e = spec.grid, spec.run.experiment
     run_dir = Path(run_dir) if run_dir else new_run_dir(e.out_dir, f"ablate-privacy-{e.data.task}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
     t0 = time.time()
-    try:
+    with run_log(run_dir):
         atomic_write(run_dir / "config.toml", dump_ablation_toml(spec))
         needed = max(g.populations) + g.holdout_users
         data = dataclasses.replace(e.data, users=needed)
@@ -148,9 +144,6 @@ def run_ablation(spec: AblationSpec, run_dir: Path | None = None, *, progress: b
                                      task, population_pool, holdout)
         write_ablation_outputs(run_dir, {**metrics_base, "cells": results, "reference": reference}, time.time() - t0)
         return run_dir
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
 
 
 def _model_spec(spec: AblationSpec, small: bool) -> Any:
@@ -206,7 +199,7 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
     """One cell: R rounds of DP-FedAvg over `population`, then utility and the attack."""
     import torch
 
-    from client.federated import base_examples, train_base_locally
+    from shared.personalize import base_examples
     from coordinator.strategy import Accounting, exchanged
     from shared.aggregation import noise_generator, participants
     from shared.dpsgd import DPSGD
@@ -243,12 +236,12 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
                 store = InMemoryHistoryStore(task.item_text)
                 store.add(user.history)
                 ctx = Context(store, make_retriever("bm25", task.item_text), e.retrieval)
-                examples = base_examples(task, ctx, user.history, seed=g.seed + rnd)
+                examples = base_examples(task, ctx, user.history, rng=random.Random(g.seed + rnd))
                 dp = None
                 if cell["record_dp"]:
                     dp = DPSGD(noise_multiplier=p.record_noise_multiplier, max_grad_norm=p.record_clipping_norm,
                                expected_batch_size=f.local_train.batch_size, seed=g.seed * 1000 + cell["id"] * 100 + rnd)
-                result = train_base_locally(engine, examples, f.local_train, ffa=f.ffa_lora, proximal_mu=0.0, dp_sgd=dp)
+                result = engine.train_base(examples, f.local_train, freeze_lora_a=f.ffa_lora, dp_sgd=dp, progress=False)
                 losses.append(result.final_loss)
                 if dp is not None:
                     dp.account(record_ledgers.setdefault(user.user_id, RDPAccountant()))

@@ -10,8 +10,8 @@ from typing import Any, Mapping, Sequence
 from shared.adapters import FRAMEWORK_VERSION
 from shared.fileio import atomic_write
 from shared.metrics import METRIC_DIRECTION
+from shared.tables import markdown_table
 
-from .reporting import markdown_table
 
 AXIS_LABELS = {"noise_multiplier": "z", "clipping_norm": "C", "clients_per_round": "m", "population": "N",
                "federate_base_adapter": "federated", "record_dp": "DP-SGD"}

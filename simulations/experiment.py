@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from shared.adapters import AdapterManifest
-from shared.config import ExperimentSpec, dump_toml, to_dict
-from shared.engine import Engine
 from shared.baselines import personal_baselines
+from shared.config import ExperimentSpec, dump_toml, to_dict
+from shared.data import load_dataset
+from shared.engine import Engine
+from shared.fileio import atomic_write
 from shared.metrics import gain
 from shared.personalize import (
     METHOD_AUGMENTATION,
@@ -34,17 +35,15 @@ from shared.personalize import (
     Context,
     ensure_profile,
     history_examples,
+    population_base_examples,
     prompt_for,
 )
 from shared.records import TaskDataset, UserData
+from shared.retrieval import make_retriever
+from shared.rundir import new_run_dir, run_log
 from shared.selection import train_and_select
-from shared.retrieval import InMemoryHistoryStore, make_retriever
 from shared.stats import compare_methods, pooled_scorer
 from shared.tasks import get_task
-from shared.training import Example
-
-from .datasets import load_dataset
-from .reporting import atomic_write
 
 log = logging.getLogger("oppu.experiment")
 
@@ -58,50 +57,11 @@ class UserResult:
     selection: dict[str, dict[str, Any]] = field(default_factory=dict)  # augmentation -> Selection.to_dict()
 
 
-def new_run_dir(out_dir: str, task: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(out_dir) / f"{stamp}-{task}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
-    return path
-
-
 def open_store(spec: ExperimentSpec, directory: Path, task: Any) -> Any:
-    if spec.retrieval.store == "chroma":
-        from client.store import ChromaHistoryStore
+    """A simulated user's history store, of the kind and for the retriever `spec` names."""
+    from client.store import open_history_store  # chromadb: imported only when a run needs it
 
-        return ChromaHistoryStore(directory, task.item_text)
-    embed = None
-    if spec.retrieval.retriever != "bm25":
-        from client.store import MiniLMEmbedder
-
-        embed = MiniLMEmbedder()
-    return InMemoryHistoryStore(task.item_text, embed)
-
-
-def base_examples(task: Any, spec: ExperimentSpec, users: list[UserData]) -> list[Example]:
-    """Base-adapter training data from users who are never evaluated.
-
-    The base adapter serves every method, so it sees both prompt shapes: plain, and with
-    retrieved items from the same user's earlier history (profiles are left out because writing
-    one per base user would cost a generation pass each).
-    """
-    rng = random.Random(spec.data.seed)
-    wants_context = any(METHOD_AUGMENTATION.get(m, "plain") != "plain" for m in spec.methods)
-    examples: list[Example] = []
-    for u in users:
-        store = InMemoryHistoryStore(task.item_text)
-        store.add(u.history)
-        ctx = Context(store, make_retriever("bm25", task.item_text), spec.retrieval)
-        for i, item in enumerate(u.history):
-            query_input, target = task.item_to_example(item)
-            aug = "rag" if wants_context and i > 0 and rng.random() < 0.5 else "plain"
-            examples.append(Example(prompt_for(task, ctx, query_input, aug, before=i), target))
-    rng.shuffle(examples)
-    return examples[: spec.data.base_examples] if spec.data.base_examples else examples
+    return open_history_store(spec.retrieval.store, directory, task.item_text, retriever=spec.retrieval.retriever)
 
 
 def run_experiment(spec: ExperimentSpec, run_dir: Path | None = None, *, progress: bool = True) -> Path:
@@ -109,16 +69,8 @@ def run_experiment(spec: ExperimentSpec, run_dir: Path | None = None, *, progres
     dataset = load_dataset(spec.data)
     task = get_task(dataset.task)
     run_dir = Path(run_dir) if run_dir else new_run_dir(spec.out_dir, dataset.task)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.INFO)
-    try:
+    with run_log(run_dir):
         return _run(spec, dataset, task, run_dir, progress)
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
 
 
 def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, progress: bool) -> Path:
@@ -148,7 +100,7 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
              engine.base.dtype, engine.base.device, engine.model_hash[:12])
 
     # 1. The shared base adapter, from users who are never evaluated.
-    examples = base_examples(task, spec, dataset.base_users)
+    examples = population_base_examples(task, spec, dataset.base_users)
     base_result = engine.train_base(examples, spec.base_train, progress="base adapter" if progress else False)
     log.info("base adapter: %d examples, %d steps, loss %.3f, %.0f tokens/s", len(examples),
              base_result.steps, base_result.final_loss, base_result.tokens_per_second)

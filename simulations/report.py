@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from shared.metrics import METRIC_DIRECTION
+from shared.tables import markdown_table
 
-from .reporting import markdown_table
 from .results import all_aggregate, all_methods
+
 
 PLOT_ORDER = ("methods.png", "levels.png", "rounds.png", "tradeoff.png")
 

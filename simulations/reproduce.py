@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from shared.fileio import atomic_write
+from shared.tables import markdown_table
 
-from .reporting import markdown_table
 
 # Parts of metrics.json that are results (the rest is bookkeeping and timings).
 COMPARED = ("aggregate", "per_user", "cells", "reference", "variants")
@@ -109,7 +109,7 @@ def rerun(run_dir: Path, new_dir: Path, *, progress: bool = True) -> Path:
         return run_experiment(load_experiment(config), new_dir, progress=progress)
     if kind == "simulate":
         from shared.config import load_federated
-        from simulations.federated import simulate
+        from simulations.simulate import simulate
 
         spec = load_federated(config, [f'federation.run_dir="{new_dir.resolve()}"'])
         return simulate(spec, new_dir)

@@ -1,7 +1,7 @@
 """What a finished run writes besides predictions: metrics by user, by activity level and by
 round, the privacy spent, the plots, and the one-page REPORT.md (simulations/report.py).
 
-run_dir/ (in addition to what simulations/experiment.py and coordinator/federation.py write)
+run_dir/ (in addition to what simulations/experiment.py and coordinator/run.py write)
   run.json        what kind of run this is (experiment | simulate), how long it took
   data.json       users: history size and activity level; source and notes
   metrics.json    aggregate, per user, per activity level, per round, privacy; "baselines" (non-LLM
@@ -23,8 +23,8 @@ from typing import Any, Mapping
 from shared.adapters import FRAMEWORK_VERSION
 from shared.fileio import atomic_write
 from shared.metrics import METRIC_DIRECTION, gain
+from shared.tables import markdown_table
 
-from .reporting import markdown_table
 
 __all__ = ["gain", "level_gains", "metrics_markdown", "primary_metric", "scores_section", "write_outputs"]
 

@@ -26,8 +26,9 @@ from typing import Any
 from shared.adapters import FRAMEWORK_VERSION
 from shared.config import ExperimentSpec, apply_overrides, dump_toml, from_dict, to_dict
 from shared.fileio import atomic_write
+from shared.rundir import new_run_dir
+from shared.tables import markdown_table
 
-from .reporting import markdown_table
 
 # name -> (what it shows, default methods, {variant: overrides})
 STUDIES: dict[str, tuple[str, tuple[str, ...], dict[str, list[str]]]] = {
@@ -60,7 +61,7 @@ def study_specs(name: str, spec: ExperimentSpec, methods_given: bool) -> dict[st
 
 def run_study(name: str, spec: ExperimentSpec, study_dir: Path | None = None, *, methods_given: bool = False,
               progress: bool = True) -> Path:
-    from .experiment import new_run_dir, run_experiment
+    from .experiment import run_experiment
 
     variants = study_specs(name, spec, methods_given)
     study_dir = Path(study_dir) if study_dir else new_run_dir(spec.out_dir, f"study-{name}-{spec.data.task}")

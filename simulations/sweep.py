@@ -27,17 +27,19 @@ from typing import Any
 import numpy as np
 
 from shared.config import ExperimentSpec, apply_overrides, from_dict, load_experiment, parse_config_file, to_dict
+from shared.data import load_dataset
 from shared.fileio import atomic_write
 from shared.metrics import METRIC_DIRECTION
-from shared.personalize import METHOD_AUGMENTATION, Context, history_examples
+from shared.personalize import METHOD_AUGMENTATION, Context, history_examples, population_base_examples
 from shared.retrieval import make_retriever
+from shared.rundir import new_run_dir
 from shared.selection import train_and_select
+from shared.tables import markdown_table
 from shared.tasks import get_task
 
-from .datasets import load_dataset
-from .experiment import base_examples, new_run_dir, open_store
-from .reporting import markdown_table
+from .experiment import open_store
 from .results import signed4
+
 
 log = logging.getLogger("oppu.sweep")
 
@@ -119,7 +121,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Pat
             engine = Engine(load_base_model(first.base_model), exp.base_adapter, exp.personal_adapter,
                             seed=exp.personal_train.seed)
             if base_state is None:
-                ex = base_examples(task, exp, dataset.base_users)
+                ex = population_base_examples(task, exp, dataset.base_users)
                 engine.train_base(ex, exp.base_train, progress="base adapter" if progress else False)
                 base_state = {k: t.detach().clone() for k, t in engine.base_state().items()}
             else:

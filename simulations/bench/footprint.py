@@ -45,11 +45,10 @@ def run(users: int = 4, *, dtype: str = "auto", long: bool = False, model: str =
 
     from shared.config import load_experiment
     from shared.engine import Engine
-    from shared.personalize import Context, history_examples, prompt_for
+    from shared.personalize import Context, history_examples, population_base_examples, prompt_for
     from shared.retrieval import make_retriever
     from shared.tasks import get_task
-    from simulations.datasets import load_dataset
-    from simulations.experiment import base_examples as make_base_examples
+    from shared.data import load_dataset
     from simulations.experiment import open_store
 
     overrides = [f"data.users={users}", "data.base_users=8", f"data.base_examples={base_examples}",
@@ -72,7 +71,7 @@ def run(users: int = 4, *, dtype: str = "auto", long: bool = False, model: str =
     engine = Engine(spec.base_model, spec.base_adapter, spec.personal_adapter, seed=0)
     out: dict[str, Any] = {"task": dataset.task, "source": dataset.source, "dtype": str(engine.base.dtype),
                            "long": long, "users": users, "rss_mb": {"loaded": mark()}}
-    base = engine.train_base(make_base_examples(task, spec, dataset.base_users), spec.base_train, progress=False)
+    base = engine.train_base(population_base_examples(task, spec, dataset.base_users), spec.base_train, progress=False)
     out["rss_mb"]["base_trained"] = mark()
     retriever = make_retriever(spec.retrieval.retriever, task.item_text)
     lengths: list[int] = []

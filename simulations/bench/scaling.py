@@ -52,7 +52,7 @@ class TreeMemory:
 
 def run(users: int, model: str, out: Path) -> dict:
     from shared.config import load_federated
-    from simulations.federated import simulate
+    from simulations.simulate import simulate
 
     work = (out / "work" / f"scaling-{users}").resolve()
     shutil.rmtree(work, ignore_errors=True)

@@ -25,7 +25,7 @@ def run(users: int, task: str, repeats: int, model: str = "") -> dict:
     from shared.engine import Engine
     from shared.personalize import prompt_for
     from shared.tasks import get_task
-    from simulations.datasets import load_dataset
+    from shared.data import load_dataset
 
     from .training import base_spec, seeded_base_state
 

@@ -37,7 +37,7 @@ def bench_users(users: int, task: str) -> tuple[Any, list[tuple[str, list[Any]]]
     from shared.config import DataSpec
     from shared.personalize import history_examples
     from shared.tasks import get_task
-    from simulations.datasets import load_dataset
+    from shared.data import load_dataset
 
     ds = load_dataset(DataSpec(task=task, users=users, base_users=0, **USERS_SPEC))
     t = get_task(ds.task)

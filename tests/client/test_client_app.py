@@ -4,12 +4,12 @@ files are written, and misconfigured nodes answer with a clear error."""
 
 import json
 
-import fedkit
+import inprocess_federation as fedkit
 from shared.protocol import ARRAYS
 
 
 def test_rounds_reuse_the_model_and_keep_personal_adapters_at_home(tmp_path, tiny_model_dir, monkeypatch):
-    import client.federated as federated
+    import client.rounds as rounds
     import shared.engine
 
     built = []
@@ -20,7 +20,7 @@ def test_rounds_reuse_the_model_and_keep_personal_adapters_at_home(tmp_path, tin
         real_init(self, *a, **k)
 
     monkeypatch.setattr(shared.engine.Engine, "__init__", counting_init)
-    monkeypatch.setattr(federated, "_ENGINES", {})
+    monkeypatch.setattr(rounds, "_ENGINES", {})
     run = tmp_path / "run"
     spec = fedkit.tiny_spec(tiny_model_dir, run, "federation.rounds=2", 'methods=["non-personalized", "OPPU"]')
     _, names = fedkit.prepare(spec, run)
@@ -30,7 +30,7 @@ def test_rounds_reuse_the_model_and_keep_personal_adapters_at_home(tmp_path, tin
 
     assert summary["status"] == "completed"
     assert len(built) == 2  # the coordinator's engine and one for all clients, rounds and users
-    assert len(federated._ENGINES) == 1
+    assert len(rounds._ENGINES) == 1
     # The base adapter is not federated in this run: train replies carry numbers only.
     assert all(ARRAYS not in r.content.array_records for r in replies if r.metadata.message_type == "train")
     for n in names:

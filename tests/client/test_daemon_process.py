@@ -67,7 +67,7 @@ class DaemonProcess:
                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "client", "daemon", "--data-dir", str(self.dir),
+                [sys.executable, "-m", "oppu", "client", "daemon", "--data-dir", str(self.dir),
                  "--port", str(self.port)],
                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if wait:
@@ -303,7 +303,7 @@ def test_daemon_export_forget_import_restores_answers(daemon, tmp_path):
 
 
 def _cli(daemon, *args: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "shared.cli", "client", *args, "--data-dir", str(daemon.dir)],
+    r = subprocess.run([sys.executable, "-m", "oppu", "client", *args, "--data-dir", str(daemon.dir)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (args, r.stdout, r.stderr)
     return r
@@ -326,14 +326,14 @@ def test_daemon_cli_commands(daemon, tmp_path):
     n = daemon.ok("get", "/v1/status")["history"]["count"]
     assert f"deleted {n} history items" in _cli(daemon, "forget", "--yes").stdout
     assert f"imported {n} new history items" in _cli(daemon, "import", str(archive)).stdout
-    r = subprocess.run([sys.executable, "-m", "shared.cli", "client", "status", "--data-dir", str(tmp_path / "none")],
+    r = subprocess.run([sys.executable, "-m", "oppu", "client", "status", "--data-dir", str(tmp_path / "none")],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no daemon is running" in r.stderr
 
 
 def test_daemon_second_instance_refused_naming_pid(daemon):
     r = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "client", "daemon", "--data-dir", str(daemon.dir), "--port", "0"],
+        [sys.executable, "-m", "oppu", "client", "daemon", "--data-dir", str(daemon.dir), "--port", "0"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert f"pid {daemon.proc.pid}" in r.stderr, r.stderr

@@ -17,7 +17,7 @@ import pytest
 
 from client import archive as arc
 from client.daemon import DaemonLocked, acquire_lock, bind_socket, ensure_token, release_lock
-from client.federation import (Supervisor, child_env, next_delay, read_privacy, supernode_command,
+from client.supernode import (Supervisor, child_env, next_delay, read_privacy, supernode_command,
                                supernode_supervisor)
 from client.items import ItemError, parse_items
 from client.personal import PersonalAdapters

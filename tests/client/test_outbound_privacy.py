@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fedkit
+import inprocess_federation as fedkit
 from shared.protocol import ARRAYS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "federation.md"
@@ -91,11 +91,11 @@ def test_no_private_content_in_any_outgoing_message(tmp_path, tiny_model_dir, mo
     assert summary["status"] == "completed" and summary["epsilon"] > 0
 
     # An error whose text quotes a history item must not carry that text back.
-    import client.federated as federated
+    import client.rounds as rounds
 
     task = get_task(ds.task)
     secret = task.render_item(ds.eval_users[0].history[0])
-    monkeypatch.setattr(federated, "train", lambda *a, **k: (_ for _ in ()).throw(ValueError(secret)))
+    monkeypatch.setattr(rounds, "train", lambda *a, **k: (_ for _ in ()).throw(ValueError(secret)))
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
     from shared.protocol import RoundConfig
@@ -147,10 +147,10 @@ def test_no_private_content_in_any_outgoing_message(tmp_path, tiny_model_dir, mo
 
 
 def test_per_user_numbers_leave_only_when_allowed(tmp_path):
-    """client.federated.reply_metrics: under DP a deployed client sends its numbers only when the
+    """client.rounds.reply_metrics: under DP a deployed client sends its numbers only when the
     operator opted in and the user's node config does not refuse; simulated users and runs
     without DP send them."""
-    from client.federated import node_from, reply_metrics
+    from client.rounds import node_from, reply_metrics
     from shared.config import load_federated, to_run_config
 
     numbers = {"num-examples": 6.0, "base-loss": 0.4, "non-personalized/accuracy": 0.5}

@@ -139,7 +139,7 @@ def test_without_dp_a_poisoned_update_and_an_inflated_count_stay_within_the_boun
     from flwr.app import Array, ArrayRecord
     from safetensors.numpy import load_file
 
-    import fedkit
+    import inprocess_federation as fedkit
     from shared.protocol import ARRAYS, METRICS
 
     run = tmp_path / "run"

@@ -11,7 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
-import fedkit
+import inprocess_federation as fedkit
 from shared.privacy import Accountant
 
 DP = ["privacy.federate_base_adapter=true", "privacy.noise_multiplier=1.0", "privacy.clipping_norm=0.5",
@@ -20,7 +20,7 @@ DP = ["privacy.federate_base_adapter=true", "privacy.noise_multiplier=1.0", "pri
 CHILD = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    import fedkit
+    import inprocess_federation as fedkit
     model, run = Path(sys.argv[1]), Path(sys.argv[2])
     spec = fedkit.tiny_spec(model, run, *json.loads(sys.argv[3]))
     _, names = fedkit.prepare(spec, run)

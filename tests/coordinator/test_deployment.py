@@ -1,4 +1,4 @@
-"""The deployment engine on loopback (tests/flowerkit.py): one `flower-superlink`, two
+"""The deployment engine on loopback (tests/flower_deployment.py): one `flower-superlink`, two
 `flower-supernode` processes each bound to one user's data directory, then `flwr run` of this app;
 a federated run completes with each machine's model in its own cache and adapters at home."""
 
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-import fedkit
-from flowerkit import BIN, Deployment
+import inprocess_federation as fedkit
+from flower_deployment import BIN, Deployment
 
 
 @pytest.mark.slow  # ~1.5-3 min on 2 cores: every message starts a ClientApp process

@@ -82,7 +82,7 @@ def test_manifests_that_lie_are_refused(tmp_path, mutate, message):
 def test_only_missing_artifacts_are_streamed_and_bytes_logged(tmp_path, tiny_model_dir, caplog):
     """Through the real ClientApp (in-process grid): a node that holds the model gets only the
     adapter; a second ensure() sends nothing; a node whose cache refuses an artifact is reported."""
-    import fedkit
+    import inprocess_federation as fedkit
 
     run = tmp_path / "run"
     spec = fedkit.tiny_spec(tiny_model_dir, run)

@@ -193,7 +193,7 @@ def test_the_run_stops_cleanly_before_the_budget_is_exceeded(tmp_path, tiny_mode
     """z=2, every user every round (q=1): the reported epsilon (the smaller of PRV and RDP) is
     2.00, 2.95, 3.72 after rounds 1-3 at delta=1e-5 (RDP alone: 2.17, 3.19, 4.01); with a budget
     of 3.5 the third round is never run, and the run still reports and evaluates."""
-    import fedkit
+    import inprocess_federation as fedkit
 
     run = tmp_path / "run"
     spec = fedkit.tiny_spec(tiny_model_dir, run, "federation.rounds=4", "data.users=2", 'methods=["non-personalized"]',

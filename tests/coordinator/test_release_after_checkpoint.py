@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fedkit
+import inprocess_federation as fedkit
 
 DP = ["privacy.federate_base_adapter=true", "privacy.noise_multiplier=1.0", "privacy.clipping_norm=0.5",
       "federation.rounds=3", "data.users=2", "federation.evaluate_every=1", 'methods=["non-personalized"]',

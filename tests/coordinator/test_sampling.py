@@ -5,7 +5,7 @@ run directory with partial participation trains the same users and gets the same
 import json
 import random
 
-import fedkit
+import inprocess_federation as fedkit
 from coordinator.localgrid import LocalGrid
 from coordinator.sampling import NodeNames, sample
 

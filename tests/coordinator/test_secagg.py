@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import fedkit
+import inprocess_federation as fedkit
 
 COMMON = ["federation.rounds=1", 'methods=["non-personalized"]', "privacy.federate_base_adapter=true",
           "federation.local_train.lr=0.01", "federation.personal_refresh_epochs=0"]

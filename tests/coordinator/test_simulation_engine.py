@@ -3,11 +3,11 @@ reporting per-round base-adapter metrics and the final OPPU table."""
 
 import json
 
-import fedkit
+import inprocess_federation as fedkit
 
 
 def test_oppu_simulate_runs_the_flower_simulation_engine(tmp_path, tiny_model_dir, capsys):
-    from shared.cli import main
+    from oppu.cli import main
 
     run = tmp_path / "run"
     args = ["simulate", "--model", str(tiny_model_dir), "--users", "3", "--rounds", "2", "--run-dir", str(run),

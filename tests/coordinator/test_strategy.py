@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import fedkit
+import inprocess_federation as fedkit
 from coordinator.strategy import mean_metrics
 from shared.protocol import ARRAYS, is_lora_b
 
@@ -118,7 +118,6 @@ def test_ffa_lora_exchanges_only_b_and_keeps_a_frozen(tmp_path, tiny_model_dir):
 
 
 def test_fedprox_pulls_local_training_towards_the_global_adapter(tiny_engine):
-    from client.federated import train_base_locally
     from shared.config import TrainSpec
     from shared.training import Example
 
@@ -128,7 +127,7 @@ def test_fedprox_pulls_local_training_towards_the_global_adapter(tiny_engine):
 
     def drift(mu):
         tiny_engine.set_base_state({k: v.clone() for k, v in start.items()})
-        train_base_locally(tiny_engine, examples, spec, ffa=False, proximal_mu=mu)
+        tiny_engine.train_base(examples, spec, proximal_mu=mu, progress=False)
         now = tiny_engine.base_state()
         return sum(float((now[k] - start[k]).pow(2).sum()) for k in start) ** 0.5
 

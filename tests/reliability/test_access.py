@@ -159,7 +159,7 @@ def test_client_never_keeps_a_model_that_differs_from_the_manifest(tiny_model_di
 
 
 def test_supernode_uses_tls_and_node_auth_when_configured(tmp_path, figures):
-    from client.federation import supernode_command
+    from client.supernode import supernode_command
 
     ca, key = tmp_path / "ca.crt", tmp_path / "node_key"
     ca.write_text("x")

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-import fedkit
-from flowerkit import BIN, Deployment
+import inprocess_federation as fedkit
+from flower_deployment import BIN, Deployment
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("flower-superlink", path=str(BIN)) is None, reason="flwr is not installed")]

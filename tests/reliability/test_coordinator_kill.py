@@ -26,7 +26,7 @@ DP = ["privacy.federate_base_adapter=true", "privacy.noise_multiplier=1.0", "pri
 CHILD = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    import fedkit
+    import inprocess_federation as fedkit
     model, run = Path(sys.argv[1]), Path(sys.argv[2])
     spec = fedkit.tiny_spec(model, run, *json.loads(sys.argv[3]))
     _, names = fedkit.prepare(spec, run)

@@ -269,7 +269,7 @@ def client_node(service, tiny_model_dir, tmp_path_factory):
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import fedkit
+    import inprocess_federation as fedkit
 
     from client.artifacts import ArtifactCache
     from client.client_app import app

@@ -55,7 +55,7 @@ WRAPPER = textwrap.dedent("""
             time.sleep(600)
         return real(tensors, filename, *a, **kw)
     pm.safe_save_file = save
-    from shared.cli import main
+    from oppu.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -281,7 +281,7 @@ def test_client_killed_mid_round_and_coordinator_crash_resumes(tiny_model_dir, t
     """Round 1: one client dies while training (its reply never comes: Flower reports an error for
     it). The round aggregates the others; then the coordinator itself crashes in round 2 and a new
     one resumes from the checkpoint of round 1, with the dead client back."""
-    import fedkit
+    import inprocess_federation as fedkit
 
     from client.personal import PersonalAdapters
     from coordinator import checkpoint

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flowerkit import BIN, free_port, stop
+from flower_deployment import BIN, free_port, stop
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),

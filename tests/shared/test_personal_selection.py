@@ -129,8 +129,8 @@ def _without_signal(user: UserData, population: list[UserData], seed: int) -> Us
 @pytest.mark.slow
 @pytest.mark.realmodel
 def test_planted_preferences_are_adopted_and_histories_without_signal_are_not(real_engine):
-    from simulations.datasets import load_dataset
-    from simulations.experiment import base_examples
+    from shared.data import load_dataset
+    from shared.personalize import population_base_examples
 
     spec = load_experiment(None, [
         'data.task="synthetic-tag"', 'data.source="synthetic"', "data.users=1", "data.base_users=12",
@@ -141,7 +141,7 @@ def test_planted_preferences_are_adopted_and_histories_without_signal_are_not(re
     task = get_task(ds.task)
     # A base adapter that has learned the task itself, so what a personal adapter adds is personal.
     # (Seed 3: the base users' most common tag, action, is not this user's favourite, sci-fi.)
-    real_engine.train_base(base_examples(task, spec, ds.base_users), TrainSpec(epochs=2, lr=1e-3, batch_size=8),
+    real_engine.train_base(population_base_examples(task, spec, ds.base_users), TrainSpec(epochs=2, lr=1e-3, batch_size=8),
                            progress=False)
     train = TrainSpec(epochs=2, lr=1e-3, batch_size=4)
     planted = ds.eval_users[0]

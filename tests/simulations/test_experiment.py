@@ -8,11 +8,10 @@ import json
 import pytest
 
 from shared.config import DataSpec, RetrievalSpec, TrainSpec, load_experiment
-from shared.personalize import Context, history_examples, prompt_for
+from shared.data import load_dataset
+from shared.personalize import Context, history_examples, population_base_examples, prompt_for
 from shared.retrieval import InMemoryHistoryStore, make_retriever
 from shared.tasks import get_task
-from simulations.datasets import load_dataset
-from simulations.experiment import base_examples
 
 
 def _accuracy(task, answers, queries):
@@ -29,7 +28,7 @@ def test_personal_adapter_beats_non_personalized_on_planted_preferences(real_eng
     ds = load_dataset(spec.data)
     task = get_task(ds.task)
     user = ds.eval_users[0]
-    real_engine.train_base(base_examples(task, spec, ds.base_users), TrainSpec(epochs=1, lr=5e-4, batch_size=8),
+    real_engine.train_base(population_base_examples(task, spec, ds.base_users), TrainSpec(epochs=1, lr=5e-4, batch_size=8),
                            progress=False)
     prompts = [prompt_for(task, None, q.input, "plain") for q in user.queries]
     baseline = _accuracy(task, real_engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=False),

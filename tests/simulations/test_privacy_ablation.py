@@ -96,7 +96,7 @@ def _tiny_grid_args(tiny_model_dir, run):
 
 
 def test_tiny_grid_end_to_end(tiny_model_dir, tmp_path):
-    from shared.cli import main
+    from oppu.cli import main
 
     run = tmp_path / "ablation"
     assert main(_tiny_grid_args(tiny_model_dir, run)) == 0
@@ -125,7 +125,7 @@ def test_tiny_grid_end_to_end(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_ablation_rerun_reproduces_every_cell(tiny_model_dir, tmp_path):
-    from shared.cli import main
+    from oppu.cli import main
 
     run = tmp_path / "ablation"
     assert main(_tiny_grid_args(tiny_model_dir, run)) == 0

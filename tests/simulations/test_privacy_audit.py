@@ -53,7 +53,7 @@ def test_clopper_pearson_and_the_bound():
 
 
 def test_oppu_audit_privacy_writes_its_report(tmp_path, capsys):
-    from shared.cli import main
+    from oppu.cli import main
 
     out = tmp_path / "audit"
     assert main(["audit", "privacy", "--trials", "200", "--out", str(out)]) == 0

@@ -18,7 +18,7 @@ DP = ["privacy.federate_base_adapter=true", "privacy.noise_multiplier=0.8", "pri
 def _privacy(tmp_path, *overrides):
     from coordinator.report import privacy_summary
     from coordinator.strategy import Accounting
-    from simulations.federated import privacy_spent
+    from simulations.simulate import privacy_spent
 
     spec = load_federated(None, [*DP, *overrides])
     ledger = Accounting(spec)

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from shared.config import load_experiment
+from shared.data import load_dataset
 from simulations.centralized import pooled_examples, run_centralized
-from simulations.datasets import load_dataset
 
 TINY = ['base_model.quantization="none"', 'data.task="synthetic-tag"', 'data.source="synthetic"', "data.users=3",
         "data.base_users=3", "data.queries=2", "data.min_history=6", "data.max_history=8", "data.base_examples=12",
@@ -76,7 +76,7 @@ def test_centralized_baseline_trains_one_adapter_on_all_users_pooled_histories(t
 def test_report_renders_two_runs_side_by_side(tiny_run, tmp_path):
     import shutil
 
-    from shared.cli import main
+    from oppu.cli import main
 
     other = tmp_path / "other"
     shutil.copytree(tiny_run, other)
@@ -118,9 +118,9 @@ def test_rerun_reproduces_the_metrics_and_a_changed_score_is_caught(tiny_run, tm
 @pytest.mark.slow
 def test_simulate_run_directory_reproduces(tiny_model_dir, tmp_path):
     """The Flower path: a federated run with DP noise, rerun from its directory, same scores."""
-    import fedkit
+    import inprocess_federation as fedkit
 
-    from shared.cli import main
+    from oppu.cli import main
 
     run = tmp_path / "sim"
     args = ["simulate", "--model", str(tiny_model_dir), "--users", "3", "--rounds", "2", "--run-dir", str(run),

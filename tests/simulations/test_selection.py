@@ -4,9 +4,9 @@ rules, and behaviour shift (the half of a user's history least like their querie
 import pytest
 
 from shared.config import DataSpec
+from shared.data import load_dataset, topic_split
 from shared.data.selection import activity_levels, choose_users
 from shared.records import HistoryItem, Query, UserData
-from simulations.datasets import load_dataset, topic_split
 
 
 def test_activity_levels_are_tertiles_of_history_size():

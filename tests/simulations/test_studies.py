@@ -42,7 +42,7 @@ def test_history_format_changes_how_retrieved_records_are_written(fmt, expected)
 
 
 def test_shift_study_end_to_end(tiny_model_dir, tmp_path):
-    from shared.cli import main
+    from oppu.cli import main
 
     out = tmp_path / "study"
     args = ["study", "shift", "--model", str(tiny_model_dir), "--quantization", "none", "--task", "amazon-rating",

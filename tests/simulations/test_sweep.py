@@ -61,7 +61,7 @@ set = ["personal_train.lr=1e-2", "personal_adapter.r=4"]
     for row in result["variants"].values():
         assert len(row["users"]) == 2 and all(u["base"] is not None for u in row["users"])
     # Only history items were scored: no query text reached validation.
-    from simulations.datasets import load_dataset
+    from shared.data import load_dataset
 
     spec, variants = load_sweep(path)
     ds = load_dataset(variants[0].data)

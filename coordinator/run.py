@@ -24,6 +24,7 @@ from typing import Any
 from shared.adapters import AdapterManifest
 from shared.config import METHODS, FederatedSpec, dump_federated_toml, federated_to_dict
 from shared.fileio import atomic_write
+from shared.rundir import new_run_dir, run_log
 from shared.protocol import (
     ARRAYS, CONFIG, EVALUATE, KIND_BASE_ADAPTER, KIND_MODEL, METRICS, NUM_QUERIES, RoundConfig, is_lora_b,
 )
@@ -47,22 +48,17 @@ RESUMABLE_CHANGES = {("federation", "rounds"), ("federation", "round_timeout"), 
                      ("federation", "evaluate_every"), ("privacy", "epsilon_budget"), ("out_dir",)}
 
 
-def new_run_dir(spec: FederatedSpec) -> Path:
+def federation_run_dir(spec: FederatedSpec) -> Path:
+    """federation.run_dir when set (a resumed run names its directory), else a new one."""
     if spec.federation.run_dir:
         return Path(spec.federation.run_dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(spec.experiment.out_dir) / f"{stamp}-federated-{spec.experiment.data.task}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+    return new_run_dir(spec.experiment.out_dir, f"federated-{spec.experiment.data.task}")
 
 
 class Coordinator:
     def __init__(self, spec: FederatedSpec, run_dir: Path | None = None) -> None:
         self.spec = spec
-        self.run_dir = Path(run_dir) if run_dir else new_run_dir(spec)
+        self.run_dir = Path(run_dir) if run_dir else federation_run_dir(spec)
         self.ckpt_dir = self.run_dir / "checkpoint"
         self.history: list[dict[str, Any]] = []
         self.start_round = 1
@@ -72,13 +68,7 @@ class Coordinator:
     # ------------------------------------------------------------------------------ the run
 
     def run(self, grid: Any) -> dict[str, Any]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.run_dir / "log.txt")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
-        if logging.getLogger("oppu").getEffectiveLevel() > logging.INFO:
-            logging.getLogger("oppu").setLevel(logging.INFO)  # the run log keeps INFO whatever the console shows
-        try:
+        with run_log(self.run_dir):  # the run log keeps INFO whatever the console shows
             self._setup()
             f = self.spec.federation
             if self.status == "running" and self.start_round == 1 and f.evaluate_every and not self.initial:
@@ -98,17 +88,14 @@ class Coordinator:
             self._checkpoint(self.history[-1]["round"] if self.history else 0)
             self.engine.save_base(self.run_dir / "base_adapter", self._base_manifest())
             return self._report(final)
-        finally:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
 
     # ------------------------------------------------------------------------------ setup
 
     def _setup(self) -> None:
         from shared.engine import Engine
         from shared.model import read_or_make_manifest
+        from shared.data import load_dataset
         from shared.tasks import get_task
-        from simulations.datasets import load_dataset
 
         e, f = self.spec.experiment, self.spec.federation
         atomic_write(self.run_dir / "config.toml", dump_federated_toml(self.spec))
@@ -145,13 +132,13 @@ class Coordinator:
                                        timeout=f.round_timeout)
 
     def _train_initial_base(self) -> None:
-        from simulations.experiment import base_examples
+        from shared.personalize import population_base_examples
 
         e = self.spec.experiment
         if self.spec.federation.base_init != "train" or not self.dataset.base_users:
             log.info("initial base adapter: untrained (federation.base_init=%s)", self.spec.federation.base_init)
             return
-        examples = base_examples(self.task, e, self.dataset.base_users)
+        examples = population_base_examples(self.task, e, self.dataset.base_users)
         r = self.engine.train_base(examples, e.base_train, progress=False)
         log.info("initial base adapter: %d examples from %d users who are never evaluated, loss %.3f, %.0f s",
                  len(examples), len(self.dataset.base_users), r.final_loss, r.seconds)

@@ -1,12 +1,9 @@
-"""Tables people can read."""
+"""Tables people can read: markdown rendering shared by every report (experiments, studies,
+ablations, the coordinator's federation report)."""
 
 from __future__ import annotations
 
 from typing import Sequence
-
-from shared.fileio import atomic_write
-
-__all__ = ["atomic_write", "markdown_table"]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -16,8 +13,3 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep] + [line(r) for r in rows])
 
-
-def signed_percent(x: float) -> str:
-    """A relative change as "+1.2%" / "-3.4%"; one that rounds to nothing reads "0.0%", not "-0.0%"."""
-    text = f"{x:+.1%}"
-    return "0.0%" if text in ("+0.0%", "-0.0%") else text

@@ -17,15 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared import environment
 from shared.config import FederatedSpec, to_run_config
 from shared.fileio import atomic_write
 
 log = logging.getLogger("oppu.simulate")
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-# Ray's notice about a future default, printed on every run; we ask for no GPUs either way.
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+environment.apply()
 
 
 def _safe(name: str) -> str:
@@ -35,7 +33,7 @@ def _safe(name: str) -> str:
 def prepare_users(spec: FederatedSpec, run_dir: Path) -> tuple[Any, list[str]]:
     """Write one data directory per evaluated user (skipped when a resumed run has them)."""
     from shared.tasks import get_task
-    from simulations.datasets import load_dataset
+    from shared.data import load_dataset
 
     dataset = load_dataset(spec.experiment.data)
     task = get_task(dataset.task)
@@ -68,9 +66,9 @@ def prepare_users(spec: FederatedSpec, run_dir: Path) -> tuple[Any, list[str]]:
 
 def prepare_only(spec: FederatedSpec, run_dir: Path | None) -> list[Path]:
     """The users' data directories of a deployment: one per SuperNode (node config `data-dir`)."""
-    from coordinator.federation import new_run_dir
+    from coordinator.run import federation_run_dir
 
-    run_dir = (Path(run_dir) if run_dir else new_run_dir(spec)).resolve()
+    run_dir = (Path(run_dir) if run_dir else federation_run_dir(spec)).resolve()
     _, names = prepare_users(spec, run_dir)
     return [run_dir / "users" / n for n in names]
 
@@ -99,10 +97,10 @@ def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool 
     from flwr.simulation.run_simulation import _run_simulation
 
     from client.client_app import app as client_app
-    from coordinator.federation import new_run_dir
+    from coordinator.run import federation_run_dir
     from coordinator.server_app import app as server_app
 
-    run_dir = (Path(run_dir) if run_dir else new_run_dir(spec)).resolve()
+    run_dir = (Path(run_dir) if run_dir else federation_run_dir(spec)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     f = spec.federation
     spec = dataclasses.replace(spec, federation=dataclasses.replace(f, run_dir=str(run_dir)))

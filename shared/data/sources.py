@@ -7,8 +7,12 @@ import logging
 import re
 from pathlib import Path
 
-from shared.config import DataSpec
-from shared.records import HistoryItem, TaskDataset, UserData
+from ..config import DataSpec
+from ..records import HistoryItem, TaskDataset, UserData
+from .amazon import build_amazon, default_data_root
+from .lamp import load_lamp_dataset
+from .selection import activity_levels, choose_users
+from .synthetic import make_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +30,6 @@ def _trim(users: list[UserData], max_history: int, n_queries: int) -> list[UserD
 
 
 def load_dataset(spec: DataSpec) -> TaskDataset:
-    from shared.data import build_amazon, load_lamp_dataset, make_synthetic
-    from shared.data.amazon import default_data_root
-
     task, source = spec.task, spec.source
     if source not in ("auto", "real", "synthetic") and Path(source).is_dir():
         ds = load_lamp_dataset(Path(source), task)
@@ -91,9 +92,6 @@ def topic_split(user: UserData, which: str) -> UserData:
 
 
 def _synthetic(task: str, spec: DataSpec) -> TaskDataset:
-    from shared.data import make_synthetic
-    from shared.data.selection import activity_levels, choose_users
-
     hist = (max(spec.min_history, 4), max(spec.min_history, spec.max_history))
     # Activity selection draws from a larger pool so each level has users to choose from.
     pool = spec.users * 3 if spec.select == "activity" else spec.users

@@ -31,6 +31,7 @@ import numpy as np
 
 from shared.config import BaseModelSpec, FederatedSpec, from_run_config
 from shared.model import cache_root
+from shared.personalize import base_examples, ensure_profile
 from shared.fileio import atomic_write
 from shared.protocol import ClientError, ProtocolError, RoundConfig, is_lora_b
 from shared.selection import train_and_select
@@ -187,18 +188,6 @@ def context_for(node: Node, task: Any, store: Any) -> Any:
     return Context(store, make_retriever(r.retriever, task.item_text), r, profile=profile)
 
 
-def ensure_profile(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any]) -> None:
-    """PAG's profile: the store's own, else generated once and kept in DIR/federation/."""
-    if ctx.profile:
-        return
-    from shared.personalize import profile_prompt
-
-    r = node.spec.experiment.retrieval
-    prompt = profile_prompt(task, history, r.profile_items, node.spec.experiment.data.seed, r.item_max_words)
-    ctx.profile = engine.answer([prompt], max_new_tokens=r.profile_max_tokens, personal=False, raw=True)[0]
-    node.user.cache_profile(ctx.profile)
-
-
 def _augmentations(methods: list[str]) -> list[str]:
     from shared.personalize import METHOD_AUGMENTATION, PERSONAL_METHODS
 
@@ -225,10 +214,10 @@ def train(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> tup
         # (b) The base adapter's local update: the only tensors that may leave.
         update = None
         if cfg.federate:
-            examples = base_examples(task, ctx, history, seed=node.spec.federation.seed + cfg.server_round)
+            examples = base_examples(task, ctx, history, rng=random.Random(node.spec.federation.seed + cfg.server_round))
             dp = record_dp(node, "base", node.spec.federation.local_train)
-            result = train_base_locally(engine, examples, node.spec.federation.local_train,
-                                        ffa=cfg.ffa_lora, proximal_mu=cfg.proximal_mu, dp_sgd=dp)
+            result = engine.train_base(examples, node.spec.federation.local_train, freeze_lora_a=cfg.ffa_lora,
+                                       proximal_mu=cfg.proximal_mu, dp_sgd=dp, progress=False)
             if dp:
                 metrics["record-epsilon-base"] = account_record_dp(node, "base", dp)["record_epsilon"]
             state = engine.base_state()
@@ -257,7 +246,7 @@ def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any]
 
     spec = node.spec.experiment
     if aug == "pag":
-        ensure_profile(engine, node, task, ctx, history)
+        ensure_profile(engine, task, ctx, history, seed=node.spec.experiment.data.seed, keep=node.user.cache_profile)
     examples = history_examples(task, history, ctx, aug)
     adapters = PersonalAdapters(node.user.personal_root(aug))
     published, problems = adapters.resolve(base_model_hash=engine.model_hash)
@@ -329,51 +318,6 @@ def account_record_dp(node: Node, what: str, dp: Any) -> dict[str, float]:
     return {"record_epsilon": acc.epsilon(delta=delta), "record_delta": delta}
 
 
-def base_examples(task: Any, ctx: Any, history: list[Any], *, seed: int) -> list[Any]:
-    """Base-adapter examples from this user's history: plain, and with earlier items retrieved
-    (the two prompt shapes the shared adapter serves, as in simulations.experiment)."""
-    from shared.personalize import prompt_for
-    from shared.training import Example
-
-    rng = random.Random(seed)
-    out = []
-    for i, item in enumerate(history):
-        query_input, target = task.item_to_example(item)
-        aug = "rag" if i > 0 and ctx.spec.k > 0 and rng.random() < 0.5 else "plain"
-        out.append(Example(prompt_for(task, ctx, query_input, aug, before=i), target))
-    return out
-
-
-def train_base_locally(engine: Any, examples: list[Any], spec: Any, *, ffa: bool, proximal_mu: float,
-                       dp_sgd: Any = None) -> Any:
-    """THE training loop on the base slot. FFA-LoRA freezes lora_A; FedProx adds mu·(w - w_global)
-    to each gradient, which is the gradient of (mu/2)·||w - w_global||² added to the loss."""
-    from shared import adapters
-    from shared.training import train_adapter
-
-    model = engine.model
-    with engine.lock:
-        adapters.activate(model, [adapters.BASE], trainable=adapters.BASE)
-        hooks = []
-        try:
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            if ffa:
-                for n, p in named:
-                    if ".lora_A." in n:
-                        p.requires_grad_(False)
-            params = [p for _, p in named if p.requires_grad]
-            if proximal_mu > 0:
-                for p in params:
-                    anchor = p.detach().clone()
-                    hooks.append(p.register_hook(lambda g, p=p, a=anchor: g + proximal_mu * (p.detach() - a)))
-            kw = {"dp_sgd": dp_sgd} if dp_sgd is not None else {}
-            return train_adapter(model, engine.tokenizer, examples, spec, params, progress=False, **kw)
-        finally:
-            for h in hooks:
-                h.remove()
-            adapters.activate(model, [adapters.BASE])
-
-
 def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Score this user's held-out queries per method; predictions stay in the user's directory."""
     from shared.adapters import AdapterManifest
@@ -399,7 +343,8 @@ def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> 
         for method in cfg.method_list:
             aug = METHOD_AUGMENTATION[method]
             if aug == "pag":
-                ensure_profile(engine, node, task, ctx, history)
+                ensure_profile(engine, task, ctx, history, seed=node.spec.experiment.data.seed,
+                               keep=node.user.cache_profile)
             prompts = [prompt_for(task, ctx, q.input, aug) for q in queries]
             personal = method in PERSONAL_METHODS
             if personal:

@@ -1,18 +1,18 @@
-"""The `oppu` command. Subcommands import their packages lazily so `oppu --help` is instant."""
+"""The `oppu` command: argument parsing only; each subcommand calls into simulations/, client/,
+coordinator/ or shared/. It sits above all of them (DESIGN.md). Subcommands import their
+packages lazily so `oppu --help` is instant."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from shared import environment
+
+environment.apply()  # before any subcommand imports a library that reads it
 
 
 # Command-line flags as `--set` overrides: (argparse attribute, config key, how the value is written).
@@ -91,7 +91,7 @@ def cmd_export_data(args: argparse.Namespace) -> int:
     """Write a built task (real-data or synthetic) as LaMP files for other tools."""
     from shared.config import load_experiment
     from shared.data import write_lamp
-    from simulations.datasets import load_dataset
+    from shared.data import load_dataset
 
     spec = load_experiment(args.config, _experiment_overrides(args))
     ds = load_dataset(spec.data)
@@ -140,10 +140,8 @@ def load_simulation(args: argparse.Namespace) -> tuple[object, Path | None]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Federated OPPU in Flower's simulation engine: N virtual users, R rounds, one command."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     spec, run_dir = load_simulation(args)
-    from simulations.federated import prepare_only, simulate
+    from simulations.simulate import prepare_only, simulate
 
     if args.prepare_users:
         for d in prepare_only(spec, run_dir):
@@ -211,8 +209,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     from simulations.reproduce import render, reproduce
 
     out, result = reproduce(Path(args.run_dir), Path(args.into) if args.into else None,

@@ -6,12 +6,8 @@ the messages (serialized to Flower's wire objects and back) instead of Ray or a 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 BASE_OVERRIDES = [
     'base_model.quantization="none"', 'data.task="synthetic-tag"', 'data.source="synthetic"', "data.users=3",
@@ -34,7 +30,7 @@ def tiny_spec(model_dir: Path, run_dir: Path, *overrides: str) -> Any:
 
 
 def prepare(spec: Any, run_dir: Path) -> tuple[Any, list[str]]:
-    from simulations.federated import prepare_users
+    from simulations.simulate import prepare_users
 
     return prepare_users(spec, run_dir)
 
@@ -49,6 +45,6 @@ def local_grid(spec: Any, run_dir: Path, names: list[str], **kw: Any) -> Any:
 
 
 def run(spec: Any, run_dir: Path, grid: Any) -> dict[str, Any]:
-    from coordinator.federation import Coordinator
+    from coordinator.run import Coordinator
 
     return Coordinator(spec, run_dir).run(grid)
