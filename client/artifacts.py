@@ -18,7 +18,6 @@ so a reader sees a whole artifact or none.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -26,9 +25,8 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator
 
-from shared.fileio import fsync_dir
+from shared.fileio import fsync_dir, locked_dir
 from shared.model import MANIFEST, sha256_file
 from shared.protocol import KIND_MODEL, ArtifactManifest, ChunkHeader, ClientError
 
@@ -67,15 +65,8 @@ class ArtifactCache:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[Path]:
+        return locked_dir(self.root)
 
     def receive(self, header: ChunkHeader, data: bytes) -> dict[str, int | str]:
         """Store one message's segments. Returns {"status": "partial" | "complete" | "held", "held": bytes}.

@@ -22,17 +22,16 @@ Any process may publish through `PersonalAdapters.publish`; the daemon notices a
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from shared.adapters import ADAPTER_MANIFEST, AdapterManifest, read_manifest, verify_adapter_dir
-from shared.fileio import atomic_write
+from shared.fileio import atomic_write, locked_dir
 
 log = logging.getLogger(__name__)
 
@@ -133,15 +132,8 @@ class PersonalAdapters:
 
     # -- writing -------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.root / ".lock", "a") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    def locked(self) -> contextlib.AbstractContextManager[Path]:
+        return locked_dir(self.root, mode=0o700)
 
     def publish(self, save: Callable[[Path], Any]) -> int:
         """Save a new version with `save(target_dir)` (atomic, e.g. engine.save_personal), make it

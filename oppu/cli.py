@@ -218,15 +218,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0 if result["reproduced"] else 1
 
 
+def _add_model_and_out_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--quantization", help="nf4 | int8 | none")
+    p.add_argument("--out", help="parent directory for run directories (default: runs)")
+
+
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="experiment TOML file (see simulations/configs/)")
     p.add_argument("--task", help="task name (oppu tasks lists them)")
     p.add_argument("--users", type=int, help="number of evaluated users")
     p.add_argument("--source", help="auto | real | synthetic | a LaMP directory")
     p.add_argument("--methods", help="comma-separated: non-personalized,RAG,PAG,OPPU,OPPU+RAG,OPPU+PAG,centralized")
-    p.add_argument("--model", help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--quantization", help="nf4 | int8 | none")
-    p.add_argument("--out", help="parent directory for run directories (default: runs)")
+    _add_model_and_out_args(p)
     p.add_argument("--preset", choices=["paper"],
                    help="paper: the OPPU paper's personal recipe (LoRA r=8 on q/v, lr 1e-4, 2 epochs, BM25 k=1, "
                    "always adopted) instead of the defaults chosen for the embedded model (docs/quality.md)")
@@ -303,9 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--populations", help="population sizes, e.g. 4,8 (grid.populations)")
     p.add_argument("--rounds", type=int, help="rounds per cell (grid.rounds)")
     p.add_argument("--layout", help="one-at-a-time | full (grid.layout)")
-    p.add_argument("--model", help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--quantization", help="nf4 | int8 | none")
-    p.add_argument("--out", help="parent directory for run directories (default: runs)")
+    _add_model_and_out_args(p)
     p.add_argument("--run-dir", help="write into this directory instead of a new one under --out")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any setting (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -3,11 +3,13 @@ either."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def atomic_write(path: str | Path, data: str | bytes, *, mode: int | None = None) -> Path:
@@ -67,3 +69,18 @@ def atomic_dir(target: str | Path, fill: Callable[[Path], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def locked_dir(root: str | Path, *, mode: int = 0o777) -> Iterator[Path]:
+    """Hold an exclusive lock on directory `root` (created with `mode` when missing) for the
+    block: an flock on root/.lock, so every process that writes there takes turns (the OS drops
+    the lock of a process that dies)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True, mode=mode)
+    with open(root / ".lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield root
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
