@@ -94,7 +94,8 @@ def _app_dir(run_dir: Path, run_config: dict[str, Any]) -> Path:
 def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool = False) -> Path:
     """Run the federation over the evaluated users of `spec.experiment.data`; returns the run dir."""
     from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
+
+    from . import flower_internals
 
     from client.client_app import app as client_app
     from coordinator.run import federation_run_dir
@@ -111,7 +112,7 @@ def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool 
         raise ValueError(f"{len(names)} users but federation.min_clients={f.min_clients}; raise data.users")
     run_config = to_run_config(spec)
     app_dir = _app_dir(run_dir, run_config)
-    run = _new_run()
+    run = flower_internals.new_run()
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     backend = {
@@ -125,9 +126,9 @@ def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool 
     # The server's DP noise and Poisson participation come from shared/aggregation.py: secret
     # randomness, unless federation.sampling_seed asks for a reproducible simulation.
     try:
-        _run_simulation(num_supernodes=len(names), exit_event=_exit_event(), client_app=client_app,
-                        server_app=server_app, backend_name="ray", backend_config=backend, app_dir=str(app_dir),
-                        run=run, server_app_context=context, verbose_logging=verbose, is_app=True)
+        flower_internals.run_simulation(num_supernodes=len(names), client_app=client_app, server_app=server_app,
+                                        backend_config=backend, app_dir=str(app_dir), run=run,
+                                        server_app_context=context, verbose=verbose)
     finally:
         logging.getLogger("oppu.coordinator").removeHandler(progress)
     seconds = time.time() - t0
@@ -152,27 +153,6 @@ class _ProgressLines(logging.Handler):
         msg = record.getMessage()
         if msg.startswith(self.MILESTONES):
             print(f"[{time.time() - self.t0:5.0f} s] {msg}", flush=True)
-
-
-def _new_run() -> Any:
-    """A Run as flwr's own `run_simulation` makes one (it does not take a run-config itself)."""
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
-    return run
-
-
-def _exit_event() -> Any:
-    from flwr.supercore.telemetry import EventType
-
-    return EventType.PYTHON_API_RUN_SIMULATION_LEAVE
 
 
 def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: Path, seconds: float, *,

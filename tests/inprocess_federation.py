@@ -1,6 +1,6 @@
 """Helpers for the federation tests: a tiny federated run over simulated users, in process.
 
-The coordinator and the ClientApp are the real ones; coordinator.localgrid.LocalGrid carries
+The coordinator and the ClientApp are the real ones; tests/localgrid.py (LocalGrid) carries
 the messages (serialized to Flower's wire objects and back) instead of Ray or a SuperLink.
 """
 
@@ -37,7 +37,7 @@ def prepare(spec: Any, run_dir: Path) -> tuple[Any, list[str]]:
 
 def local_grid(spec: Any, run_dir: Path, names: list[str], **kw: Any) -> Any:
     from client.client_app import app
-    from coordinator.localgrid import LocalGrid
+    from localgrid import LocalGrid
     from shared.config import to_run_config
 
     nodes = {100 + i: {"data-dir": str(run_dir / "users" / n)} for i, n in enumerate(names)}

@@ -6,7 +6,7 @@ import json
 import random
 
 import inprocess_federation as fedkit
-from coordinator.localgrid import LocalGrid
+from localgrid import LocalGrid
 from coordinator.sampling import NodeNames, sample
 
 

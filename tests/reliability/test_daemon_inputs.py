@@ -274,7 +274,7 @@ def client_node(service, tiny_model_dir, tmp_path_factory):
     from client.artifacts import ArtifactCache
     from client.client_app import app
     from coordinator.distribution import Artifact, iter_chunks
-    from coordinator.localgrid import LocalGrid
+    from localgrid import LocalGrid
     from shared.config import to_run_config
     from shared.protocol import KIND_MODEL
 
