@@ -31,6 +31,8 @@ METRIC_DIRECTION: dict[str, str] = {
     "rouge-1": "higher",
     "rouge-L": "higher",
 }
+# The best value each metric can take: a model that scores it cannot be beaten.
+METRIC_BEST: dict[str, float] = {"accuracy": 1.0, "f1": 1.0, "mae": 0.0, "rmse": 0.0, "rouge-1": 1.0, "rouge-L": 1.0}
 
 # Per-user scores combined over users, weighted by query counts, equal the score of all queries
 # pooled when they are means (accuracy, MAE, ROUGE); a root-mean-square error pools as the root

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from .config import SelectionSpec, TrainSpec
-from .metrics import METRIC_DIRECTION
+from .metrics import METRIC_BEST, METRIC_DIRECTION
 from .training import Example, TrainResult
 
 
@@ -166,6 +166,12 @@ def train_and_select(
         base = score(engine, task, val_ex, personal=False, max_length=train.max_length, pause=pause)
         sel = Selection(adopted=False, reason="", metric=metric, train_items=n_train, validation_items=n_val,
                         base=base)
+        if metric in METRIC_BEST and abs(base.metric - METRIC_BEST[metric]) <= 1e-12:
+            # Adoption needs a better metric, and none is better than this: training could not
+            # change the outcome (a user who always gives the rating base already answers).
+            engine.reset_personal()
+            sel.reason = f"base + base adapter already scores the best {metric} on validation: nothing to adopt"
+            return TrainResult(0, n_train, train.epochs, 0, 0), sel
         best_state: dict[str, Any] | None = None
 
         def consider(step: int, total: int) -> None:

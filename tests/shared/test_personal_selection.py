@@ -99,10 +99,20 @@ def test_best_checkpoint_that_beats_base_is_kept_and_the_rest_is_never_trained_o
 
 def test_no_checkpoint_beating_base_is_not_adopted_and_the_slot_is_reset():
     task = get_task("synthetic-tag")
-    engine = ScriptedEngine(ValScore(2.0, 1.0), [ValScore(1.5, 0.5), ValScore(2.2, 1.0)])
+    # a tie at a lower loss, then a better metric at a higher loss
+    engine = ScriptedEngine(ValScore(2.0, 0.5), [ValScore(1.5, 0.5), ValScore(2.2, 1.0)])
     result, sel = train_and_select(engine, task, _examples(10), TrainSpec(), SelectionSpec(checks=2))
     assert not sel.adopted and sel.best is None and engine.state == {"w": 0.0} and engine.resets == 1
     assert "no checkpoint beat" in sel.reason
+
+
+def test_a_base_that_is_already_perfect_on_validation_trains_nothing():
+    """Adoption needs a better metric; none beats a perfect one, so training would be wasted."""
+    task = get_task("synthetic-tag")
+    engine = ScriptedEngine(ValScore(2.0, 1.0), [ValScore(0.5, 1.0)])
+    result, sel = train_and_select(engine, task, _examples(10), TrainSpec(), SelectionSpec())
+    assert not sel.adopted and result.steps == 0 and engine.trained_on == [] and engine.resets == 1
+    assert "already scores the best accuracy" in sel.reason and sel.base.metric == 1.0
 
 
 def test_too_little_history_trains_nothing():
