@@ -133,10 +133,6 @@ def ensure_token(data_dir: Path) -> str:
     return token
 
 
-def read_token(data_dir: Path) -> str:
-    return (Path(data_dir) / TOKEN_FILE).read_text().strip()
-
-
 def bind_socket(host: str, port: int) -> socket.socket:
     if not ipaddress.ip_address(host).is_loopback:
         raise ValueError(f"refusing to listen on {host}: the API binds loopback addresses only")
