@@ -8,7 +8,7 @@
 - evaluate: answer this user's held-out queries (when the directory has any) for each method and
   return only the scores.
 
-The base model is loaded once per process and kept in `_ENGINES` (keyed by the model artifact and
+The base model is loaded once per process and kept in `RUNTIME.engines` (keyed by the model artifact and
 the adapter settings); simulated users served by the same process share it and swap only their
 personal adapters, which live in their own data directories between rounds.
 """
@@ -43,10 +43,20 @@ log = logging.getLogger("oppu.client")
 # The quantized artifact carries its own quantization config; transformers warns that ours is ignored.
 warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
 
-_SPECS: dict[Any, FederatedSpec] = {}
-_ENGINES: dict[Any, Any] = {}
-_BASE_LOADED: dict[int, str] = {}  # id(engine) -> base-adapter artifact id loaded in its base slot
-_LOCK = threading.Lock()
+class NodeRuntime:
+    """What a client process keeps between rounds: parsed run configs, and one Engine per model
+    artifact and adapter settings (the base model is loaded once per process, not per round or
+    per simulated user). It lives as long as the process that serves the ClientApp; tests start
+    a fresh one."""
+
+    def __init__(self) -> None:
+        self.specs: dict[Any, FederatedSpec] = {}
+        self.engines: dict[Any, Any] = {}
+        self.base_loaded: dict[Any, str] = {}  # engine -> base-adapter artifact id in its base slot (FFA-LoRA)
+        self.lock = threading.Lock()
+
+
+RUNTIME = NodeRuntime()
 
 
 # ----------------------------------------------------------------------------- node settings
@@ -65,10 +75,10 @@ class Node:
 
 def spec_from_run_config(run_config: Mapping[str, Any]) -> FederatedSpec:
     key = tuple(sorted((str(k), repr(v)) for k, v in dict(run_config).items()))
-    with _LOCK:
-        if key not in _SPECS:
-            _SPECS[key] = from_run_config(run_config)
-        return _SPECS[key]
+    with RUNTIME.lock:
+        if key not in RUNTIME.specs:
+            RUNTIME.specs[key] = from_run_config(run_config)
+        return RUNTIME.specs[key]
 
 
 def partition_of(node_config: Mapping[str, Any]) -> int | None:
@@ -126,16 +136,16 @@ def engine_for(node: Node, model_id: str) -> Any:
     """This process's Engine for the model artifact (loaded once, then reused every round)."""
     e = node.spec.experiment
     key = (model_id, e.base_model, e.base_adapter, e.personal_adapter, e.personal_train.seed)
-    with _LOCK:
-        if key not in _ENGINES:
+    with RUNTIME.lock:
+        if key not in RUNTIME.engines:
             from shared.engine import Engine
 
             path = node.cache.path(model_id)
             spec: BaseModelSpec = dataclasses.replace(e.base_model, path=str(path))
             t0 = time.perf_counter()
-            _ENGINES[key] = Engine(spec, e.base_adapter, e.personal_adapter, seed=e.personal_train.seed)
+            RUNTIME.engines[key] = Engine(spec, e.base_adapter, e.personal_adapter, seed=e.personal_train.seed)
             log.info("base model %s loaded in %.1f s (once per process)", model_id[:12], time.perf_counter() - t0)
-        return _ENGINES[key]
+        return RUNTIME.engines[key]
 
 
 def set_global_base(engine: Any, node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> None:
@@ -144,16 +154,16 @@ def set_global_base(engine: Any, node: Node, cfg: RoundConfig, arrays: Mapping[s
 
     with engine.lock:
         if cfg.ffa_lora:
-            if _BASE_LOADED.get(id(engine)) != cfg.base_adapter:
+            if RUNTIME.base_loaded.get(engine) != cfg.base_adapter:
                 engine.load_base(node.cache.path(cfg.base_adapter))
-                _BASE_LOADED[id(engine)] = cfg.base_adapter
+                RUNTIME.base_loaded[engine] = cfg.base_adapter
             state = {k: v.clone() for k, v in engine.base_state().items()}
             unknown = sorted(set(arrays) - {k for k in state if is_lora_b(k)})
             if unknown:
                 raise ClientError(f"FFA-LoRA round carries non-B tensors, e.g. {unknown[0]}")
         else:
             state = {}
-            _BASE_LOADED.pop(id(engine), None)
+            RUNTIME.base_loaded.pop(engine, None)
         dtype = next(iter(engine.base_state().values())).dtype
         for k, v in arrays.items():
             state[k] = torch.from_numpy(np.array(v, copy=True)).to(dtype)

@@ -20,7 +20,7 @@ def test_rounds_reuse_the_model_and_keep_personal_adapters_at_home(tmp_path, tin
         real_init(self, *a, **k)
 
     monkeypatch.setattr(shared.engine.Engine, "__init__", counting_init)
-    monkeypatch.setattr(rounds, "_ENGINES", {})
+    monkeypatch.setattr(rounds, "RUNTIME", rounds.NodeRuntime())
     run = tmp_path / "run"
     spec = fedkit.tiny_spec(tiny_model_dir, run, "federation.rounds=2", 'methods=["non-personalized", "OPPU"]')
     _, names = fedkit.prepare(spec, run)
@@ -30,7 +30,7 @@ def test_rounds_reuse_the_model_and_keep_personal_adapters_at_home(tmp_path, tin
 
     assert summary["status"] == "completed"
     assert len(built) == 2  # the coordinator's engine and one for all clients, rounds and users
-    assert len(rounds._ENGINES) == 1
+    assert len(rounds.RUNTIME.engines) == 1
     # The base adapter is not federated in this run: train replies carry numbers only.
     assert all(ARRAYS not in r.content.array_records for r in replies if r.metadata.message_type == "train")
     for n in names:
