@@ -44,12 +44,13 @@ class UserDir:
     # -- what the user's machine knows about itself --------------------------------------------
 
     def _daemon(self) -> Any:
-        f = self.path / "daemon.toml"
-        if not f.is_file():
-            return None
-        from shared.config import load_daemon
+        """The daemon's settings (daemon.toml), parsed once per UserDir; None where none."""
+        if not hasattr(self, "_daemon_spec"):
+            f = self.path / "daemon.toml"
+            from shared.config import load_daemon
 
-        return load_daemon(f)
+            self._daemon_spec = load_daemon(f) if f.is_file() else None
+        return self._daemon_spec
 
     def task_name(self) -> str | None:
         f = self.path / "user.json"

@@ -5,6 +5,7 @@ packages lazily so `oppu --help` is instant."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -132,9 +133,8 @@ def load_simulation(args: argparse.Namespace) -> tuple[object, Path | None]:
         users, n = spec.experiment.data.users, args.clients_per_round
         if not 0 < n <= users:
             raise ValueError(f"--clients-per-round={n} must be between 1 and data.users={users}")
-        overrides += [f"federation.fraction_train={n / users!r}",
-                      f"federation.min_clients={min(n, spec.federation.min_clients)}"]
-        spec = load_federated(config, overrides)
+        spec = dataclasses.replace(spec, federation=dataclasses.replace(
+            spec.federation, fraction_train=n / users, min_clients=min(n, spec.federation.min_clients)))
     return spec, run_dir
 
 
