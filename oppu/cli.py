@@ -201,7 +201,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from simulations.report import write_report
+    from simulations.reports.page import write_report
 
     out = write_report([Path(r) for r in args.run_dirs], Path(args.out) if args.out else None)
     print(f"Report: {out}")

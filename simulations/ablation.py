@@ -39,7 +39,7 @@ from shared.config import AblationSpec, FederatedSpec, dump_ablation_toml, load_
 from shared.fileio import atomic_write
 from shared.rundir import new_run_dir, run_log
 
-from .ablation_report import write_ablation_outputs
+from .reports.ablation_page import write_ablation_outputs
 
 __all__ = ["cells", "load_ablation", "run_ablation"]
 

@@ -9,7 +9,7 @@ run_dir/
   predictions/<m>.json   all users' predictions per method, LaMP outputs format
   metrics.json           aggregate + per-user metrics, improvement over non-personalized
   results.md             the aggregate table
-  metrics.md, plots/, REPORT.md, run.json   see simulations/results.py
+  metrics.md, plots/, REPORT.md, run.json   see simulations/reports/run_outputs.py
   log.txt                the run's log
 """
 
@@ -141,7 +141,7 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
     for m in spec.methods:
         merged = {qid: a for r in results for qid, a in r.predictions[m].items()}
         write_predictions(run_dir / "predictions" / f"{_safe(m)}.json", dataset.task, merged)
-    from .results import write_outputs
+    from .reports.run_outputs import write_outputs
 
     write_outputs(run_dir, "experiment", metrics, data_info, seconds=metrics["seconds"])
     atomic_write(run_dir / "results.md", render_results(metrics, data_info))
@@ -290,7 +290,7 @@ def uncertainty(task: Any, methods: Sequence[str], users: list[UserData], result
 
 
 def render_results(metrics: dict[str, Any], data_info: dict[str, Any]) -> str:
-    from .results import scores_section
+    from .reports.run_outputs import scores_section
 
     lines = [
         f"# {metrics['task']}: {data_info['eval_users']} users, {data_info['queries']} queries",

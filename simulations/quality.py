@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 from shared.fileio import atomic_write
 
-from .results import signed4
+from .reports.run_outputs import signed4
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = (ROOT / "simulations" / "configs" / "quality-amazon-title.toml",

@@ -161,7 +161,7 @@ def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: 
     add the centralized baseline when asked for, and write the run's tables, plots and REPORT.md."""
     from shared.tasks import get_task
     from simulations.experiment import UserResult, render_results, score
-    from simulations.results import write_outputs
+    from simulations.reports.run_outputs import write_outputs
 
     t0 = time.time()
     task = get_task(dataset.task)

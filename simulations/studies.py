@@ -84,9 +84,9 @@ def run_study(name: str, spec: ExperimentSpec, study_dir: Path | None = None, *,
 
 
 def write_study_outputs(name: str, study_dir: Path, runs: dict[str, Path], seconds: float) -> None:
-    from . import plots
-    from .report import render
-    from .results import primary_metric
+    from .reports import plots
+    from .reports.page import render
+    from .reports.run_outputs import primary_metric
 
     metrics = {v: json.loads((d / "metrics.json").read_text()) for v, d in runs.items()}
     first = next(iter(metrics.values()))

@@ -38,7 +38,7 @@ from shared.tables import markdown_table
 from shared.tasks import get_task
 
 from .experiment import open_store
-from .results import signed4
+from .reports.run_outputs import signed4
 
 
 log = logging.getLogger("oppu.sweep")

@@ -148,7 +148,7 @@ def test_scores_carry_cis_paired_differences_and_baselines():
 
 def test_a_method_above_the_baselines_is_not_flagged_and_metrics_md_has_the_differences():
     from simulations.experiment import score
-    from simulations.results import metrics_markdown
+    from simulations.reports.run_outputs import metrics_markdown
 
     task, users, results = _planted()
     for u, r in zip(users, results):  # the history now points away from the favourite tag

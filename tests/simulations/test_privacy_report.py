@@ -33,7 +33,7 @@ def _privacy(tmp_path, *overrides):
 
 
 def test_a_seeded_simulation_says_the_epsilon_assumes_the_seed_is_secret(tmp_path):
-    from simulations.results import privacy_line
+    from simulations.reports.run_outputs import privacy_line
 
     privacy, summary = _privacy(tmp_path, "federation.sampling_seed=0")
     u = privacy["user_level"]
@@ -45,7 +45,7 @@ def test_a_seeded_simulation_says_the_epsilon_assumes_the_seed_is_secret(tmp_pat
 
 
 def test_secret_sampling_carries_no_such_note(tmp_path):
-    from simulations.results import privacy_line
+    from simulations.reports.run_outputs import privacy_line
 
     privacy, _ = _privacy(tmp_path)
     u = privacy["user_level"]

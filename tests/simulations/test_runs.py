@@ -93,7 +93,7 @@ def test_report_renders_two_runs_side_by_side(tiny_run, tmp_path):
 
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
-    from simulations.report import write_report
+    from simulations.reports.page import write_report
 
     with pytest.raises(ValueError, match="not a finished run directory"):
         write_report([tmp_path])

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from shared.metrics import METRIC_DIRECTION
 from shared.tables import markdown_table
 
-from .results import all_aggregate, all_methods
+from .run_outputs import all_aggregate, all_methods
 
 
 PLOT_ORDER = ("methods.png", "levels.png", "rounds.png", "tradeoff.png")

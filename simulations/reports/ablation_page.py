@@ -95,7 +95,7 @@ def render(metrics: Mapping[str, Any], seconds: float) -> str:
 
 def write_ablation_outputs(run_dir: Path, metrics: dict[str, Any], seconds: float) -> None:
     from . import plots
-    from .report import render as render_page
+    from .page import render as render_page
 
     cells: Sequence[dict[str, Any]] = metrics["cells"]
     for c in cells:

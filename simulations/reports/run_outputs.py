@@ -1,5 +1,5 @@
 """What a finished run writes besides predictions: metrics by user, by activity level and by
-round, the privacy spent, the plots, and the one-page REPORT.md (simulations/report.py).
+round, the privacy spent, the plots, and the one-page REPORT.md (simulations/reports/page.py).
 
 run_dir/ (in addition to what simulations/experiment.py and coordinator/run.py write)
   run.json        what kind of run this is (experiment | simulate), how long it took
@@ -58,7 +58,7 @@ def write_outputs(run_dir: Path, kind: str, metrics: dict[str, Any], data_info: 
     """Complete `metrics` (levels, rounds, privacy) and write metrics.json/.md, plots, REPORT.md.
     `resumed`: this invocation continued an interrupted run, so `seconds` covers only its part."""
     from . import plots
-    from .report import render
+    from .page import render
 
     metric = primary_metric(metrics)
     levels = {u: info.get("level") for u, info in data_info.get("users", {}).items() if info.get("level")}
