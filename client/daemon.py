@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.config import DaemonSpec, load_daemon
+from client.settings import DaemonSpec, load_daemon
 from shared.fileio import atomic_write
 
 log = logging.getLogger("oppu.daemon")

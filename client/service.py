@@ -26,7 +26,8 @@ from typing import Any, Iterator
 
 from shared import adapters
 from shared.adapters import FRAMEWORK_VERSION, AdapterManifest
-from shared.config import AUGMENTATION_METHOD, DaemonSpec, TrainSpec
+from shared.config import TrainSpec
+from client.settings import AUGMENTATION_METHOD, DaemonSpec
 from shared.fileio import atomic_write
 from shared.personalize import Context, ensure_profile, history_examples, prompt_for, retrieve_for
 from shared.records import HistoryItem

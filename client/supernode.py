@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.config import parse_host_port
+from client.settings import parse_host_port
 
 log = logging.getLogger(__name__)
 

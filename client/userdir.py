@@ -47,7 +47,7 @@ class UserDir:
         """The daemon's settings (daemon.toml), parsed once per UserDir; None where none."""
         if not hasattr(self, "_daemon_spec"):
             f = self.path / "daemon.toml"
-            from shared.config import load_daemon
+            from client.settings import load_daemon
 
             self._daemon_spec = load_daemon(f) if f.is_file() else None
         return self._daemon_spec

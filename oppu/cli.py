@@ -157,7 +157,7 @@ DEFAULT_ABLATION = Path(__file__).resolve().parents[1] / "simulations" / "config
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from shared.config import load_ablation
+    from simulations.ablation_spec import load_ablation
 
     ov = flag_overrides(args, ABLATE_FLAGS)
     spec = load_ablation(args.config or str(DEFAULT_ABLATION), ov)

@@ -22,18 +22,13 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .config import ExperimentSpec, RetrievalSpec
+# The method table lives with the config's METHODS; importers of this module also find it here.
+from .config import AUGMENTATIONS, METHOD_AUGMENTATION, PERSONAL_METHODS, ExperimentSpec, RetrievalSpec  # noqa: F401
 from .prompting import build_prompt, clip_words
 from .records import HistoryItem, UserData
 from .retrieval import InMemoryHistoryStore, make_retriever
 from .training import Example
 
-AUGMENTATIONS = ("plain", "rag", "pag")
-METHOD_AUGMENTATION = {
-    "non-personalized": "plain", "RAG": "rag", "PAG": "pag",
-    "OPPU": "plain", "OPPU+RAG": "rag", "OPPU+PAG": "pag",
-}
-PERSONAL_METHODS = ("OPPU", "OPPU+RAG", "OPPU+PAG")
 
 
 @dataclass

@@ -35,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.config import AblationSpec, FederatedSpec, dump_ablation_toml, load_ablation
+from shared.config import FederatedSpec
+
+from simulations.ablation_spec import AblationSpec, dump_ablation_toml, load_ablation
 from shared.fileio import atomic_write
 from shared.rundir import new_run_dir, run_log
 

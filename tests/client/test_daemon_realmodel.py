@@ -6,7 +6,9 @@ import time
 
 import pytest
 
-from shared.config import DaemonSpec, TrainSpec
+from shared.config import TrainSpec
+
+from client.settings import DaemonSpec
 from shared.data.synthetic import make_synthetic
 
 pytestmark = pytest.mark.realmodel

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from client.service import ClientService
-from shared.config import DaemonSpec, SelectionSpec, TrainSpec
+from shared.config import SelectionSpec, TrainSpec
+from client.settings import DaemonSpec
 
 # Versions and publication are under test, on a random tiny model: every job adopts its adapter
 # (adoption itself: tests/shared/test_personal_selection.py, test_job_that_adopts_nothing_publishes_nothing).

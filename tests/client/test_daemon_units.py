@@ -22,7 +22,7 @@ from client.supernode import (Supervisor, child_env, next_delay, read_privacy, s
 from client.items import ItemError, parse_items
 from client.personal import PersonalAdapters
 from shared.adapters import AdapterManifest, verify_adapter_dir
-from shared.config import DaemonSpec, load_daemon
+from client.settings import DaemonSpec, load_daemon
 from shared.records import HistoryItem
 from shared.tasks import get_task
 

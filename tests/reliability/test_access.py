@@ -29,7 +29,7 @@ def test_api_binds_loopback_only(figures):
         assert sock.getsockname()[0] == "127.0.0.1"
     finally:
         sock.close()
-    from shared.config import load_daemon
+    from client.settings import load_daemon
 
     with pytest.raises(ValueError):
         load_daemon(None, ['host="0.0.0.0"'])
@@ -59,7 +59,7 @@ def test_token_compared_in_constant_time(tiny_engine, tmp_path, monkeypatch, fig
 
     import client.api as api
     from client.service import ClientService
-    from shared.config import DaemonSpec
+    from client.settings import DaemonSpec
 
     calls = []
     real = hmac.compare_digest

@@ -20,7 +20,8 @@ from client.archive import ArchiveError
 from client.items import ItemError
 from client.jobs import JobBusy
 from client.service import Busy, ClientService, Conflict
-from shared.config import DaemonSpec, SelectionSpec, TrainSpec
+from shared.config import SelectionSpec, TrainSpec
+from client.settings import DaemonSpec
 from shared.data.synthetic import make_synthetic
 
 TOKEN = "t" * 43

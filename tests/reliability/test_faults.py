@@ -215,7 +215,8 @@ def test_disk_full_during_adapter_save_and_history_write(tiny_engine, tmp_path, 
     import peft.peft_model as pm
 
     from client.service import ClientService
-    from shared.config import DaemonSpec, SelectionSpec, TrainSpec
+    from shared.config import SelectionSpec, TrainSpec
+    from client.settings import DaemonSpec
     from shared.data.synthetic import make_synthetic
 
     spec = DaemonSpec(task="synthetic-tag", retrain_after=0, personal_train=TrainSpec(epochs=1, lr=2e-2, batch_size=4),

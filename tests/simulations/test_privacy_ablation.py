@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from shared.config import load_ablation
+from simulations.ablation_spec import load_ablation
 from simulations.ablation import cells
 from simulations.membership import auc, balanced, calibrated_auc, loss_attack_auc
 

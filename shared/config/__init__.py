@@ -1,0 +1,30 @@
+"""Typed configuration, parsed once from TOML (or a flat dict such as a Flower run-config).
+
+specs       the specs every part shares (model, adapters, training, selection, retrieval,
+            privacy, data, experiment)
+parsing     TOML / dicts / dotted overrides -> specs, field-naming errors; the TOML writer; presets
+federation  the federation settings and their Flower run-config form
+
+The daemon's settings live with the daemon (client/settings.py), the privacy ablation's grid
+with the ablation (simulations/ablation_spec.py).
+"""
+
+from .federation import (
+    BASE_INITS, STRATEGIES, FederatedSpec, FederationSpec, dump_federated_toml, federated_to_dict, from_run_config,
+    load_federated, to_run_config,
+)
+from .parsing import PRESETS, apply_overrides, dump_toml, from_dict, load_experiment, parse_config_file, to_dict
+from .specs import (
+    AUGMENTATIONS, METHOD_AUGMENTATION, PERSONAL_METHODS, BASELINES, DEVICES, DTYPES, EMBEDDED_MODEL, HISTORY_TOPICS, ITEM_FORMATS, METHODS, PEFT_TYPES, QUANTIZATIONS,
+    RECORD_LEVELS, RETRIEVERS, SELECTIONS, STORES, AdapterSpec, BaseModelSpec, DataSpec, ExperimentSpec, PrivacySpec,
+    RetrievalSpec, SelectionSpec, TrainSpec,
+)
+
+__all__ = [
+    "AdapterSpec", "BaseModelSpec", "DataSpec", "ExperimentSpec", "PrivacySpec", "RetrievalSpec", "SelectionSpec",
+    "TrainSpec", "FederationSpec", "FederatedSpec", "AUGMENTATIONS", "METHOD_AUGMENTATION", "PERSONAL_METHODS",
+    "BASELINES", "BASE_INITS", "DEVICES", "DTYPES", "EMBEDDED_MODEL", "HISTORY_TOPICS", "ITEM_FORMATS", "METHODS",
+    "PEFT_TYPES", "QUANTIZATIONS", "RECORD_LEVELS", "RETRIEVERS", "SELECTIONS", "STORES", "STRATEGIES", "PRESETS",
+    "apply_overrides", "dump_toml", "from_dict", "load_experiment", "parse_config_file", "to_dict",
+    "dump_federated_toml", "federated_to_dict", "from_run_config", "load_federated", "to_run_config",
+]
