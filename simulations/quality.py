@@ -110,7 +110,7 @@ def render(runs: list[tuple[Path, Mapping[str, Any], float]], total: float, who:
     lines += ["## The recipe behind the defaults", ""]
     if sweeps:
         lines += ["`oppu sweep` compared personal recipes on the sweep users' held-out history items; the "
-                  "defaults in shared/config.py are the choice (the paper's recipe stays available as "
+                  "defaults in shared/config/specs.py are the choice (the paper's recipe stays available as "
                   "`--preset paper`).", ""]
         for s in sweeps:
             lines += [s.read_text().replace("# Recipe sweep", "### Recipe sweep", 1), ""]
