@@ -37,7 +37,8 @@ def _adapter_digests(directory):
 
 
 def test_no_adapter_leaves_before_its_checkpoint_under_failures_at_every_step(tmp_path, tiny_model_dir, monkeypatch):
-    from coordinator import checkpoint, federation, strategy
+    from coordinator import checkpoint, strategy
+    from coordinator import run as coordinator_run
     from shared.privacy import Accountant
     from shared.protocol import ARRAYS
 
@@ -84,8 +85,8 @@ def test_no_adapter_leaves_before_its_checkpoint_under_failures_at_every_step(tm
 
     grid.send_and_receive = send_and_receive
 
-    real_apply, real_record, real_evaluate = (federation.Coordinator._apply, strategy.Accounting.record,
-                                              federation.Coordinator._evaluate)
+    real_apply, real_record, real_evaluate = (coordinator_run.Coordinator._apply, strategy.Accounting.record,
+                                              coordinator_run.Coordinator._evaluate)
     real_atomic_dir = checkpoint.atomic_dir
 
     def apply(self, new):
@@ -117,9 +118,9 @@ def test_no_adapter_leaves_before_its_checkpoint_under_failures_at_every_step(tm
             trip("checkpoint written, between its two renames")
         return real_atomic_dir(target, fill)
 
-    monkeypatch.setattr(federation.Coordinator, "_apply", apply)
+    monkeypatch.setattr(coordinator_run.Coordinator, "_apply", apply)
     monkeypatch.setattr(strategy.Accounting, "record", record)
-    monkeypatch.setattr(federation.Coordinator, "_evaluate", evaluate)
+    monkeypatch.setattr(coordinator_run.Coordinator, "_evaluate", evaluate)
     monkeypatch.setattr(checkpoint, "atomic_dir", atomic_dir)
 
     # One failure per start, in the order a round meets them; the last start runs to the end.
