@@ -18,6 +18,7 @@ from .adapters import BASE, PERSONAL, AdapterManifest
 from .config import AdapterSpec, BaseModelSpec, TrainSpec
 from .inference import generate
 from .model import LoadedBase, load_base_model
+from .group_training import GroupLoRA, train_group
 from .training import Example, TrainResult, train_adapter
 
 
@@ -145,6 +146,40 @@ class Engine:
                     self.soft_prompt.requires_grad_(False)
             self.personal_loaded = "trained"
             return result
+
+    def train_personal_group(
+        self,
+        users: Sequence[Sequence[Example]],
+        spec: TrainSpec,
+        *,
+        on_checkpoint: Any = None,
+        **kw: Any,
+    ) -> tuple[list[TrainResult], list[dict[str, Any]]]:
+        """Train several users' personal adapters in one pass (shared.group_training), each from
+        the fresh personal init as train_personal would; returns each user's result and final
+        state. `on_checkpoint(user, step, total)` finds that user's adapter in the personal slot
+        (scored as after train_personal's checkpoints). The personal slot is reset afterwards."""
+        if self.soft_prompt is not None:
+            raise ValueError("multi-user training needs LoRA personal adapters, not prompt tuning")
+        with self.lock:
+            group = GroupLoRA(self.model, PERSONAL, self._personal_init, len(users))
+            adapters.activate(self.model, [BASE])  # the personal slot idles: the hooks add each row's own
+
+            def check(user: int, step: int, total: int) -> None:
+                self.set_personal_state(group.state(user), label=None)
+                try:
+                    on_checkpoint(user, step, total)
+                finally:
+                    adapters.activate(self.model, [BASE])
+
+            try:
+                with group:
+                    results = train_group(self.model, self.tokenizer, users, spec, group,
+                                          on_checkpoint=check if on_checkpoint is not None else None, **kw)
+                return results, [group.state(u) for u in range(len(users))]
+            finally:
+                self.reset_personal()
+                adapters.activate(self.model, [BASE])
 
     def resume_personal_training(self) -> None:
         """Set up what train_personal's loop needs: base + personal active, only the personal

@@ -106,6 +106,11 @@ def answer_loss(model: Any, ids: Any, mask: Any, labels: Any, soft_prompt: Any =
     With a `soft_prompt` (personal prompt tuning) its vectors are prepended to the embeddings
     and their positions dropped again before the head.
     """
+    return answer_token_losses(model, ids, mask, labels, soft_prompt)[0].mean()
+
+
+def answer_token_losses(model: Any, ids: Any, mask: Any, labels: Any, soft_prompt: Any = None) -> tuple[Any, Any]:
+    """Cross-entropy (fp32) of every answer token, and the batch row each one belongs to."""
     import torch.nn.functional as F
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -123,7 +128,8 @@ def answer_loss(model: Any, ids: Any, mask: Any, labels: Any, soft_prompt: Any =
     next_labels = labels[:, 1:]
     keep = next_labels != -100
     logits = head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), next_labels[keep])
+    rows = keep.nonzero()[:, 0]
+    return F.cross_entropy(logits.float(), next_labels[keep], reduction="none"), rows
 
 
 # At most this many tokens (rows x the longest row, soft prompt included) go through one forward
@@ -187,6 +193,33 @@ def checkpoint_steps(total: int, n: int) -> set[int]:
     return {max(1, math.ceil(total * j / n)) for j in range(1, n + 1)}
 
 
+def step_plan(encoded: list[Encoded], spec: TrainSpec, rng: random.Random) -> list[list[int]]:
+    """Which examples each step trains on: spec.epochs shuffled passes of length-grouped batches
+    (a fractional epoch: the first part of one more pass)."""
+    full_epochs = int(spec.epochs)
+    plan: list[list[int]] = []
+    for _ in range(full_epochs):
+        plan += length_batches(encoded, spec.batch_size, rng)
+    frac = spec.epochs - full_epochs
+    if frac > 0:
+        extra = length_batches(encoded, spec.batch_size, rng)
+        plan += extra[: max(1, round(len(extra) * frac))]
+    return plan
+
+
+def make_optimizer(params: Sequence[Any], spec: TrainSpec, total: int,
+                   wrap: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
+    """AdamW and its linear-warmup schedule over `total` steps (`wrap`: e.g. DP-SGD's optimizer)."""
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if wrap is not None:
+        opt = wrap(opt)
+    warm = int(total * spec.warmup_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return opt, sched
+
+
 def train_adapter(
     model: Any,
     tokenizer: Any,
@@ -228,24 +261,10 @@ def train_adapter(
     torch.manual_seed(spec.seed)  # dropout masks
     encoded = encode_examples(tokenizer, examples, spec.max_length)
 
-    full_epochs = int(spec.epochs)
-    plan: list[list[int]] = []
-    for _ in range(full_epochs):
-        plan += length_batches(encoded, spec.batch_size, rng)
-    frac = spec.epochs - full_epochs
-    if frac > 0:  # a fractional epoch: the first part of one more shuffled pass
-        extra = length_batches(encoded, spec.batch_size, rng)
-        plan += extra[: max(1, round(len(extra) * frac))]
-    if dp_sgd is not None:
-        plan = dp_sgd.plan(len(encoded), spec.epochs)
+    plan = step_plan(encoded, spec, rng) if dp_sgd is None else dp_sgd.plan(len(encoded), spec.epochs)
     total = len(plan)
     check_at = checkpoint_steps(total, checkpoints) if on_checkpoint is not None else set()
-
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    if dp_sgd is not None:
-        opt = dp_sgd.wrap_optimizer(opt)
-    warm = int(total * spec.warmup_ratio)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    opt, sched = make_optimizer(params, spec, total, wrap=dp_sgd.wrap_optimizer if dp_sgd is not None else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     from .model import dense_4bit_weights, release_memory
