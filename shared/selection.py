@@ -127,6 +127,62 @@ def _dense_weights(engine: Any) -> Iterator[None]:
         yield
 
 
+class _Checkpoints:
+    """One user's checkpoints during training: the best that beats base, and its state."""
+
+    def __init__(self, engine: Any, task: Any, val_ex: Sequence[Example], sel: Selection, max_length: int,
+                 pause: Callable[[], Any] | None) -> None:
+        self.engine, self.task, self.val_ex, self.sel = engine, task, val_ex, sel
+        self.max_length, self.pause = max_length, pause
+        self.best_state: dict[str, Any] | None = None
+
+    def consider(self, step: int, total: int) -> None:
+        """Score the personal slot's current weights on validation; keep them if best so far."""
+        sel, base = self.sel, self.sel.base
+        s = score(self.engine, self.task, self.val_ex, personal=True, max_length=self.max_length, pause=self.pause)
+        sel.checks.append({"step": step, "loss": s.loss, "metric": s.metric,
+                           "items_improved": sum(c < b for c, b in zip(s.item_losses, base.item_losses))})
+        sel.total_steps = total
+        if beats(s, base, sel.metric) and (sel.best is None or _better(s, sel.best, sel.metric)):
+            sel.best, sel.best_step = s, step
+            self.best_state = {k: v.detach().clone() for k, v in self.engine.personal_state().items()}
+
+    def decide(self, cancelled: bool) -> dict[str, Any] | None:
+        """Record the decision; the adopted state, or None."""
+        if cancelled:
+            self.sel.reason = "training cancelled"
+            return None
+        if self.best_state is None:
+            self.sel.reason = "no checkpoint beat base + base adapter on validation (a better metric at a lower loss)"
+            return None
+        self.sel.adopted = True
+        self.sel.reason = "a checkpoint beat base + base adapter on validation"
+        return self.best_state
+
+
+def _prepare(engine: Any, task: Any, examples: Sequence[Example], train: TrainSpec, spec: SelectionSpec,
+             pause: Callable[[], Any] | None) -> tuple[list[Example], list[Example], Selection, bool]:
+    """Split one user's history into training and validation, score base on validation.
+    Returns (train, validation, selection, whether training could change the outcome)."""
+    metric = task.metric_names[0]
+    n_val = validation_size(len(examples), spec)
+    n_train = len(examples) - n_val
+    if n_train < spec.min_train:
+        return [], [], Selection(
+            adopted=False, metric=metric, train_items=max(0, n_train), validation_items=n_val,
+            reason=f"too little history: {len(examples)} items, needs {spec.min_train} to train besides "
+                   f"{n_val} to validate"), False
+    train_ex, val_ex = list(examples[:n_train]), list(examples[n_train:])
+    base = score(engine, task, val_ex, personal=False, max_length=train.max_length, pause=pause)
+    sel = Selection(adopted=False, reason="", metric=metric, train_items=n_train, validation_items=n_val, base=base)
+    if metric in METRIC_BEST and abs(base.metric - METRIC_BEST[metric]) <= 1e-12:
+        # Adoption needs a better metric, and none is better than this: training could not
+        # change the outcome (a user who always gives the rating base already answers).
+        sel.reason = f"base + base adapter already scores the best {metric} on validation: nothing to adopt"
+        return train_ex, val_ex, sel, False
+    return train_ex, val_ex, sel, True
+
+
 def train_and_select(
     engine: Any,
     task: Any,
@@ -142,8 +198,6 @@ def train_and_select(
     the adopted adapter, or reset when none is adopted. `kw` goes to Engine.train_personal
     (progress, on_step, should_stop, dp_sgd)."""
     metric = task.metric_names[0]
-    n_val = validation_size(len(examples), spec)
-    n_train = len(examples) - n_val
     # Under record-level DP-SGD, choosing a checkpoint on held-out items would let those items
     # shape the adapter outside the DP guarantee: train on everything, adopt, as the paper does.
     private = kw.get("dp_sgd") is not None
@@ -153,36 +207,16 @@ def train_and_select(
         return result, Selection(adopted=not result.cancelled, reason=f"{why}: always adopted",
                                  metric=metric, train_items=len(examples), validation_items=0,
                                  total_steps=result.steps)
-    if n_train < spec.min_train:
-        with engine.lock:
-            engine.reset_personal()
-        return TrainResult(0, 0, train.epochs, 0, 0), Selection(
-            adopted=False, metric=metric, train_items=max(0, n_train), validation_items=n_val,
-            reason=f"too little history: {len(examples)} items, needs {spec.min_train} to train besides "
-                   f"{n_val} to validate")
-    train_ex, val_ex = list(examples[:n_train]), list(examples[n_train:])
     pause = kw.get("should_stop")
     with engine.lock, _dense_weights(engine):
-        base = score(engine, task, val_ex, personal=False, max_length=train.max_length, pause=pause)
-        sel = Selection(adopted=False, reason="", metric=metric, train_items=n_train, validation_items=n_val,
-                        base=base)
-        if metric in METRIC_BEST and abs(base.metric - METRIC_BEST[metric]) <= 1e-12:
-            # Adoption needs a better metric, and none is better than this: training could not
-            # change the outcome (a user who always gives the rating base already answers).
+        train_ex, val_ex, sel, worth = _prepare(engine, task, examples, train, spec, pause)
+        if not worth:
             engine.reset_personal()
-            sel.reason = f"base + base adapter already scores the best {metric} on validation: nothing to adopt"
-            return TrainResult(0, n_train, train.epochs, 0, 0), sel
-        best_state: dict[str, Any] | None = None
+            return TrainResult(0, len(train_ex), train.epochs, 0, 0), sel
+        checks = _Checkpoints(engine, task, val_ex, sel, train.max_length, pause)
 
         def consider(step: int, total: int) -> None:
-            nonlocal best_state
-            s = score(engine, task, val_ex, personal=True, max_length=train.max_length, pause=pause)
-            sel.checks.append({"step": step, "loss": s.loss, "metric": s.metric,
-                               "items_improved": sum(c < b for c, b in zip(s.item_losses, base.item_losses))})
-            sel.total_steps = total
-            if beats(s, base, metric) and (sel.best is None or _better(s, sel.best, metric)):
-                sel.best, sel.best_step = s, step
-                best_state = {k: v.detach().clone() for k, v in engine.personal_state().items()}
+            checks.consider(step, total)
             engine.resume_personal_training()
 
         if not fresh:  # continuing a published adapter: its current state is a candidate too
@@ -190,16 +224,51 @@ def train_and_select(
         result = engine.train_personal(train_ex, train, fresh=fresh, checkpoints=spec.checks,
                                        on_checkpoint=consider, **kw)
         engine.model.eval()
-        if result.cancelled:
-            sel.reason = "training cancelled"
-            best_state = None
-        elif best_state is None:
-            sel.reason = "no checkpoint beat base + base adapter on validation (a better metric at a lower loss)"
-        else:
-            sel.adopted = True
-            sel.reason = "a checkpoint beat base + base adapter on validation"
+        best_state = checks.decide(result.cancelled)
         if best_state is not None:
             engine.set_personal_state(best_state, label="trained")
         elif not result.cancelled:
             engine.reset_personal()
         return result, sel
+
+
+def train_and_select_group(
+    engine: Any,
+    task: Any,
+    users: Sequence[Sequence[Example]],
+    train: TrainSpec,
+    spec: SelectionSpec,
+    **kw: Any,
+) -> list[tuple[TrainResult, Selection, dict[str, Any] | None]]:
+    """train_and_select for several users at once: the same split, base score, checkpoints and
+    adoption rule per user, with the users worth training trained together in one pass
+    (Engine.train_personal_group). Returns per user (result, selection, adopted state or None);
+    the engine's personal slot is left reset. `kw` goes to train_personal_group (progress,
+    should_stop)."""
+    if not spec.enabled:
+        results, states = engine.train_personal_group([list(ex) for ex in users], train, **kw)
+        metric = task.metric_names[0]
+        return [(r, Selection(adopted=not r.cancelled, reason="selection disabled: always adopted", metric=metric,
+                              train_items=len(ex), validation_items=0, total_steps=r.steps),
+                 None if r.cancelled else st) for r, st, ex in zip(results, states, users)]
+    pause = kw.get("should_stop")
+    out: list[tuple[TrainResult, Selection, dict[str, Any] | None]] = []
+    with engine.lock, _dense_weights(engine):
+        prepared = [_prepare(engine, task, ex, train, spec, pause) for ex in users]
+        group = [i for i, (_, _, _, worth) in enumerate(prepared) if worth]
+        checks = {i: _Checkpoints(engine, task, prepared[i][1], prepared[i][2], train.max_length, pause)
+                  for i in group}
+        results: dict[int, TrainResult] = {}
+        if group:
+            trained, _ = engine.train_personal_group(
+                [prepared[i][0] for i in group], train, checkpoints=spec.checks,
+                on_checkpoint=lambda u, step, total: checks[group[u]].consider(step, total), **kw)
+            results = dict(zip(group, trained))
+        engine.model.eval()
+        for i, (train_ex, _, sel, _) in enumerate(prepared):
+            if i in results:
+                out.append((results[i], sel, checks[i].decide(results[i].cancelled)))
+            else:
+                out.append((TrainResult(0, len(train_ex), train.epochs, 0, 0), sel, None))
+        engine.reset_personal()
+    return out

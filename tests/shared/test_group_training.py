@@ -116,3 +116,32 @@ def test_no_users_loss_reaches_another_users_tensors(engine):
     assert all(g is not None and bool(g.abs().sum() > 0) for g in grads[1])
     for u in (0, 2):
         assert all(g is None or bool((g == 0).all()) for g in grads[u]), f"user {u} received user 1's gradient"
+
+
+def test_group_selection_decides_as_each_user_alone(engine):
+    """train_and_select_group: the same validation split, base score, checkpoint scores and
+    decision per user as train_and_select gives that user alone; a user with too little
+    history is decided without training and does not hold the others back."""
+    from shared.config import SelectionSpec
+    from shared.selection import train_and_select, train_and_select_group
+    from shared.tasks import get_task
+
+    task = get_task("synthetic-tag")
+    users = [[Example(f"Tag: film {u}-{i}", "comedy" if (i + u) % 2 else "action") for i in range(n)]
+             for u, n in enumerate((9, 3, 12))]
+    train = TrainSpec(epochs=2, lr=5e-3, batch_size=4, seed=1)
+    select = SelectionSpec(checks=2, min_train=4)
+    alone = []
+    for ex in users:
+        result, sel = train_and_select(engine, task, ex, train, select, progress=False)
+        alone.append((result, sel, engine.personal_state() if sel.adopted else None))
+    grouped = train_and_select_group(engine, task, users, train, select, progress=False)
+    tol = 1e-4 if engine.base.model.dtype == torch.float32 else 0.02
+    assert "too little history" in grouped[1][1].reason and grouped[1][0].steps == 0
+    for (ra, sa, _), (rg, sg, _) in zip(alone, grouped):
+        assert (sa.adopted, sa.train_items, sa.validation_items, ra.steps) == \
+            (sg.adopted, sg.train_items, sg.validation_items, rg.steps)
+        assert [c["step"] for c in sa.checks] == [c["step"] for c in sg.checks]
+        for ca, cg in zip(sa.checks, sg.checks):
+            assert abs(ca["loss"] - cg["loss"]) <= tol * max(1.0, abs(ca["loss"]))
+    assert len(grouped[2][1].checks) == 2 and len(grouped[0][1].checks) == 2
