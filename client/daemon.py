@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from client.settings import DaemonSpec, load_daemon
-from shared.fileio import atomic_write
+from shared.fileio import atomic_write, create_new
 
 log = logging.getLogger("oppu.daemon")
 
@@ -109,27 +109,22 @@ def release_lock(fd: int) -> None:
 
 
 def ensure_token(data_dir: Path) -> str:
-    """The API token: created once (O_EXCL, 0600), re-tightened if its permissions were widened."""
+    """The API token: created once, complete or not at all (written under a temporary name with
+    mode 0600, then linked into place; shared.fileio.create_new), re-tightened if its permissions
+    were widened. A racing second start (or a reader) never sees an empty or partial token."""
     path = Path(data_dir) / TOKEN_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        if path.is_symlink() or not path.is_file():
-            raise RuntimeError(f"{path} is not a regular file; remove it and start again") from None
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning("%s had mode %o; restricting it to the owner (0600)", path, mode)
-            os.chmod(path, 0o600)
-        token = path.read_text().strip()
-        if len(token) < 32:
-            raise RuntimeError(f"{path} does not hold a valid token; remove it to create a new one")
-        return token
-    token = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    log.info("created the API token in %s (mode 0600)", path)
+    if not path.exists() and not path.is_symlink():
+        if create_new(path, secrets.token_urlsafe(32) + "\n", mode=0o600):
+            log.info("created the API token in %s (mode 0600)", path)
+    if path.is_symlink() or not path.is_file():
+        raise RuntimeError(f"{path} is not a regular file; remove it and start again")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("%s had mode %o; restricting it to the owner (0600)", path, mode)
+        os.chmod(path, 0o600)
+    token = path.read_text().strip()
+    if len(token) < 32:
+        raise RuntimeError(f"{path} does not hold a valid token; remove it to create a new one")
     return token
 
 

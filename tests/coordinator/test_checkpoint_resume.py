@@ -90,3 +90,46 @@ def test_killed_after_round_2_resumes_at_round_3_with_the_same_accountant(tmp_pa
         assert "privacy.noise_multiplier" in str(e)
     else:
         raise AssertionError("resuming with different privacy settings was accepted")
+
+
+def _save_round(run: Path, rnd: int) -> Path:
+    """A real checkpoint of round `rnd` (its base adapter a small file with its manifest)."""
+    from coordinator import checkpoint
+    from shared.adapters import AdapterManifest, write_adapter_dir
+
+    def base(d):
+        write_adapter_dir(d, lambda t: (t / "adapter_model.safetensors").write_bytes(b"w%d" % rnd),
+                          AdapterManifest(role="base", base_model_hash="h", task="t", peft_type="lora"))
+
+    ckpt = checkpoint.Checkpoint(round=rnd, accountant=None, history=[{"round": r} for r in range(1, rnd + 1)],
+                                 config={})
+    return checkpoint.save(run / "checkpoint", ckpt, base)
+
+
+def test_resume_picks_the_highest_complete_round_not_the_first_name_and_removes_stale_copies(tmp_path):
+    """Crashes between atomic_dir's two renames in earlier runs leave `.checkpoint.old-<pid>`
+    copies of different rounds and no checkpoint/; the loader must not trust name order."""
+    from coordinator import checkpoint
+
+    run = tmp_path / "run"
+    for rnd, pid in [(3, 100), (5, 99999), (7, 5)]:  # names sort as old-100 < old-5 < old-99999
+        os.replace(_save_round(run, rnd), run / f".checkpoint.old-{pid}")
+    bad = run / ".checkpoint.old-5" / "base_adapter" / "adapter_model.safetensors"
+    bad.write_bytes(b"torn")  # round 7's copy is damaged: its adapter no longer matches its sha256
+    (run / ".checkpoint.tmp-abc").mkdir()  # a copy that was never published
+    ckpt = checkpoint.load(run / "checkpoint")
+    assert ckpt is not None and ckpt.round == 5 and len(ckpt.history) == 5
+    assert ckpt.directory == run / "checkpoint" and ckpt.base_adapter_dir.joinpath("adapter_model.safetensors").read_bytes() == b"w5"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]  # the stale copies are gone
+    assert checkpoint.load(run / "checkpoint").round == 5  # and the next start agrees
+
+
+def test_a_newer_complete_copy_wins_over_an_older_checkpoint_dir(tmp_path):
+    from coordinator import checkpoint
+
+    run = tmp_path / "run"
+    os.replace(_save_round(run, 4), run / ".checkpoint.old-42")
+    _save_round(run, 2)  # e.g. restored by hand from a backup
+    assert checkpoint.load(run / "checkpoint").round == 4
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["round"] == 4
