@@ -41,7 +41,7 @@ from shared.personalize import (
 from shared.records import TaskDataset, UserData
 from shared.retrieval import make_retriever
 from shared.rundir import new_run_dir, run_log
-from shared.selection import train_and_select
+from shared.selection import train_and_select, train_and_select_group
 from shared.stats import compare_methods, pooled_scorer
 from shared.tasks import get_task
 
@@ -74,8 +74,6 @@ def run_experiment(spec: ExperimentSpec, run_dir: Path | None = None, *, progres
 
 
 def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, progress: bool) -> Path:
-    from tqdm.auto import tqdm
-
     started = time.time()
     atomic_write(run_dir / "config.toml", dump_toml(to_dict(spec)))
     data_info = {
@@ -113,11 +111,7 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
 
     # 2. Each evaluated user: store, profile, personal adapters, answers for every method.
     retriever = make_retriever(spec.retrieval.retriever, task.item_text)
-    results: list[UserResult] = []
-    users = tqdm(dataset.eval_users, desc="users", disable=not progress, unit="user")
-    for user in users:
-        udir = run_dir / "users" / _safe(user.user_id)
-        results.append(_run_user(spec, engine, task, retriever, user, udir, progress))
+    results = _run_users(spec, engine, task, retriever, dataset.eval_users, run_dir, progress)
 
     # 2b. The centralized baseline: one adapter on all evaluated users' pooled histories.
     if "centralized" in spec.methods:
@@ -153,63 +147,109 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
 
 
-def _run_user(
-    spec: ExperimentSpec, engine: Engine, task: Any, retriever: Any, user: UserData, udir: Path, progress: bool
-) -> UserResult:
+@dataclass
+class _UserRun:
+    """One evaluated user between preparation and personal training."""
+
+    user: UserData
+    udir: Path
+    ctx: Context
+    prompts: dict[str, list[str]]  # augmentation -> one prompt per query
+    result: UserResult
+    non_personal: dict[str, dict[str, str]] = field(default_factory=dict)  # aug -> qid -> answer
+
+
+def _prepare_user(spec: ExperimentSpec, engine: Engine, task: Any, retriever: Any, user: UserData,
+                  udir: Path) -> _UserRun:
+    """The user's store and profile, prompts, and the answers of the non-personal methods."""
     udir.mkdir(parents=True, exist_ok=True)
     store = open_store(spec, udir / "history", task)
     store.add(user.history)
     ctx = Context(store, retriever, spec.retrieval, profile=user.profile_text)
     if user.profile_text:
         store.set_profile(user.profile_text)
-    res = UserResult(user.user_id, len(user.history))
     augs_needed = {METHOD_AUGMENTATION[m] for m in spec.methods if m in METHOD_AUGMENTATION}
     if "pag" in augs_needed:
         ensure_profile(engine, task, ctx, user.history, seed=spec.data.seed)
     # Queries come after all history, so they retrieve from the whole store.
     prompts = {aug: [prompt_for(task, ctx, q.input, aug) for q in user.queries] for aug in augs_needed}
-
-    non_personal: dict[str, dict[str, str]] = {}  # augmentation -> qid -> answer, base adapter only
-
-    def answer_without_personal(aug: str) -> dict[str, str]:
-        if aug not in non_personal:
-            answers = engine.answer(prompts[aug], max_new_tokens=task.max_new_tokens, personal=False)
-            non_personal[aug] = {q.id: task.parse_output(a) for q, a in zip(user.queries, answers)}
-        return non_personal[aug]
-
+    run = _UserRun(user, udir, ctx, prompts, UserResult(user.user_id, len(user.history)))
     for m in [m for m in spec.methods if m in METHOD_AUGMENTATION and m not in PERSONAL_METHODS]:
-        res.predictions[m] = answer_without_personal(METHOD_AUGMENTATION[m])
+        run.result.predictions[m] = _answer_without_personal(engine, task, run, METHOD_AUGMENTATION[m])
+    return run
 
-    for aug in ("plain", "rag", "pag"):
-        methods = [m for m in spec.methods if m in PERSONAL_METHODS and METHOD_AUGMENTATION[m] == aug]
-        if not methods:
-            continue
-        examples = history_examples(task, user.history, ctx, aug)
-        label = f"{user.user_id[:14]} personal ({aug})"
-        tr, sel = train_and_select(engine, task, examples, spec.personal_train, spec.selection,
+
+def _answer_without_personal(engine: Engine, task: Any, run: _UserRun, aug: str) -> dict[str, str]:
+    """Base + base adapter's answers for one augmentation (computed once per user)."""
+    if aug not in run.non_personal:
+        answers = engine.answer(run.prompts[aug], max_new_tokens=task.max_new_tokens, personal=False)
+        run.non_personal[aug] = {q.id: task.parse_output(a) for q, a in zip(run.user.queries, answers)}
+    return run.non_personal[aug]
+
+
+def _run_users(spec: ExperimentSpec, engine: Engine, task: Any, retriever: Any, users: Sequence[UserData],
+               run_dir: Path, progress: bool) -> list[UserResult]:
+    """Every evaluated user, `personal_train.users_per_pass` at a time: their personal adapters
+    are trained together in one pass (shared.group_training), each selected on its own user's
+    validation items exactly as if trained alone (shared.selection.train_and_select_group)."""
+    from tqdm.auto import tqdm
+
+    per_pass = 1 if engine.soft_prompt is not None else spec.personal_train.users_per_pass
+    results: list[UserResult] = []
+    bar = tqdm(total=len(users), desc="users", disable=not progress, unit="user")
+    for start in range(0, len(users), per_pass):
+        runs = [_prepare_user(spec, engine, task, retriever, u, run_dir / "users" / _safe(u.user_id))
+                for u in users[start : start + per_pass]]
+        for aug in ("plain", "rag", "pag"):
+            methods = [m for m in spec.methods if m in PERSONAL_METHODS and METHOD_AUGMENTATION[m] == aug]
+            if methods:
+                _train_personal(spec, engine, task, runs, aug, methods, progress)
+        for run in runs:
+            atomic_write(run.udir / "predictions.json", json.dumps(run.result.predictions, indent=2))
+            atomic_write(run.udir / "selection.json", json.dumps(run.result.selection, indent=2))
+            results.append(run.result)
+        bar.update(len(runs))
+    bar.close()
+    return results
+
+
+def _train_personal(spec: ExperimentSpec, engine: Engine, task: Any, runs: list[_UserRun], aug: str,
+                    methods: list[str], progress: bool) -> None:
+    """Personal adapters of `runs`' users for one augmentation; each adopted adapter is saved and
+    answers its user's queries, the others answer as the non-personal counterpart."""
+    examples = [history_examples(task, r.user.history, r.ctx, aug) for r in runs]
+    label = (f"{runs[0].user.user_id[:14]} personal ({aug})" if len(runs) == 1
+             else f"{len(runs)} users personal ({aug})")
+    if len(runs) == 1:  # prompt tuning, or one user per pass: the single-user loop
+        tr, sel = train_and_select(engine, task, examples[0], spec.personal_train, spec.selection,
                                    progress=label if progress else False)
+        decided = [(tr, sel, engine.personal_state() if sel.adopted else None)]
+    else:
+        decided = train_and_select_group(engine, task, examples, spec.personal_train, spec.selection,
+                                         progress=label if progress else False)
+    for run, ex, (tr, sel, state) in zip(runs, examples, decided):
+        res = run.result
         res.selection[aug] = sel.to_dict()
-        res.train[aug] = {"examples": len(examples), "steps": tr.steps, "final_loss": tr.final_loss,
+        res.train[aug] = {"examples": len(ex), "steps": tr.steps, "final_loss": tr.final_loss,
                           "seconds": tr.seconds, "tokens_per_second": tr.tokens_per_second,
-                          "adopted": sel.adopted}
-        log.info("user %s personal (%s): %s", user.user_id, aug, sel.summary())
-        if sel.adopted:
-            engine.save_personal(udir / f"personal-{aug}", AdapterManifest(
+                          "adopted": sel.adopted, "users_per_pass": len(runs)}
+        log.info("user %s personal (%s): %s", run.user.user_id, aug, sel.summary())
+        if state is not None:
+            engine.set_personal_state(state, label="trained")
+            engine.save_personal(run.udir / f"personal-{aug}", AdapterManifest(
                 role="personal", base_model_hash=engine.model_hash, task=task.name,
                 peft_type=spec.personal_adapter.peft_type,
-                data={"history_items": len(user.history), "examples": sel.train_items,
+                data={"history_items": len(run.user.history), "examples": sel.train_items,
                       "validation_items": sel.validation_items},
                 train=res.train[aug],
             ))
-            answers = engine.answer(prompts[aug], max_new_tokens=task.max_new_tokens, personal=True)
-            chosen = {q.id: task.parse_output(a) for q, a in zip(user.queries, answers)}
+            answers = engine.answer(run.prompts[aug], max_new_tokens=task.max_new_tokens, personal=True)
+            chosen = {q.id: task.parse_output(a) for q, a in zip(run.user.queries, answers)}
         else:  # not adopted: the method answers as its non-personal counterpart
-            chosen = answer_without_personal(aug)
+            chosen = _answer_without_personal(engine, task, run, aug)
         for m in methods:
             res.predictions[m] = dict(chosen)
-    atomic_write(udir / "predictions.json", json.dumps(res.predictions, indent=2))
-    atomic_write(udir / "selection.json", json.dumps(res.selection, indent=2))
-    return res
+    engine.reset_personal()
 
 
 def adoption_counts(methods: tuple[str, ...], results: list[UserResult]) -> dict[str, dict[str, int]]:

@@ -118,9 +118,16 @@ class TrainSpec:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 disables."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Linear warm-up fraction of steps."})
     seed: int = field(default=0, metadata={"help": "Seed for init, shuffling and dropout."})
+    users_per_pass: int = field(
+        default=4,
+        metadata={"help": "Personal training only: this many users' adapters trained together, the rows of "
+                  "each step drawn from all of them (shared.group_training; each adapter equals the one "
+                  "trained alone). 1: one user at a time."},
+    )
 
     def __post_init__(self) -> None:
         _positive("train.epochs", self.epochs)
+        _positive("train.users_per_pass", self.users_per_pass)
         _positive("train.lr", self.lr)
         _positive("train.batch_size", self.batch_size)
         _positive("train.max_length", self.max_length)

@@ -46,11 +46,12 @@ def one(job: str, args: argparse.Namespace) -> dict:
 
 def jobs(sections: list[str], args: argparse.Namespace) -> list[str]:
     """The jobs in the order that matters most if a run is cut short: the first training
-    configuration (ours, then the reference), serving, memory, communication, the other
+    configuration (ours one user at a time, ours with all users in one pass, the reference), serving, memory, communication, the other
     training configurations, then simulation scaling."""
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    training = [f"training:{c}:{p}" for c in configs for p in ("ours", "reference")] if "training" in sections else []
-    out = training[:2]
+    training = ([f"training:{c}:{p}" for c in configs for p in ("ours", "group", "reference")]
+                if "training" in sections else [])
+    out = training[:3]
     out += [s for s in ("serving", "memory", "footprint", "comms") if s in sections]
     out += training[2:]
     if "scaling" in sections:

@@ -101,6 +101,22 @@ def run(config: str, procedure: str, users: int, task: str, epochs: float, model
             losses = engine.example_losses(examples, personal=True, max_length=train.max_length)
             loss = sum(losses) / len(losses)
             rows.append(_row(user, examples, seconds, loss, r.steps))
+    elif procedure == "group":  # every user's adapter in one pass (shared.group_training)
+        engine = Engine(loaded, AdapterSpec(), personal)
+        engine.set_base_state(seeded_base_state(engine.base_state()))
+        print(f"  [{config} group] {len(data)} users in one pass", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        results, states = engine.train_personal_group([ex for _, ex in data], train, progress=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        for (user, examples), r, state in zip(data, results, states):
+            engine.set_personal_state(state, label=None)
+            losses = engine.example_losses(examples, personal=True, max_length=train.max_length)
+            # the pass's time shared by its users in proportion to their examples
+            share = seconds * len(examples) / sum(len(ex) for _, ex in data)
+            rows.append(_row(user, examples, share, sum(losses) / len(losses), r.steps))
+        engine.reset_personal()
     else:
         from .reference import merged_base, train_user
 

@@ -161,3 +161,35 @@ def test_a_method_above_the_baselines_is_not_flagged_and_metrics_md_has_the_diff
     scores = md.split("## Paired differences")[0]
     rows = {line.split("|")[1].strip(): line for line in scores.splitlines() if line.startswith("| ")}
     assert "below best non-LLM baseline" in rows["non-personalized"] and "below best" not in rows["OPPU"]
+
+
+@pytest.mark.slow  # two whole runs: ~60 s of CPU; make test keeps tests/shared/test_group_training.py
+def test_users_trained_together_get_what_each_would_get_alone(tiny_model_dir, tmp_path):
+    """The harness trains `personal_train.users_per_pass` users in one pass; with dropout 0 every
+    user's selection decisions, saved adapters and answers equal the one-user-at-a-time run."""
+    from simulations.experiment import run_experiment
+
+    common = [f'base_model.path="{tiny_model_dir}"', 'base_model.quantization="none"',
+              'data.task="synthetic-tag"', 'data.source="synthetic"', "data.users=2", "data.base_users=2",
+              "data.queries=2", "data.min_history=8", "data.max_history=10", "data.base_examples=8",
+              "personal_train.epochs=2", "personal_train.lr=5e-3", "base_train.epochs=1",
+              "personal_adapter.dropout=0.0", 'methods=["OPPU","OPPU+RAG"]']
+    runs = {}
+    for per_pass in (1, 2):
+        spec = load_experiment(None, common + [f"personal_train.users_per_pass={per_pass}"])
+        runs[per_pass] = run_experiment(spec, tmp_path / f"run{per_pass}", progress=False)
+    m1, m3 = (json.loads((runs[k] / "metrics.json").read_text()) for k in (1, 2))
+    assert m1["adoption"] == m3["adoption"]
+    users = sorted(p.name for p in (runs[1] / "users").iterdir())
+    assert len(users) == 2
+    for user in users:
+        s1, s3 = (json.loads((runs[k] / "users" / user / "selection.json").read_text()) for k in (1, 2))
+        for aug in ("plain", "rag"):
+            assert s1[aug]["adopted"] == s3[aug]["adopted"] and s1[aug]["best_step"] == s3[aug]["best_step"]
+            assert [c["step"] for c in s1[aug]["checks"]] == [c["step"] for c in s3[aug]["checks"]]
+            for c1, c3 in zip(s1[aug]["checks"], s3[aug]["checks"]):
+                assert c3["loss"] == pytest.approx(c1["loss"], rel=2e-3, abs=1e-4), (user, aug)
+        p1, p3 = (json.loads((runs[k] / "users" / user / "predictions.json").read_text()) for k in (1, 2))
+        assert p1 == p3, user
+    trained = [json.loads((runs[2] / "users" / u / "selection.json").read_text())["plain"]["checks"] for u in users]
+    assert any(trained), "no user was trained: the test would not compare anything"
