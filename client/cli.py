@@ -29,7 +29,10 @@ def add_client_commands(sub: Any) -> None:
 
     q = cs.add_parser("daemon", help="run the daemon (local API, training, federation membership)")
     q.add_argument("--data-dir", help="where history, adapters and the token live (created 0700)")
-    q.add_argument("--coordinator", metavar="HOST:PORT", help="join this Flower SuperLink as a SuperNode")
+    q.add_argument("--coordinator", metavar="HOST:PORT", help="join this Flower SuperLink as a SuperNode (over TLS: "
+                   "set coordinator_root_certificates, or opt out with --insecure)")
+    q.add_argument("--insecure", action="store_true", help="join the coordinator over an unencrypted connection "
+                   "(the setting insecure = true; status shows it)")
     q.add_argument("--config", help="daemon TOML (default: DIR/daemon.toml when present)")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set "
                    "retrain_after=100 or --set base_model.threads=2 (repeatable)")
@@ -116,6 +119,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                        ("base_model.threads", args.threads), ("base_model.device", args.device)):
         if value is not None:
             ov.append(f"{key}={json.dumps(value)}")
+    if args.insecure:
+        ov.append("insecure=true")
     data_dir = _data_dir(args)
     spec = resolve_spec(data_dir, args.config, ov)
     try:
@@ -372,7 +377,20 @@ def cmd_status(api: Api, args: argparse.Namespace) -> int:
     ]
     if s["federation"]:
         f = s["federation"]
-        lines.append(f"federation      {f['coordinator']}: {f['state']}" + (f" ({f['last_error']})" if f["last_error"] else ""))
+        transport = {"insecure": "INSECURE (unencrypted, opted in)", "tls": "TLS",
+                     "tls+node-auth": "TLS, node authentication"}.get(f.get("transport"), f.get("transport"))
+        lines.append(f"federation      {f['coordinator']} over {transport}: {f['state']}"
+                     + (f" ({f['last_error']})" if f["last_error"] else ""))
+        t = f.get("app_trust") or {}
+        trusted = []
+        if t.get("trusted_app_hashes"):
+            trusted.append(f"{len(t['trusted_app_hashes'])} pinned hash(es)")
+        if t.get("trusted_entities"):
+            trusted.append(f"signed by a key in {t['trusted_entities']}")
+        lines.append("app bundles     " + (" and ".join(trusted) if trusted else
+                                           "none trusted (refused bundles name the hash to pin)"))
+        for message in t.get("messages", []):
+            lines.append(f"refused         {message}")
     if s["jobs"]["active"]:
         j = s["jobs"]["active"]
         lines.append(f"training        {j['id']} {j['steps_done']}/{j['steps_total']}")

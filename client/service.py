@@ -35,7 +35,8 @@ from shared.retrieval import make_retriever, new_items
 from shared.tasks import get_task
 
 from .archive import Archive, ArchiveError, read_archive, write_archive
-from .supernode import read_privacy, supernode_supervisor
+from .appgate import app_trust, trust_status
+from .supernode import read_privacy, supernode_supervisor, transport_name
 from .host import ModelHost
 from .items import parse_items
 from .jobs import JobBusy, JobControl, JobRegistry
@@ -66,6 +67,15 @@ class ClientService:
         self.task = get_task(spec.task)
         self.started = time.time()
         self._check_state()
+        self.supervisor = self.trust = None
+        if spec.coordinator:  # before the model loads: a daemon that may not join fails at once
+            self.trust = app_trust(spec.coordinator, self.dir, trusted_app_hashes=spec.trusted_app_hashes,
+                                   trusted_entities=spec.trusted_entities)
+            self.supervisor = supernode_supervisor(
+                spec.coordinator, self.dir, executable=spec.supernode_command,
+                initial=spec.backoff_initial, maximum=spec.backoff_max,
+                root_certificates=spec.coordinator_root_certificates, insecure=spec.insecure,
+                auth_private_key=spec.supernode_auth_key, trust=self.trust)
         engine = engine if engine is not None else Engine(
             spec.base_model, spec.base_adapter, spec.personal_adapter, seed=spec.personal_train.seed)
         self._store_cls = ChromaHistoryStore
@@ -80,12 +90,6 @@ class ClientService:
         self.engine = engine
         self._maintenance = threading.Lock()
         self._auto_attempt_count = 0
-        self.supervisor = None
-        if spec.coordinator:
-            self.supervisor = supernode_supervisor(
-                spec.coordinator, self.dir, executable=spec.supernode_command,
-                initial=spec.backoff_initial, maximum=spec.backoff_max,
-                root_certificates=spec.coordinator_root_certificates, auth_private_key=spec.supernode_auth_key)
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -271,12 +275,19 @@ class ClientService:
             "history": {"count": count, "new_since_training": max(0, count - self._trained_on()),
                         "retrain_after": self.spec.retrain_after},
             "privacy": read_privacy(self.dir),
-            "federation": ({"coordinator": self.spec.coordinator, **self.supervisor.status()}
-                           if self.supervisor else None),
+            "federation": self._federation_status(),
             "jobs": {"active": active.public() if active else None,
                      "interrupted_at_start": [j.id for j in self.jobs.interrupted]},
             "problems": list(self.host.problems),
         }
+
+    def _federation_status(self) -> dict[str, Any] | None:
+        if self.supervisor is None:
+            return None
+        sup = self.supervisor.status()
+        return {"coordinator": self.spec.coordinator,
+                "transport": transport_name(insecure=self.spec.insecure, auth_private_key=self.spec.supernode_auth_key),
+                **sup, "app_trust": trust_status(self.trust, Path(sup["log"]))}
 
     # -- export / import / forget --------------------------------------------------------------
 

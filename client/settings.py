@@ -12,6 +12,8 @@ from shared.config import (
 )
 from shared.config.specs import _choice, _positive
 
+from client.appgate import check_hashes
+
 # The personal method each augmentation's adapter answers as (what the daemon reports).
 AUGMENTATION_METHOD = {METHOD_AUGMENTATION[m]: m for m in PERSONAL_METHODS}
 
@@ -55,8 +57,17 @@ class DaemonSpec:
     backoff_initial: float = field(default=2.0, metadata={"help": "Seconds before the first SuperNode restart."})
     backoff_max: float = field(default=300.0, metadata={"help": "Longest wait between SuperNode restarts, in seconds."})
     coordinator_root_certificates: str = field(
-        default="", metadata={"help": "CA certificate (PEM) of the SuperLink's TLS certificate; set: the SuperNode "
-                              "connects over TLS, empty: --insecure (docs/federation.md)."})
+        default="", metadata={"help": "CA certificate (PEM) of the SuperLink's TLS certificate: the SuperNode "
+                              "connects over TLS. A coordinator needs this or insecure = true (docs/federation.md)."})
+    insecure: bool = field(
+        default=False, metadata={"help": "Join the coordinator over an unencrypted connection (Flower's --insecure): "
+                                 "an explicit opt-in, shown in `oppu client status`; only on a trusted network."})
+    trusted_app_hashes: tuple[str, ...] = field(
+        default=(), metadata={"help": "sha256 of the app bundles (.fab) this machine may run; any other is refused "
+                              "(client/appgate.py). Empty, with no trusted_entities: no bundle runs."})
+    trusted_entities: str = field(
+        default="", metadata={"help": "Flower trusted-entities YAML (key id: ssh-ed25519 public key): only bundles "
+                              "signed by one of these publishers run (flower-supernode --trusted-entities)."})
     supernode_auth_key: str = field(
         default="", metadata={"help": "This node's private key for Flower node authentication (needs TLS); its "
                               "public key is registered with `flwr supernode register`."})
@@ -94,6 +105,7 @@ class DaemonSpec:
             raise ValueError(f"daemon.backoff_max={self.backoff_max!r} must be >= daemon.backoff_initial")
         if self.coordinator:
             parse_host_port(self.coordinator, "daemon.coordinator")
+        check_hashes(self.trusted_app_hashes)
         if not self.supernode_command.strip():
             raise ValueError("daemon.supernode_command is empty; e.g. flower-supernode")
         if self.retrieval.store != "chroma":

@@ -2,12 +2,21 @@
 
 Joining a coordinator means running
 
-    flower-supernode --insecure --superlink HOST:PORT --node-config "data-dir='DIR'"
+    flower-supernode --root-certificates CA [--auth-supernode-private-key KEY] | --insecure
+                     [--trusted-entities FILE] --isolation subprocess
+                     --superlink HOST:PORT --node-config "data-dir='DIR'"
                      --host 127.0.0.1 --port <free loopback port> --max-retries N --max-wait-time S
 
 (`--port` is the SuperNode's runtime API, which its ClientApp process connects to; Flower's
 default, 9094, would clash between two users' daemons on one machine) in its own process group, so federated rounds execute the same ClientApp (client/client_app.py,
-started by the SuperNode in a subprocess) against this user's data directory. The local API never
+started by the SuperNode in a subprocess) against this user's data directory.
+
+Secure by default: the connection uses TLS with the configured CA; plain text only when the user
+opted in (daemon.insecure = true, `oppu client daemon --insecure`); with neither the daemon does
+not start. The ClientApp runs in a separate process (`--isolation subprocess`) whose command,
+`flwr-clientapp`, resolves first to the daemon's gate (client/appgate.py), which runs only app
+bundles the user trusts (daemon.trusted_app_hashes; daemon.trusted_entities is Flower's own
+signature check in the SuperNode). The local API never
 waits for it: rounds run in other processes, and this module only watches the child from a
 thread. When the child exits (the coordinator is unreachable, a crash), it is restarted after an
 exponential back-off (initial, doubling, capped, +-20% jitter; reset after a run that lasted
@@ -50,6 +59,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client.appgate import AppTrust, gated_path, install_gate
 from client.settings import parse_host_port
 
 log = logging.getLogger(__name__)
@@ -94,31 +104,54 @@ def free_loopback_port() -> int:
 
 def supernode_command(executable: str, coordinator: str, data_dir: Path, *, port: int,
                       max_retries: int = 3, max_wait_time: float = 60.0, root_certificates: str = "",
-                      auth_private_key: str = "") -> list[str]:
+                      insecure: bool = False, auth_private_key: str = "", trusted_entities: str = "") -> list[str]:
     """The SuperNode command line for one data directory (see the module docstring).
 
     With `root_certificates` (the CA that signed the SuperLink's certificate) the node connects
     over TLS; with `auth_private_key` as well it authenticates itself (Flower node
-    authentication, which Flower allows only over TLS). Without them: --insecure."""
+    authentication, which Flower allows only over TLS). Plain text (--insecure) only with
+    `insecure=True`; with neither, ValueError says what to set."""
     parse_host_port(coordinator, "coordinator")
     d = str(Path(data_dir).resolve())
     if "'" in d or any(c in d for c in "\n\r"):
         # Flower parses node config as TOML; a literal string ('...') cannot hold these.
         raise ValueError(f"data directory {d!r} contains a quote or newline; Flower's --node-config cannot carry it")
-    if auth_private_key and not root_certificates:
-        raise ValueError("daemon.supernode_auth_key needs TLS: set daemon.coordinator_root_certificates too "
-                         "(Flower authenticates nodes over TLS connections only)")
-    transport = ["--insecure"]
-    if root_certificates:
-        transport = ["--root-certificates", _existing(root_certificates, "daemon.coordinator_root_certificates")]
-    if auth_private_key:
-        transport += ["--auth-supernode-private-key", _existing(auth_private_key, "daemon.supernode_auth_key")]
+    transport = transport_args(coordinator, root_certificates=root_certificates, insecure=insecure,
+                               auth_private_key=auth_private_key)
+    trust = ["--trusted-entities", _existing(trusted_entities, "daemon.trusted_entities")] if trusted_entities else []
     return [
-        *_resolve(shlex.split(executable)), *transport, "--superlink", coordinator,
-        "--node-config", f"data-dir='{d}'",
+        *_resolve(shlex.split(executable)), *transport, *trust, "--isolation", "subprocess",
+        "--superlink", coordinator, "--node-config", f"data-dir='{d}'",
         "--host", "127.0.0.1", "--port", str(port),
         "--max-retries", str(max_retries), "--max-wait-time", str(max_wait_time),
     ]
+
+
+def transport_args(coordinator: str, *, root_certificates: str, insecure: bool, auth_private_key: str) -> list[str]:
+    """TLS with the configured CA, or plain text when (and only when) the user opted in."""
+    if insecure and root_certificates:
+        raise ValueError("daemon.insecure = true and daemon.coordinator_root_certificates are both set: choose one "
+                         "(the CA for TLS, or insecure = true for an unencrypted connection)")
+    if auth_private_key and not root_certificates:
+        raise ValueError("daemon.supernode_auth_key needs TLS: set daemon.coordinator_root_certificates too "
+                         "(Flower authenticates nodes over TLS connections only)")
+    if insecure:
+        return ["--insecure"]
+    if not root_certificates:
+        raise ValueError(
+            f"daemon.coordinator = {coordinator!r} needs TLS: set coordinator_root_certificates = \"/path/to/ca.crt\" "
+            "(the CA certificate, PEM, that signed the SuperLink's certificate) in daemon.toml or with "
+            "--set coordinator_root_certificates=PATH; or, to send federation traffic unencrypted, opt in with "
+            "insecure = true (oppu client daemon --insecure)")
+    out = ["--root-certificates", _existing(root_certificates, "daemon.coordinator_root_certificates")]
+    if auth_private_key:
+        out += ["--auth-supernode-private-key", _existing(auth_private_key, "daemon.supernode_auth_key")]
+    return out
+
+
+def transport_name(*, insecure: bool, auth_private_key: str = "") -> str:
+    """How the node talks to the coordinator, for status: "tls", "tls+node-auth" or "insecure"."""
+    return "insecure" if insecure else ("tls+node-auth" if auth_private_key else "tls")
 
 
 def _existing(path: str, setting: str) -> str:
@@ -271,13 +304,20 @@ def _signal_group(proc: subprocess.Popen, sig: int, *, group_only: bool = False)
 
 def supernode_supervisor(coordinator: str, data_dir: Path, *, executable: str = "flower-supernode",
                          initial: float = 2.0, maximum: float = 300.0, root_certificates: str = "",
-                         auth_private_key: str = "") -> Supervisor:
-    """A Supervisor that keeps this data directory's SuperNode connected to `coordinator`."""
+                         insecure: bool = False, auth_private_key: str = "", trust: AppTrust | None = None) -> Supervisor:
+    """A Supervisor that keeps this data directory's SuperNode connected to `coordinator`, its
+    ClientApps behind the app-bundle gate (client/appgate.py); without `trust`, no bundle runs."""
     data_dir = Path(data_dir)
-    tls = {"root_certificates": root_certificates, "auth_private_key": auth_private_key}
-    supernode_command(executable, coordinator, data_dir, port=1, **tls)  # validate now, not in the thread
-    return Supervisor(
-        lambda: supernode_command(executable, coordinator, data_dir, port=free_loopback_port(), **tls),
-        name="supernode", log_path=data_dir / "logs" / "supernode.log", initial=initial, maximum=maximum,
-        env=child_env(),
-    )
+    trust = trust or AppTrust(coordinator=coordinator, data_dir=str(data_dir.resolve()))
+    opts = {"root_certificates": root_certificates, "insecure": insecure, "auth_private_key": auth_private_key,
+            "trusted_entities": trust.trusted_entities}
+    supernode_command(executable, coordinator, data_dir, port=1, **opts)  # validate now, not in the thread
+    env = child_env()
+    env["PATH"] = gated_path(install_gate(trust), env["PATH"])
+
+    def command() -> list[str]:
+        install_gate(trust)  # rewritten at every start: the gate must be there whenever a ClientApp starts
+        return supernode_command(executable, coordinator, data_dir, port=free_loopback_port(), **opts)
+
+    return Supervisor(command, name="supernode", log_path=data_dir / "logs" / "supernode.log", initial=initial,
+                      maximum=maximum, env=env)
