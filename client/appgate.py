@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -50,6 +51,8 @@ HASH_RE = re.compile(r"[0-9a-f]{64}")
 # flwr/supernode/start_client_internal.py): a bad or missing signature, or no signature at all.
 FLOWER_REFUSALS = ("FAB verification failed", "The FAB could not be verified")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+log = logging.getLogger(__name__)
 
 
 class UntrustedAppBundle(RuntimeError):
@@ -202,12 +205,14 @@ def guarded(install: Any, policy_path: str) -> Any:
         try:
             trust = _load_policy(policy_path)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UntrustedAppBundle(f"refused app bundle {digest}: the daemon's trust policy {policy_path} is "
-                                     f"unreadable ({e}); restart the daemon") from None
+            log.error("refused app bundle %s: the daemon's trust policy %s is unreadable (%s); restart the daemon",
+                      digest, policy_path, e)
+            raise UntrustedAppBundle(f"refused app bundle {digest}: this node's trust policy is unreadable") from None
         message = trust.refusal(fab)
         if message is not None:
             _record(trust, digest, message)
-            raise UntrustedAppBundle(message)  # Flower replies to the coordinator with this error
+            # Flower replies to the coordinator with this text: the hash, not the user's paths.
+            raise UntrustedAppBundle(f"refused app bundle {digest}: this node does not trust it")
         _forget_daemon_modules()
         return install(fab_file, *args, **kwargs)
 

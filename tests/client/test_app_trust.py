@@ -102,8 +102,10 @@ def test_gate_refuses_before_anything_is_installed_and_records_it(tmp_path):
     trust = app_trust(COORD, tmp_path, trusted_app_hashes=("1" * 64,))
     gate = install_gate(trust)
     policy = str(gate / "policy.json")
-    with pytest.raises(UntrustedAppBundle, match=f"refused app bundle {FAB_HASH} from {COORD}"):
+    with pytest.raises(UntrustedAppBundle) as refused:
         guarded(install, policy)(FAB, skip_prompt=True)
+    # What goes back to the coordinator names the bundle, not the user's paths.
+    assert str(refused.value) == f"refused app bundle {FAB_HASH}: this node does not trust it"
     assert installed == []
     [record] = refusals(tmp_path)
     assert record["fab_hash"] == FAB_HASH and record["coordinator"] == COORD and "trusted_app_hashes" in record["message"]
@@ -114,7 +116,7 @@ def test_gate_refuses_before_anything_is_installed_and_records_it(tmp_path):
     assert guarded(install, policy)(FAB, skip_prompt=True) == tmp_path / "installed"
     assert installed == [FAB]
     (gate / "policy.json").write_text("{")  # an unreadable policy refuses (fails closed)
-    with pytest.raises(UntrustedAppBundle, match="unreadable"):
+    with pytest.raises(UntrustedAppBundle, match="trust policy is unreadable"):
         guarded(install, policy)(FAB)
     assert installed == [FAB]
 
@@ -315,6 +317,8 @@ def test_only_trusted_bundles_run_on_real_flower_processes(tmp_path, monkeypatch
         # None of the refused bundles' code ran anywhere, not even their imports.
         assert not (tmp_path / "imported-evillocal").exists() and not (tmp_path / "imported-evilsigned").exists()
         assert ran["evillocal"] == ([], [False, False]) and ran["evilsigned"] == ([], [False, False])
+        # The coordinator learns which bundle was refused, nothing of the user's paths.
+        assert str(pinned) not in (tmp_path / "result-evillocal.json").read_text()
         # The pinned bundle ran on the node that pinned it (the other one wants a signature) ...
         assert ran["goodlocal"] == (["user-pinned"], [False, True])
         # ... and the one signed by the trusted key on the node that trusts that key.

@@ -119,7 +119,8 @@ def test_unreachable_coordinator_is_retried_with_backoff_while_answering(tiny_en
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
-    spec = DaemonSpec(task="synthetic-tag", retrain_after=0, coordinator=dead, backoff_initial=0.2, backoff_max=1.0)
+    spec = DaemonSpec(task="synthetic-tag", retrain_after=0, coordinator=dead, insecure=True, backoff_initial=0.2,
+                      backoff_max=1.0)
     svc = ClientService(spec, tmp_path / "dir", engine=tiny_engine)
     try:
         svc.start()
@@ -134,6 +135,7 @@ def test_unreachable_coordinator_is_retried_with_backoff_while_answering(tiny_en
             time.sleep(0.2)
         fed = svc.status()["federation"]
         assert fed["coordinator"] == dead and svc.supervisor.starts >= 2, fed
+        assert fed["transport"] == "insecure" and fed["app_trust"]["trusted_app_hashes"] == [], fed
         assert fed["last_error"] and "exited with code" in fed["last_error"]
         log = (tmp_path / "dir" / "logs" / "supernode.log").read_text()
         assert "--superlink " + dead in log and "data-dir=" in log

@@ -226,17 +226,17 @@ def test_archive_import_refusals(tmp_path, case):
 
 
 def test_supernode_command_and_environment(tmp_path):
-    cmd = supernode_command("flower-supernode", "127.0.0.1:9092", tmp_path, port=45678)
-    assert cmd[1:] == ["--insecure", "--superlink", "127.0.0.1:9092", "--node-config",
+    cmd = supernode_command("flower-supernode", "127.0.0.1:9092", tmp_path, port=45678, insecure=True)
+    assert cmd[1:] == ["--insecure", "--isolation", "subprocess", "--superlink", "127.0.0.1:9092", "--node-config",
                        f"data-dir='{tmp_path.resolve()}'", "--host", "127.0.0.1", "--port", "45678",
                        "--max-retries", "3", "--max-wait-time", "60.0"]
     assert cmd[0].endswith("flower-supernode")
     env = child_env()
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
     with pytest.raises(ValueError, match="quote"):
-        supernode_command("flower-supernode", "127.0.0.1:9092", tmp_path / "it's", port=1)
+        supernode_command("flower-supernode", "127.0.0.1:9092", tmp_path / "it's", port=1, insecure=True)
     with pytest.raises(ValueError, match="HOST:PORT"):
-        supernode_supervisor("nowhere", tmp_path)
+        supernode_supervisor("nowhere", tmp_path, insecure=True)
 
 
 def test_backoff_grows_and_is_capped():

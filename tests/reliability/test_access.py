@@ -164,7 +164,9 @@ def test_supernode_uses_tls_and_node_auth_when_configured(tmp_path, figures):
     ca, key = tmp_path / "ca.crt", tmp_path / "node_key"
     ca.write_text("x")
     key.write_text("x")
-    insecure = supernode_command("flower-supernode", "127.0.0.1:9092", tmp_path, port=1)
+    with pytest.raises(ValueError, match="needs TLS"):  # plain text only when the user opts in
+        supernode_command("flower-supernode", "127.0.0.1:9092", tmp_path, port=1)
+    insecure = supernode_command("flower-supernode", "127.0.0.1:9092", tmp_path, port=1, insecure=True)
     assert "--insecure" in insecure
     secure = supernode_command("flower-supernode", "coordinator.example:9092", tmp_path, port=1,
                                root_certificates=str(ca), auth_private_key=str(key))
@@ -176,6 +178,7 @@ def test_supernode_uses_tls_and_node_auth_when_configured(tmp_path, figures):
     with pytest.raises(ValueError, match="no such file"):
         supernode_command("flower-supernode", "127.0.0.1:9092", tmp_path, port=1,
                           root_certificates=str(tmp_path / "missing.crt"))
-    figures.access("SuperNode transport", "--insecure only without daemon.coordinator_root_certificates; with it "
+    figures.access("SuperNode transport", "TLS unless the user opts in (insecure = true); neither: the daemon "
+                   "does not start; --insecure only with insecure = true; with daemon.coordinator_root_certificates "
                    "TLS (--root-certificates) and, with daemon.supernode_auth_key, node authentication "
                    "(--auth-supernode-private-key); auth without TLS is refused (docs/federation.md)")

@@ -142,7 +142,7 @@ def test_api_under_concurrent_clients_while_the_coordinator_is_unreachable(tiny_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here until the coordinator comes back
-    d = DaemonProcess(tmp_path / "data", tiny_model_dir, coordinator=f"127.0.0.1:{port}",
+    d = DaemonProcess(tmp_path / "data", tiny_model_dir, coordinator=f"127.0.0.1:{port}", insecure=True,
                       supernode_command=f"{sys.executable} {fake}", backoff_initial=0.2, backoff_max=1.0)
     link = None
     try:
