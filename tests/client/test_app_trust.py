@@ -70,7 +70,7 @@ def test_daemon_with_a_coordinator_and_no_transport_does_not_start(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "oppu", "client", "daemon", "--data-dir", str(tmp_path / "d"),
                         "--coordinator", COORD, "--port", "0", "--task", "synthetic-tag"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
     assert r.returncode != 0
     assert "needs TLS" in r.stderr and "coordinator_root_certificates" in r.stderr and "--insecure" in r.stderr, \
         r.stderr[-2000:]
