@@ -195,9 +195,10 @@ def _forget_daemon_modules() -> None:
         sys.path.remove(root)
 
 
-def guarded(install: Any, policy_path: str) -> Any:
+def guarded(install: Any, policy_path: str, *, hand_over: Any = None) -> Any:
     """`install` (Flower's install_from_fab) behind the trust check: an untrusted bundle raises
-    UntrustedAppBundle before a byte of it is unpacked; a trusted one is installed as before."""
+    UntrustedAppBundle before a byte of it is unpacked; a trusted one is installed as before,
+    after `hand_over()` (in the gate process: _forget_daemon_modules)."""
 
     def checked_install(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
         fab = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
@@ -213,7 +214,8 @@ def guarded(install: Any, policy_path: str) -> Any:
             _record(trust, digest, message)
             # Flower replies to the coordinator with this text: the hash, not the user's paths.
             raise UntrustedAppBundle(f"refused app bundle {digest}: this node does not trust it")
-        _forget_daemon_modules()
+        if hand_over is not None:
+            hand_over()
         return install(fab_file, *args, **kwargs)
 
     return checked_install
@@ -228,5 +230,5 @@ def main() -> None:
 
     # Flower's ClientApp process pulls its task, then hands the bundle's bytes to install_from_fab
     # before it unpacks or imports anything of it: the one place to check them.
-    runtime.install_from_fab = guarded(runtime.install_from_fab, policy_path)
+    runtime.install_from_fab = guarded(runtime.install_from_fab, policy_path, hand_over=_forget_daemon_modules)
     flwr_clientapp()
