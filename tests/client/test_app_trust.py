@@ -342,3 +342,39 @@ def test_only_trusted_bundles_run_on_real_flower_processes(tmp_path, monkeypatch
         for node in nodes:
             node.stop()
         stop(link)
+
+
+def test_cli_status_shows_the_transport_and_the_refusals(monkeypatch, capsys):
+    import argparse
+
+    from client import cli
+
+    message = AppTrust(COORD, "/u").refusal(FAB)
+    status = {
+        "daemon": {"task": "synthetic-tag", "method": "OPPU+RAG", "data_dir": "/u"},
+        "base_model": {"hash": "ab" * 32, "quantization": "none", "device": "cpu", "threads": 1},
+        "base_adapter": {"version": "untrained"}, "personal_adapter": None,
+        "history": {"count": 0, "new_since_training": 0}, "privacy": {"rounds": 0, "epsilon": None},
+        "federation": {"coordinator": COORD, "transport": "insecure", "state": "running", "last_error": None,
+                       "app_trust": {"trusted_app_hashes": [], "trusted_entities": None, "messages": [message]}},
+        "jobs": {"active": None}, "problems": [],
+    }
+
+    class FakeApi:
+        def __init__(self, args: object) -> None:
+            pass
+
+        def call(self, method: str, path: str, **kw: object) -> dict:
+            assert (method, path) == ("GET", "/v1/status")
+            return status
+
+    monkeypatch.setattr(cli, "Api", FakeApi)
+    assert cli.cmd_status(argparse.Namespace(json=False)) == 0
+    out = capsys.readouterr().out
+    assert f"federation      {COORD} over INSECURE (unencrypted, opted in): running" in out
+    assert "app bundles     none trusted" in out and f"refused         {message}" in out
+    status["federation"].update(transport="tls", app_trust={"trusted_app_hashes": [FAB_HASH],
+                                                           "trusted_entities": "/k.yaml", "messages": []})
+    cli.cmd_status(argparse.Namespace(json=False))
+    out = capsys.readouterr().out
+    assert f"{COORD} over TLS: running" in out and "1 pinned hash(es) and signed by a key in /k.yaml" in out
