@@ -1,13 +1,14 @@
 """What the daemon does, independent of HTTP: one user's history, private adapter and model.
 
-`ClientService` owns the user's Chroma history store, their versioned personal adapters
+`ClientService` owns the user's Chroma history store (the only process that opens it: the
+ClientApp reads the snapshot kept here, client/snapshot.py), their versioned personal adapters
 (client.personal), the model host (client.host: the Engine shared by answering and training,
 answering first), the job runner (client.jobs) and, with a coordinator, the SuperNode supervisor
 (client.supernode). The API (client/api.py) is a thin layer over its methods; tests drive it
 directly too.
 
 Locks, always taken in this order: `_maintenance` (import / forget / starting a job) ->
-`store_lock` (the Chroma store and its caches; never held while waiting for the model) ->
+`store_lock` (the Chroma store, its caches and its snapshot; never held while waiting for the model) ->
 the model (ModelHost.model_turn / engine.lock) -> the personal directory's flock.
 """
 
@@ -41,6 +42,7 @@ from .host import ModelHost
 from .items import parse_items
 from .jobs import JobBusy, JobControl, JobRegistry
 from .personal import PersonalAdapters, new_manifest, version_name
+from .snapshot import snapshot_path, write_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +80,12 @@ class ClientService:
                 auth_private_key=spec.supernode_auth_key, trust=self.trust)
         engine = engine if engine is not None else Engine(
             spec.base_model, spec.base_adapter, spec.personal_adapter, seed=spec.personal_train.seed)
-        self._store_cls = ChromaHistoryStore
+        # The daemon is the store's one owner (a second opener gets StoreInUse); the ClientApp
+        # reads the snapshot written here, before the SuperNode starts and after every change.
         self.store = ChromaHistoryStore(self.dir / "history", self.task.item_text)
         self.store_lock = threading.RLock()
+        with self.store_lock:
+            self._write_snapshot()
         self.retriever = make_retriever(spec.retrieval.retriever, self.task.item_text)
         self.personal = PersonalAdapters(self.dir / "personal", keep=spec.keep_versions)
         self.personal.recover()
@@ -128,12 +133,20 @@ class ClientService:
 
     # -- history -------------------------------------------------------------------------------
 
+    def _write_snapshot(self) -> None:
+        """Rewrite the ClientApp's read-only copy of the history (client/snapshot.py) from the
+        store. Called with store_lock held after every change, before it is acknowledged; also
+        after an add that added nothing, so a client's retry repairs a snapshot whose write failed."""
+        write_snapshot(snapshot_path(self.store.path), self.store.items(), task=self.task.name,
+                       profile=self.store.get_profile())
+
     def add(self, items: list[HistoryItem]) -> dict[str, Any]:
         with self.store_lock:
             try:
                 added = self.store.add(items)  # checks the whole batch before writing anything
             except ValueError as e:
                 raise Conflict(str(e)) from None
+            self._write_snapshot()
             count = self.store.count()
         job = self._maybe_auto_train(count)
         return {"added": added, "skipped": len(items) - added, "history_count": count,
@@ -160,8 +173,14 @@ class ClientService:
                 history = self.store.items() if not ctx.profile else []
             if history:  # generated once with the bare model, then cached in the store
                 with self.host.model_turn():
-                    ensure_profile(self.engine, self.task, ctx, history, seed=self.spec.personal_train.seed)
+                    ensure_profile(self.engine, self.task, ctx, history, seed=self.spec.personal_train.seed,
+                                   keep=self._keep_profile)
         return ctx
+
+    def _keep_profile(self, text: str) -> None:
+        with self.store_lock:
+            self.store.set_profile(text)
+            self._write_snapshot()
 
     # -- asking --------------------------------------------------------------------------------
 
@@ -351,6 +370,7 @@ class ClientService:
                 added = self.store.add(items)
                 if archive.profile:
                     self.store.set_profile(archive.profile)
+                self._write_snapshot()
         except BaseException:
             if version is not None and previous is not None:  # roll the adapter back too
                 self.host.roll_back(previous)
@@ -359,7 +379,10 @@ class ClientService:
                 "personal_version": version, "archive_personal_version": archive.manifest.get("personal_version")}
 
     def forget(self) -> dict[str, Any]:
-        """Delete the history store, the profile, every adapter version and the job records."""
+        """Delete the history store, the profile, every adapter version and the job records.
+
+        What stays under DIR/history: owner.lock (this daemon's pid and command line, nothing of the
+        history) and the snapshot, rewritten with no items and no profile."""
         with self._exclusive("forget"):
             job = self.jobs.cancel_active(wait=120)
             if job is not None and self.jobs.active() is not None:
@@ -367,7 +390,8 @@ class ClientService:
             with self.store_lock:
                 n_items = self.store.count()
                 had_profile = self.store.get_profile() is not None
-                self._wipe_store()
+                self.store.wipe()  # the store's files, not just its rows; the daemon stays its owner
+                self._write_snapshot()  # now empty: a round after forget trains on nothing
             versions = self.host.forget()
             jobs = self.jobs.forget()
             self.jobs.interrupted = []
@@ -379,19 +403,6 @@ class ClientService:
                             "job_records": jobs},
                 "kept": {"base_adapter": "shared by every user, not yours",
                          "federation.json": "privacy already spent in federated rounds stays accounted"}}
-
-    def _wipe_store(self) -> None:
-        """Remove the store's files (not just its rows: SQLite keeps deleted pages), then reopen it."""
-        path = self.store.path
-        try:
-            self.store.close()
-            shutil.rmtree(path)
-        except Exception as e:  # noqa: BLE001 - fall back to deleting the collection
-            log.warning("forget: could not remove %s (%s); clearing the collection instead", path, e)
-            self.store = self._store_cls(path, self.task.item_text)
-            self.store.clear()
-            return
-        self.store = self._store_cls(path, self.task.item_text)
 
 
 def _torch_threads() -> int:

