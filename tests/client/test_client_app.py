@@ -96,3 +96,86 @@ def test_an_adapter_not_adopted_is_not_used(tmp_path, tiny_model_dir):
     assert not (d / "personal-plain" / "CURRENT").exists()
     preds = json.loads((d / "predictions.json").read_text())
     assert preds["OPPU"] == preds["non-personalized"]
+
+
+def test_a_round_reads_the_daemons_snapshot_while_the_api_adds_items(tmp_path, tiny_model_dir, tiny_engine,
+                                                                      monkeypatch):
+    """The daemon owns the Chroma store (its owner.lock is held for the whole test, so the
+    ClientApp could not open it); the ClientApp trains on the snapshot, a whole acknowledged state,
+    while items keep arriving through the API; afterwards the store holds exactly the acknowledged
+    items and the snapshot equals it."""
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    import client.rounds as rounds
+    from client.api import create_app
+    from client.client_app import app
+    from client.service import ClientService
+    from client.settings import DaemonSpec
+    from client.snapshot import read_snapshot, snapshot_path
+    from client.store import ChromaHistoryStore
+    from localgrid import LocalGrid
+    from shared.config import SelectionSpec, to_run_config
+    from shared.data.synthetic import make_synthetic
+    from shared.protocol import METRICS
+    from shared.tasks import get_task
+
+    monkeypatch.setattr(rounds, "RUNTIME", rounds.NodeRuntime())
+    data = tmp_path / "daemon"
+    data.mkdir()
+    (data / "daemon.toml").write_text('task = "synthetic-tag"\n')
+    svc = ClientService(DaemonSpec(task="synthetic-tag", retrain_after=0, selection=SelectionSpec(enabled=False)),
+                        data, engine=tiny_engine)
+    user = make_synthetic("synthetic-tag", n_base_users=0, n_eval_users=1, history_size=240, n_queries=1,
+                          seed=5).eval_users[0]
+    rows = [{"id": it.id, "fields": dict(it.fields), "time": it.time} for it in user.history]
+    token = "t" * 43
+    acked: list[str] = []
+    counts = {svc.add(user.history[:12])["history_count"]}  # what the snapshot held at some point
+    acked += [it.id for it in user.history[:12]]
+    during: list[float] = []  # when each batch added while the round ran was acknowledged
+    stop, round_running = threading.Event(), threading.Event()
+
+    def api_adds() -> None:
+        with TestClient(create_app(svc, token), base_url="http://127.0.0.1") as api:
+            for start in range(12, len(rows), 4):
+                if stop.is_set():
+                    return
+                r = api.post("/v1/history", json={"items": rows[start:start + 4]},
+                             headers={"Authorization": f"Bearer {token}"})
+                assert r.status_code == 200, r.text
+                acked.extend(x["id"] for x in rows[start:start + 4])
+                counts.add(r.json()["history_count"])
+                if round_running.is_set():
+                    during.append(time.monotonic())
+                time.sleep(0.05)
+
+    run = tmp_path / "run"
+    spec = fedkit.tiny_spec(tiny_model_dir, run, "federation.rounds=1", "federation.min_clients=1", 'methods=["OPPU"]',
+                            'retrieval.store="chroma"', 'retrieval.retriever="dense"')
+    seen = []
+    grid = LocalGrid(app, {100: {"data-dir": str(data)}}, to_run_config(spec), intercept=lambda n, r: seen.append(r) or r)
+    adder = threading.Thread(target=api_adds)
+    try:
+        adder.start()
+        round_running.set()
+        summary = fedkit.run(spec, run, grid)
+        round_running.clear()
+    finally:
+        stop.set()
+        adder.join(timeout=120)
+        svc.close()
+    assert summary["status"] == "completed"
+    (train,) = [r for r in seen if r.metadata.message_type == "train"]
+    assert not train.has_error()
+    assert train.content.metric_records[METRICS]["history-items"] in counts  # one acknowledged state, whole
+    assert during, "no batch was acknowledged while the round ran"
+
+    with ChromaHistoryStore(data / "history", get_task("synthetic-tag").item_text) as store:  # opens: intact
+        ids = [it.id for it in store.items()]
+        assert store.count() == len(acked) and set(ids) == set(acked)
+        snap = read_snapshot(snapshot_path(data / "history"))
+        assert snap.task == "synthetic-tag" and [it.id for it in snap.items] == ids
+        assert list(snap.items) == store.items()

@@ -156,6 +156,9 @@ def test_pag_profile_then_oppu_pag(tiny_engine, tmp_path):
         svc.add(user.history)
         assert svc.ask(user.queries[0].input)["method"] == "PAG"
         assert svc.store.get_profile() is not None  # generated once, cached in the store
+        from client.snapshot import read_snapshot, snapshot_path  # ... and given to the ClientApp
+
+        assert read_snapshot(snapshot_path(svc.store.path)).profile == svc.store.get_profile()
         _wait(svc, svc.train())
         assert svc.ask(user.queries[0].input)["method"] == "OPPU+PAG"
     finally:
@@ -178,3 +181,31 @@ def test_job_that_adopts_nothing_publishes_nothing_and_says_why(tiny_engine, tmp
     finally:
         svc.close()
         tiny_engine.reset_personal()
+
+
+def test_the_daemon_owns_its_store_and_keeps_the_clientapps_snapshot_current(tiny_engine, tmp_path):
+    from client.snapshot import Snapshot, read_snapshot, snapshot_path
+    from client.store import StoreInUse
+
+    spec = DaemonSpec(task="synthetic-tag", retrain_after=0, selection=ALWAYS_ADOPT)
+    data = tmp_path / "dir"
+    svc = ClientService(spec, data, engine=tiny_engine)
+    snap = snapshot_path(data / "history")
+    try:
+        assert read_snapshot(snap) == Snapshot("synthetic-tag", None, ())  # before a SuperNode could start
+        with pytest.raises(StoreInUse, match="already open here"):
+            ClientService(spec, data, engine=tiny_engine)
+        items = make_synthetic("synthetic-tag", n_base_users=0, n_eval_users=1, history_size=12, n_queries=1,
+                               seed=4).eval_users[0].history
+        svc.add(items[6:])
+        assert list(read_snapshot(snap).items) == svc.store.items()
+        svc.add(items[:6])  # older items: the snapshot stays chronological, as the store lists it
+        assert list(read_snapshot(snap).items) == svc.store.items() == sorted(items, key=lambda it: it.time)
+        svc.forget()
+        # forget leaves the owner's lock and an empty snapshot; no item's text is left in history/.
+        assert read_snapshot(snap) == Snapshot("synthetic-tag", None, ())
+        assert {"owner.lock", snap.name} <= {p.name for p in (data / "history").iterdir()}
+        stored = b"".join(p.read_bytes() for p in (data / "history").rglob("*") if p.is_file())
+        assert not [it.id for it in items if it.fields["description"].encode() in stored]
+    finally:
+        svc.close()

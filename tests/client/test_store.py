@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
+import client.store
 from client.store import ChromaHistoryStore
 from shared.records import HistoryItem
 from shared.retrieval import HistoryStore, make_retriever
@@ -129,3 +135,62 @@ def test_profile_round_trip_and_clear(store, tmp_path):
     assert store.count() == 0 and store.items() == [] and store.get_profile() is None
     assert store.add(HISTORY[:1]) == 1
     assert store.dense_search("dinner", 3)[0][0].id == "r1"
+
+
+# Another process opening the store, as the SuperNode's ClientApp did: prints the count it sees.
+OPEN_IN_ANOTHER_PROCESS = """
+import sys
+from client.store import ChromaHistoryStore
+s = ChromaHistoryStore(sys.argv[1], lambda it: it.fields["text"])
+print("opened", s.count(), flush=True)
+if sys.argv[2] == "hold":
+    sys.stdin.read()  # keeps the store open until the test closes our stdin (or kills us)
+s.close()
+"""
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _other_process(path, mode: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", OPEN_IN_ANOTHER_PROCESS, str(path), mode], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_one_owner_per_store_a_second_process_is_refused(tmp_path):
+    path = tmp_path / "db"
+    with ChromaHistoryStore(path, text_of) as s:
+        s.add(HISTORY[:2])
+        other = _other_process(path, "once")
+        out, err = other.communicate(timeout=120)
+        assert other.returncode != 0, f"a second process opened the store while it was open here: {out!r}"
+        assert "StoreInUse" in err and f"pid {os.getpid()}" in err and "kill -TERM" in err, err[-2000:]
+        # A second handle in this process is refused too, and the owner's store is untouched.
+        with pytest.raises(client.store.StoreInUse, match="already open here"):
+            ChromaHistoryStore(path, text_of)
+        assert s.add(HISTORY[2:3]) == 1 and s.count() == 3
+
+    # Closed: another process may own it now, and while it does, this one may not.
+    holder = _other_process(path, "hold")
+    try:
+        assert holder.stdout.readline().split() == ["opened", "3"], holder.stderr.read()[-2000:]
+        with pytest.raises(client.store.StoreInUse, match=rf"pid {holder.pid} \(.*\).*kill -TERM {holder.pid}"):
+            ChromaHistoryStore(path, text_of)
+        # The kernel drops a SIGKILLed owner's lock: the store opens again, with all it held.
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.communicate()
+    with ChromaHistoryStore(path, text_of) as again:
+        assert again.items() == HISTORY[:3]
+
+
+def test_wipe_keeps_ownership_and_leaves_only_the_lock(store, tmp_path):
+    store.add(HISTORY)
+    store.set_profile("likes pasta")
+    store.wipe()
+    assert store.count() == 0 and store.get_profile() is None
+    assert sorted(p.name for p in (tmp_path / "db").iterdir() if p.name != "chroma.sqlite3") == ["owner.lock"]
+    with pytest.raises(client.store.StoreInUse):
+        ChromaHistoryStore(tmp_path / "db", text_of)
+    assert store.add(HISTORY[:1]) == 1 and store.dense_search("dinner", 1)[0][0].id == "r1"
