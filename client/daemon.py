@@ -13,7 +13,9 @@ The data directory (mode 0700):
     daemon.json       {"pid", "url", "port", "started"} while running: how `oppu client` finds it
     token             the API's bearer token, created on first start, mode 0600
     state.json        the task this directory holds
-    history/          the Chroma history store (client.store) and the PAG profile
+    history/          the Chroma history store (client.store) and the PAG profile; owner.lock (flock:
+                      the daemon is the store's only opener) and history.snapshot.jsonl, the
+                      read-only copy the SuperNode's ClientApp reads (client/snapshot.py)
     personal/         versioned personal adapters and CURRENT (client.personal)
     base_adapter/     the shared base adapter, when one was received or installed
     jobs/             one JSON record per training job (client.jobs)

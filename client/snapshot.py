@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from shared.fileio import atomic_write, fsync_dir
+from shared.fileio import atomic_file
 from shared.records import HistoryItem
 from shared.retrieval import InMemoryHistoryStore, TextOf
 
@@ -49,15 +49,19 @@ def snapshot_path(history_dir: str | Path) -> Path:
 
 def write_snapshot(path: str | Path, items: Sequence[HistoryItem], *, task: str, profile: str | None) -> Path:
     """Replace the snapshot at `path` with these items (chronological, as the store lists them),
-    atomically and durably: file fsynced before the rename, the directory after it."""
+    atomically and durably (shared.fileio.atomic_file: the file fsynced before the rename, the
+    directory after it), streamed line by line: a long history is never one string in memory."""
     path = Path(path)
     header = {"format": FORMAT, "version": VERSION, "task": task, "count": len(items), "profile": profile}
-    lines = [json.dumps(header, ensure_ascii=False)]
-    lines += [json.dumps({"id": it.id, "fields": dict(it.fields), "time": int(it.time)}, ensure_ascii=False)
-              for it in items]
-    atomic_write(path, "\n".join(lines) + "\n", mode=0o600)
-    fsync_dir(path.parent)
+    with atomic_file(path, mode=0o600) as fh:
+        fh.write(_line(header))
+        for it in items:
+            fh.write(_line({"id": it.id, "fields": dict(it.fields), "time": int(it.time)}))
     return path
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
 def read_snapshot(path: str | Path) -> Snapshot:

@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 from shared import environment
 
@@ -94,9 +94,9 @@ class StoreInUse(RuntimeError):
     """Another process, or another handle in this one, has the history store open."""
 
 
-def _take_owner_lock(path: Path) -> int:
-    """flock `path`/owner.lock for as long as the returned descriptor stays open, and write who
-    holds it there. Chroma's PersistentClient must not be shared between processes (each keeps its
+def _take_owner_lock(path: Path) -> BinaryIO:
+    """flock `path`/owner.lock for as long as the returned file stays open (a handle dropped
+    without `close` releases it when the file object is collected), and write who holds it there. Chroma's PersistentClient must not be shared between processes (each keeps its
     own index and SQLite connections, so writes from two can corrupt or lose records), hence one
     owner per store; the kernel releases the lock when the owner exits, even by SIGKILL."""
     lock = path / OWNER_LOCK
@@ -121,7 +121,7 @@ def _take_owner_lock(path: Path) -> int:
     command = " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]])
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command[:200]}).encode() + b"\n", 0)
-    return fd
+    return os.fdopen(fd, "r+b", buffering=0)
 
 
 def _holder(fd: int) -> dict[str, Any]:
@@ -133,12 +133,12 @@ def _holder(fd: int) -> dict[str, Any]:
     return got if isinstance(got, dict) else {}
 
 
-def _release_owner_lock(fd: int) -> None:
+def _release_owner_lock(lock: BinaryIO) -> None:
     try:
-        os.ftruncate(fd, 0)  # no stale pid for the next reader
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.ftruncate(lock.fileno(), 0)  # no stale pid for the next reader
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
     finally:
-        os.close(fd)
+        lock.close()
 
 
 class ChromaHistoryStore:
@@ -157,7 +157,7 @@ class ChromaHistoryStore:
         self._text_of = text_of
         self._name = collection
         self._ef = MiniLMEmbeddingFunction(embedder)
-        self._lock_fd: int | None = _take_owner_lock(self.path)
+        self._lock: BinaryIO | None = _take_owner_lock(self.path)
         try:
             self._client = self._connect()
             self._col = self._open_collection()
@@ -318,7 +318,7 @@ class ChromaHistoryStore:
 
     def close(self) -> None:
         """Release Chroma's handles on the directory, then the ownership (idempotent)."""
-        if self._lock_fd is None:
+        if self._lock is None:
             return
         try:
             self._client.close()
@@ -326,9 +326,9 @@ class ChromaHistoryStore:
             self._release()
 
     def _release(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            _release_owner_lock(fd)
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            _release_owner_lock(lock)
 
     def __enter__(self) -> ChromaHistoryStore:
         return self

@@ -25,8 +25,10 @@ Flower's telemetry and update check are switched off in the child's environment.
 
 The contract with the ClientApp, through the data directory (node config key `data-dir`):
 
-- it reads the history store at DIR/history (client.store.ChromaHistoryStore) and writes nothing
-  there;
+- it reads the history from DIR/history/history.snapshot.jsonl (client/snapshot.py), which the
+  daemon rewrites atomically before this process starts and after every change it acknowledges;
+  it never opens the Chroma store there, which only the daemon owns (DIR/history/owner.lock), and
+  writes nothing under DIR/history;
 - it publishes a personal adapter only through client.personal.PersonalAdapters(DIR/personal),
   which versions it atomically under a file lock (the daemon picks up the new CURRENT);
 - it may save the shared base adapter it receives to DIR/base_adapter with

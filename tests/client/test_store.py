@@ -194,3 +194,14 @@ def test_wipe_keeps_ownership_and_leaves_only_the_lock(store, tmp_path):
     with pytest.raises(client.store.StoreInUse):
         ChromaHistoryStore(tmp_path / "db", text_of)
     assert store.add(HISTORY[:1]) == 1 and store.dense_search("dinner", 1)[0][0].id == "r1"
+
+
+def test_a_handle_dropped_without_close_gives_up_ownership(tmp_path):
+    import gc
+
+    s = ChromaHistoryStore(tmp_path / "db", text_of)
+    s.add(HISTORY[:1])
+    del s
+    gc.collect()
+    with ChromaHistoryStore(tmp_path / "db", text_of) as again:
+        assert again.count() == 1
