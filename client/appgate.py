@@ -17,14 +17,18 @@ runs only bundles it trusts, by two checks (each one configured must pass):
   GET /v1/status shows.
 
 With neither setting, no bundle is trusted: every bundle is refused, and the refusal names the hash
-to pin once the user has checked it with the coordinator's operator.
+to pin once the user has checked it with the coordinator's operator. Tasks of other kinds (a run
+whose app is an AgentApp makes Flower start `flwr-agentapp`, and so on) are refused outright:
+their commands resolve to `refuse_task`.
 
 Files (DIR/appgate/, rewritten at every SuperNode start):
 
     flwr-clientapp   the gate (a /bin/sh script that runs `main` below with this daemon's Python)
+    flwr-agentapp, flwr-connector, flwr-model, flwr-serverapp, flwr-simulation
+                     the refusal of any other task (`refuse_task`)
     policy.json      {"coordinator", "data_dir", "trusted_app_hashes", "trusted_entities"}
-    refused.json     the latest refusals, newest last: [{"time", "fab_hash", "coordinator",
-                     "run_id", "message"}]
+    refused.json     the latest refusals, newest last: [{"time", "fab_hash" (null for a refused
+                     task of another kind), "coordinator", "run_id", "message"}]
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ from typing import Any
 
 GATE_DIR = "appgate"
 GATE_COMMAND = "flwr-clientapp"  # what Flower's SuperExec starts for a ClientApp task (by name, from PATH)
+# What it starts for the other task types (flwr 1.42, flwr.supercore.constant.TASK_TYPE_TO_COMMAND):
+# a run whose app is an AgentApp makes the SuperNode start `flwr-agentapp`, which may in turn ask for
+# connector and model tasks. The daemon runs none of them: these names resolve to a refusal.
+OTHER_TASK_COMMANDS = ("flwr-agentapp", "flwr-connector", "flwr-model", "flwr-serverapp", "flwr-simulation")
 POLICY_FILE = "policy.json"
 REFUSED_FILE = "refused.json"
 KEEP_REFUSALS = 20
@@ -107,13 +115,15 @@ def install_gate(trust: AppTrust) -> Path:
     gate.mkdir(mode=0o700, parents=True, exist_ok=True)
     policy = gate / POLICY_FILE
     atomic_write(policy, json.dumps(asdict(trust), indent=2), mode=0o600)
-    code = "import sys; sys.path.insert(0, sys.argv[1]); from client.appgate import main; main()"
-    script = ("#!/bin/sh\n"
-              "# Written by the oppu daemon at each SuperNode start (client/appgate.py): Flower starts\n"
-              "# `flwr-clientapp` for every ClientApp task; this one checks the app bundle first.\n"
-              f"exec {shlex.quote(sys.executable)} -c {shlex.quote(code)} {shlex.quote(str(PROJECT_ROOT))} "
-              f"{shlex.quote(str(policy))} \"$@\"\n")
-    atomic_write(gate / GATE_COMMAND, script, mode=0o700)
+    for command, call in ((GATE_COMMAND, "main()"), *((c, f"refuse_task({c!r})") for c in OTHER_TASK_COMMANDS)):
+        entry = call.partition("(")[0]
+        code = f"import sys; sys.path.insert(0, sys.argv[1]); from client.appgate import {entry}; {call}"
+        script = ("#!/bin/sh\n"
+                  "# Written by the oppu daemon at each SuperNode start (client/appgate.py): Flower starts\n"
+                  f"# `{command}` from PATH for a task; this one decides whether the task's app bundle runs.\n"
+                  f"exec {shlex.quote(sys.executable)} -c {shlex.quote(code)} {shlex.quote(str(PROJECT_ROOT))} "
+                  f"{shlex.quote(str(policy))} \"$@\"\n")
+        atomic_write(gate / command, script, mode=0o700)
     return gate
 
 
@@ -158,7 +168,7 @@ def trust_status(trust: AppTrust, log_path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ the gate process
 
 
-def _record(trust: AppTrust, fab_hash: str, message: str) -> None:
+def _record(trust: AppTrust, fab_hash: str | None, message: str) -> None:
     from shared.fileio import atomic_write, locked_dir
 
     try:  # set by Flower when it pulled the task
@@ -184,12 +194,13 @@ def _load_policy(path: str) -> AppTrust:
 
 
 def _forget_daemon_modules() -> None:
-    """Let the bundle import its own modules: drop the daemon's (imported for this check) from
-    this process, so a bundle that also has `client` or `shared` packages gets its own."""
+    """Let the bundle import its own modules: drop the daemon's packages (imported for this check)
+    from this process, so a bundle that has `client` or `shared` packages too gets its own."""
     root = str(PROJECT_ROOT)
-    for name, module in list(sys.modules.items()):
-        f = getattr(module, "__file__", None) or ""
-        if f.startswith(root + os.sep) and not f.startswith(str(Path(sys.prefix)) + os.sep):
+    for name in list(sys.modules):
+        top = name.partition(".")[0]
+        f = getattr(sys.modules[name], "__file__", None) or ""
+        if (PROJECT_ROOT / top / "__init__.py").is_file() and f.startswith(str(PROJECT_ROOT / top) + os.sep):
             del sys.modules[name]
     while root in sys.path:
         sys.path.remove(root)
@@ -219,6 +230,20 @@ def guarded(install: Any, policy_path: str, *, hand_over: Any = None) -> Any:
         return install(fab_file, *args, **kwargs)
 
     return checked_install
+
+
+def refuse_task(command: str) -> None:
+    """Stands in for Flower's other task processes (OTHER_TASK_COMMANDS): records the refusal and
+    exits non-zero without contacting the SuperNode, so none of the bundle is fetched or run."""
+    policy_path = sys.argv[2]
+    try:
+        trust = _load_policy(policy_path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"oppu: refused {command}: the daemon's trust policy {policy_path} is unreadable ({e})")
+    message = (f"refused a task from {trust.coordinator} that is not a ClientApp (Flower started {command}): "
+               "this daemon runs only the ClientApps of trusted app bundles")
+    _record(trust, None, message)
+    sys.exit(f"oppu: {message}")
 
 
 def main() -> None:

@@ -306,7 +306,8 @@ def _signal_group(proc: subprocess.Popen, sig: int, *, group_only: bool = False)
 
 def supernode_supervisor(coordinator: str, data_dir: Path, *, executable: str = "flower-supernode",
                          initial: float = 2.0, maximum: float = 300.0, root_certificates: str = "",
-                         insecure: bool = False, auth_private_key: str = "", trust: AppTrust | None = None) -> Supervisor:
+                         insecure: bool = False, auth_private_key: str = "",
+                         trust: AppTrust | None = None) -> Supervisor:
     """A Supervisor that keeps this data directory's SuperNode connected to `coordinator`, its
     ClientApps behind the app-bundle gate (client/appgate.py); without `trust`, no bundle runs."""
     data_dir = Path(data_dir)

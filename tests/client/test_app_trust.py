@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from client.appgate import (GATE_COMMAND, AppTrust, UntrustedAppBundle, app_trust, guarded, install_gate, refusals,
-                            trust_status)
+from client.appgate import (GATE_COMMAND, OTHER_TASK_COMMANDS, AppTrust, UntrustedAppBundle, app_trust, guarded,
+                            install_gate, refusals, trust_status)
 from client.settings import load_daemon
 from client.supernode import supernode_command, supernode_supervisor
 
@@ -108,7 +108,8 @@ def test_gate_refuses_before_anything_is_installed_and_records_it(tmp_path):
     assert str(refused.value) == f"refused app bundle {FAB_HASH}: this node does not trust it"
     assert installed == []
     [record] = refusals(tmp_path)
-    assert record["fab_hash"] == FAB_HASH and record["coordinator"] == COORD and "trusted_app_hashes" in record["message"]
+    assert record["fab_hash"] == FAB_HASH and record["coordinator"] == COORD
+    assert "trusted_app_hashes" in record["message"]
     status = trust_status(trust, tmp_path / "logs" / "supernode.log")
     assert status["refused"] == [record] and status["messages"] == [record["message"]]
 
@@ -136,6 +137,17 @@ def test_supernode_runs_clientapps_through_the_gate(tmp_path):
     gate = shutil.which(GATE_COMMAND, path=sup._env["PATH"])
     assert gate == str(tmp_path / "d" / "appgate" / GATE_COMMAND) and os.access(gate, os.X_OK)
     assert json.loads((tmp_path / "d" / "appgate" / "policy.json").read_text())["trusted_app_hashes"] == [FAB_HASH]
+    # Tasks of other kinds (an AgentApp run, connectors, models) resolve to a refusal, which runs
+    # nothing of the bundle and is recorded.
+    for command in OTHER_TASK_COMMANDS:
+        refuser = shutil.which(command, path=sup._env["PATH"])
+        assert refuser == str(tmp_path / "d" / "appgate" / command)
+        r = subprocess.run([refuser, "--runtime-api-address", "127.0.0.1:1", "--token", "t"], env=sup._env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and f"Flower started {command}" in r.stderr, r.stderr
+    recorded = refusals(tmp_path / "d")
+    assert [r["fab_hash"] for r in recorded] == [None] * len(OTHER_TASK_COMMANDS)
+    assert all(r["message"].startswith(f"refused a task from {COORD} that is not a ClientApp") for r in recorded)
 
 
 # ------------------------------------------------------------------------------------ real Flower processes
@@ -248,7 +260,8 @@ def test_only_trusted_bundles_run_on_real_flower_processes(tmp_path, monkeypatch
     from flower_deployment import BIN, free_port, stop, wait_for_port
 
     _tls_credentials(tmp_path)
-    apps = {name: _probe_app(tmp_path, name, nodes=2) for name in ("evillocal", "goodlocal", "evilsigned", "goodsigned")}
+    names = ("evillocal", "goodlocal", "evilsigned", "goodsigned")
+    apps = {name: _probe_app(tmp_path, name, nodes=2) for name in names}
     fabs = {name: build_fab_from_disk(d) for name, d in apps.items()}  # what `flwr run DIR` uploads
     trusted_key, other_key = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
     catalog = {}
@@ -330,8 +343,8 @@ def test_only_trusted_bundles_run_on_real_flower_processes(tmp_path, monkeypatch
         assert refused == {hashlib.sha256(fabs[n]).hexdigest() for n in ("evillocal", "evilsigned", "goodsigned")}
         for r in gate["refused"]:
             assert r["message"] == (f"refused app bundle {r['fab_hash']} from {coordinator}: not in "
-                                    f"trusted_app_hashes; add it to trusted_app_hashes in {pinned.resolve()}/daemon.toml"
-                                    " to allow")
+                                    "trusted_app_hashes; add it to trusted_app_hashes in "
+                                    f"{pinned.resolve()}/daemon.toml to allow")
         # ... and Flower's signature refusals (an unsigned upload twice, another publisher's key once).
         keyed_status = trust_status(app_trust(coordinator, keyed, trusted_entities=str(entities)),
                                     keyed / "logs" / "supernode.log")
