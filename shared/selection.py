@@ -272,3 +272,28 @@ def train_and_select_group(
                 out.append((TrainResult(0, len(train_ex), train.epochs, 0, 0), sel, None))
         engine.reset_personal()
     return out
+
+
+def train_and_select_users(
+    engine: Any,
+    task: Any,
+    users: Sequence[Sequence[Example]],
+    train: TrainSpec,
+    spec: SelectionSpec,
+    **kw: Any,
+) -> list[tuple[TrainResult, Selection, dict[str, Any] | None]]:
+    """Every user of `users` through selection, `train.users_per_pass` at a time in one pass
+    (train_and_select_group), or one at a time where a pass holds one user or the personal
+    adapter is a soft prompt (multi-user passes stack LoRA only). Returns per user (result,
+    selection, adopted state or None); the personal slot is left reset."""
+    per_pass = 1 if getattr(engine, "soft_prompt", None) is not None else train.users_per_pass
+    out: list[tuple[TrainResult, Selection, dict[str, Any] | None]] = []
+    for start in range(0, len(users), per_pass):
+        chunk = users[start : start + per_pass]
+        if len(chunk) > 1:
+            out += train_and_select_group(engine, task, chunk, train, spec, **kw)
+            continue
+        result, sel = train_and_select(engine, task, chunk[0], train, spec, **kw)
+        out.append((result, sel, engine.personal_state() if sel.adopted else None))
+        engine.reset_personal()
+    return out

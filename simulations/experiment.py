@@ -41,7 +41,7 @@ from shared.personalize import (
 from shared.records import TaskDataset, UserData
 from shared.retrieval import make_retriever
 from shared.rundir import new_run_dir, run_log
-from shared.selection import train_and_select, train_and_select_group
+from shared.selection import train_and_select_users
 from shared.stats import compare_methods, pooled_scorer
 from shared.tasks import get_task
 
@@ -194,7 +194,7 @@ def _run_users(spec: ExperimentSpec, engine: Engine, task: Any, retriever: Any, 
     validation items exactly as if trained alone (shared.selection.train_and_select_group)."""
     from tqdm.auto import tqdm
 
-    per_pass = 1 if engine.soft_prompt is not None else spec.personal_train.users_per_pass
+    per_pass = spec.personal_train.users_per_pass  # train_and_select_users falls back to one for soft prompts
     results: list[UserResult] = []
     bar = tqdm(total=len(users), desc="users", disable=not progress, unit="user")
     for start in range(0, len(users), per_pass):
@@ -220,13 +220,8 @@ def _train_personal(spec: ExperimentSpec, engine: Engine, task: Any, runs: list[
     examples = [history_examples(task, r.user.history, r.ctx, aug) for r in runs]
     label = (f"{runs[0].user.user_id[:14]} personal ({aug})" if len(runs) == 1
              else f"{len(runs)} users personal ({aug})")
-    if len(runs) == 1:  # prompt tuning, or one user per pass: the single-user loop
-        tr, sel = train_and_select(engine, task, examples[0], spec.personal_train, spec.selection,
-                                   progress=label if progress else False)
-        decided = [(tr, sel, engine.personal_state() if sel.adopted else None)]
-    else:
-        decided = train_and_select_group(engine, task, examples, spec.personal_train, spec.selection,
-                                         progress=label if progress else False)
+    decided = train_and_select_users(engine, task, examples, spec.personal_train, spec.selection,
+                                     progress=label if progress else False)
     for run, ex, (tr, sel, state) in zip(runs, examples, decided):
         res = run.result
         res.selection[aug] = sel.to_dict()

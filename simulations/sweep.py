@@ -1,7 +1,7 @@
 """`oppu sweep`: choose the personal-training recipe on validation data only.
 
 Each variant (a set of `--set` overrides on one experiment config) trains every sweep user's
-personal adapter through THE selection path (shared.selection.train_and_select), which holds
+personal adapter through THE selection path (shared.selection.train_and_select_users), which holds
 out the user's most recent history items. What is compared is measured on those held-out items
 only; the users' queries (what `oppu experiment` and `make quality` report) are never read.
 
@@ -33,7 +33,7 @@ from shared.metrics import METRIC_DIRECTION
 from shared.personalize import METHOD_AUGMENTATION, Context, history_examples, population_base_examples
 from shared.retrieval import make_retriever
 from shared.rundir import new_run_dir
-from shared.selection import train_and_select
+from shared.selection import train_and_select_users
 from shared.tables import markdown_table
 from shared.tasks import get_task
 
@@ -130,21 +130,28 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Pat
         retriever = make_retriever(exp.retrieval.retriever, task.item_text)
         per_user = []
         t0 = time.time()
-        for user in users:
-            store = open_store(exp, run_dir / "stores" / v.name / _safe(user.user_id), task)
-            store.add(user.history)
-            ctx = Context(store, retriever, exp.retrieval)
-            examples = history_examples(task, user.history, ctx, aug)
-            tr, sel = train_and_select(engine, task, examples, exp.personal_train, exp.selection, progress=False)
-            close = getattr(store, "close", None)
-            if close is not None:
-                close()
-            last = sel.checks[-1] if sel.checks else None
-            per_user.append({"user": user.user_id, "adopted": sel.adopted, "reason": sel.reason,
-                             "base": None if sel.base is None else {"loss": sel.base.loss, "metric": sel.base.metric},
-                             "last": last, "selected": _selected(sel), "best_step": sel.best_step,
-                             "steps": sel.total_steps, "seconds": tr.seconds})
-            bar.update(1)
+        per_pass = exp.personal_train.users_per_pass
+        for start in range(0, len(users), per_pass):
+            chunk = users[start : start + per_pass]
+            stores, examples = [], []
+            for user in chunk:
+                store = open_store(exp, run_dir / "stores" / v.name / _safe(user.user_id), task)
+                store.add(user.history)
+                stores.append(store)
+                examples.append(history_examples(task, user.history, Context(store, retriever, exp.retrieval), aug))
+            decided = train_and_select_users(engine, task, examples, exp.personal_train, exp.selection,
+                                             progress=False)
+            for store in stores:
+                close = getattr(store, "close", None)
+                if close is not None:
+                    close()
+            for user, (tr, sel, _) in zip(chunk, decided):
+                last = sel.checks[-1] if sel.checks else None
+                per_user.append({"user": user.user_id, "adopted": sel.adopted, "reason": sel.reason,
+                                 "base": None if sel.base is None else {"loss": sel.base.loss, "metric": sel.base.metric},
+                                 "last": last, "selected": _selected(sel), "best_step": sel.best_step,
+                                 "steps": sel.total_steps, "seconds": tr.seconds})
+            bar.update(len(chunk))
         rows[v.name] = {"set": list(v.set), "users": per_user, "seconds": time.time() - t0}
         log.info("variant %s: %s", v.name, _summary(rows[v.name], task.metric_names[0]))
     bar.close()
