@@ -168,11 +168,22 @@ class ChromaHistoryStore:
         self._items: list[HistoryItem] | None = None  # chronological cache
         self._by_id: dict[str, HistoryItem] = {}
         self._seq: dict[str, int] = {}
+        self._needs_reconnect = False
 
     def _connect(self) -> Any:
         return chromadb.PersistentClient(
             path=str(self.path), settings=Settings(anonymized_telemetry=False, allow_reset=True)
         )
+
+    def _reconnect_if_needed(self) -> None:
+        """Chroma's client (1.x) never returns from its next write once SQLite has reported a full
+        disk, even after space is freed; a fresh client on the same directory works. So after a
+        full disk the next use reconnects first."""
+        if self._needs_reconnect:
+            self._client.close()
+            self._client = self._connect()
+            self._col = self._open_collection()
+            self._needs_reconnect = False
 
     def _open_collection(self) -> Any:
         return self._client.get_or_create_collection(
@@ -182,6 +193,7 @@ class ChromaHistoryStore:
     # -- reading -------------------------------------------------------------------------------
 
     def _load(self) -> list[HistoryItem]:
+        self._reconnect_if_needed()
         if self._items is not None:
             return self._items
         got = self._col.get(include=["metadatas"])
@@ -251,16 +263,29 @@ class ChromaHistoryStore:
                 )
             # An item older than existing ones shifts their ranks; only those records are rewritten.
             self._write_orders([(it.id, rank[it.id]) for r, it in enumerate(current) if rank[it.id] != r])
-        except BaseException:
+        except BaseException as e:
             # A failed write (disk full, a killed batch) may have stored some records: forget the
             # in-memory view so the next read takes the truth from disk (and repairs `order`).
             self._items, self._by_id, self._seq = None, {}, {}
-            raise
+            full = self._disk_full(e, len(new))
+            if full is None:
+                raise
+            self._needs_reconnect = True
+            raise full from e
 
         self._seq.update(seq)
         self._by_id.update({it.id: it for it in new})
         self._items = merged
         return len(new)
+
+    def _disk_full(self, e: BaseException, n: int) -> OSError | None:
+        """Chroma reports a full disk as its own error type carrying SQLite's "database or disk is
+        full" (SQLITE_FULL, code 13); callers (the API's 507 answer, the jobs) know OSError, so a
+        full disk becomes OSError(ENOSPC) naming the store. None: not a full disk (raised as it came)."""
+        if isinstance(e, OSError) or not _says_disk_full(e):
+            return None
+        return OSError(errno.ENOSPC, f"the disk holding the history store {self.path} is full: the batch of {n} "
+                       f"new item(s) was refused and not stored ({e}); free some space and send it again")
 
     def _write_orders(self, updates: list[tuple[str, int]]) -> None:
         """Rewrite the `order` of these (id, rank) records; needs the in-memory maps loaded."""
@@ -274,6 +299,7 @@ class ChromaHistoryStore:
 
     def clear(self) -> None:
         """Delete every item and the profile (the user's "forget me")."""
+        self._reconnect_if_needed()
         self._client.delete_collection(self._name)
         self._col = self._open_collection()
         self._profile_path.unlink(missing_ok=True)
@@ -299,6 +325,7 @@ class ChromaHistoryStore:
         self._client = self._connect()
         self._col = self._open_collection()
         self._items, self._by_id, self._seq = None, {}, {}
+        self._needs_reconnect = False
         if failed is not None:
             log.warning("could not remove every file of %s (%s); clearing the collection instead", self.path, failed)
             self.clear()
@@ -347,6 +374,15 @@ def open_history_store(kind: str, directory: Path | None, text_of: TextOf, *, re
             raise ValueError("a chroma history store needs a directory")
         return ChromaHistoryStore(directory, text_of)
     return InMemoryHistoryStore(text_of, MiniLMEmbedder() if retriever != "bm25" else None)
+
+
+# SQLite's words for SQLITE_FULL and the OS's for ENOSPC/EDQUOT, as Chroma passes them on.
+_DISK_FULL = ("database or disk is full", "(code: 13)", "no space left on device", "disk quota exceeded")
+
+
+def _says_disk_full(e: BaseException) -> bool:
+    text = str(e).lower()
+    return any(words in text for words in _DISK_FULL)
 
 
 def _metadata(item: HistoryItem, seq: int, order: int) -> dict[str, Any]:

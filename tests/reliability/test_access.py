@@ -1,14 +1,17 @@
 """Access: the local API listens on loopback only and needs its token (compared in constant
 time); the token file is owner-only; nothing is unpickled from the network or an archive; a
 client never keeps a model or adapter whose bytes differ from the coordinator's manifest; the
-SuperNode the daemon starts uses TLS and node authentication when configured."""
+SuperNode command the daemon builds uses TLS unless the user opts out; a real SuperLink's TLS
+handshake succeeds for a client trusting its CA and fails for one trusting another."""
 
 from __future__ import annotations
 
 import ast
 import hashlib
 import os
+import shutil
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ import pytest
 from client.daemon import bind_socket, ensure_token
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))  # flower_deployment: starting and stopping Flower's processes
 
 
 def test_api_binds_loopback_only(figures):
@@ -182,3 +186,58 @@ def test_supernode_uses_tls_and_node_auth_when_configured(tmp_path, figures):
                    "does not start; --insecure only with insecure = true; with daemon.coordinator_root_certificates "
                    "TLS (--root-certificates) and, with daemon.supernode_auth_key, node authentication "
                    "(--auth-supernode-private-key); auth without TLS is refused (docs/federation.md)")
+
+
+def _handshake(port: int, ca: Path) -> str:
+    """A TLS handshake with whatever listens on 127.0.0.1:port, trusting only `ca` and checking
+    the host name as the daemon's SuperNode does (gRPC over TLS, ALPN h2). Returns the protocol
+    version agreed; raises ssl.SSLError when the server's certificate is not vouched for by `ca`."""
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return str(tls.version())
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl to make the certificates")
+def test_supernode_transport_is_verified_by_a_real_tls_handshake(tmp_path, figures):
+    """A real flower-superlink on loopback serving TLS with certificates made as for test_tls.py
+    (certs.py): a client trusting the right CA completes the handshake; one trusting another CA
+    (a coordinator impersonated, or the wrong CA configured) fails it with a certificate error,
+    before a byte of the protocol is sent."""
+    import ssl
+    import subprocess
+
+    from flower_deployment import BIN, free_port, stop, wait_for_port
+    from certs import make_ca, make_server_cert
+
+    make_ca(tmp_path, "ca")
+    make_server_cert(tmp_path, "ca")
+    other = tmp_path / "other"
+    other.mkdir()
+    make_ca(other, "ca")  # a CA of the same name that did not sign the SuperLink's certificate
+    port = free_port()
+    log = tmp_path / "superlink.log"
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    with open(log, "wb") as out:
+        link = subprocess.Popen([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(tmp_path / "ca.crt"),
+                                 "--ssl-certfile", str(tmp_path / "server.pem"), "--ssl-keyfile",
+                                 str(tmp_path / "server.key"), "--host", "127.0.0.1", "--port", str(port),
+                                 "--database", str(tmp_path / "link.db"), "--disable-runtime-dependency-installation"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for_port(port, link, log, timeout=120)
+        version = _handshake(port, tmp_path / "ca.crt")
+        assert version.startswith("TLSv1."), version
+        with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
+            _handshake(port, other / "ca.crt")
+        assert link.poll() is None, log.read_text(errors="replace")[-2000:]
+    finally:
+        stop(link)
+    figures.access("SuperNode transport (real TLS handshake)",
+                   f"flower-superlink on loopback with TLS: a client trusting its CA completes the handshake "
+                   f"({version}); a client trusting another CA fails it (certificate verify failed)")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+import stored_state
 from client.archive import ArchiveError
 from client.items import ItemError
 from client.jobs import JobBusy
@@ -46,16 +47,10 @@ def service(tiny_engine, tmp_path_factory):
 
 
 def state_of(svc: ClientService) -> dict:
-    """What is stored: every history item, the profile, the adapter versions and their files."""
-    personal = {}
-    root = svc.dir / "personal"
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != ".lock":
-            personal[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
-    with svc.store_lock:
-        items = [(it.id, json.dumps(it.fields, sort_keys=True), it.time) for it in svc.store.items()]
-        profile = svc.store.get_profile()
-    return {"items": items, "profile": profile, "personal": personal}
+    """What is stored (tests/reliability/stored_state.py): every file of the data directory (the
+    Chroma store, adapters and CURRENT, federation status and ledgers, job records), the items and
+    profile the store answers with, and the adapter version served."""
+    return stored_state.service(svc)
 
 
 # ----------------------------------------------------------------------------------- the API
@@ -109,11 +104,11 @@ def test_api_fuzzed_from_its_openapi_schema(api_schema, service, figures):
                     API_TALLY["refused"] += 1
                     assert response.json().get("detail"), response.text[:300]  # says what is wrong
                     API_TALLY["changed"] += after != before
-                    assert after == before, (case.path, response.status_code)
+                    assert after == before, (case.path, response.status_code, stored_state.differences(before, after))
                 else:
                     API_TALLY["accepted"] += 1
                     if not (case.method.upper() == "POST" and case.path == "/v1/history"):
-                        assert after["items"] == before["items"] and after["personal"] == before["personal"]
+                        assert after["items"] == before["items"] and after["published"] == before["published"]
                 # The same request without the token, or with a wrong one: 401, nothing changes.
                 for bad in ({}, {"Authorization": "Bearer " + TOKEN[:-1] + "u"}):
                     headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
@@ -128,7 +123,8 @@ def test_api_fuzzed_from_its_openapi_schema(api_schema, service, figures):
                        refused=API_TALLY["refused"], accepted_valid=API_TALLY["accepted"], changed=API_TALLY["changed"],
                        how=f"{len(ops)} operations x {n} positive + {n} negative generated requests (forget, train "
                        "and import left out: see the test); checks: no 5xx, response schemas, status codes, "
-                       "schema-valid accepted / invalid refused; each request repeated without and with a wrong token")
+                       "schema-valid accepted / invalid refused; each request repeated without and with a wrong token; "
+                       "snapshot: the data directory, store items and adapters")
     figures.access("every /v1 request fuzzed above, repeated without a token and with a wrong one",
                    f"{API_TALLY['unauthorized_refused']} refused with 401, none changed anything")
 
@@ -249,7 +245,7 @@ def test_hostile_import_archives_change_nothing(service, tmp_path, figures):
         assert str(e.value), name
         after = state_of(service)
         changed += after != before
-        assert after == before, name
+        assert after == before, (name, stored_state.differences(before, after))
         assert not list((service.dir / "tmp").glob("import-*")), name  # nothing left half unpacked
         refused += 1
     # The untouched export imports cleanly (nothing new: the same ids and adapter are already held).
@@ -258,7 +254,7 @@ def test_hostile_import_archives_change_nothing(service, tmp_path, figures):
     service.host.roll_back(res["personal_version"] - 1)
     figures.bad_inputs("import of a real export, altered (`POST /v1/import`, ClientService)", tried=len(HOSTILE),
                        refused=refused, changed=changed,
-                       how="; ".join(HOSTILE))
+                       how="; ".join(HOSTILE) + "; snapshot: the data directory, store items and adapters")
 
 
 # ----------------------------------------------------------------------------------- coordinator messages
@@ -298,10 +294,9 @@ def _send(grid, message_type: str, content) -> object:
     return grid.send_and_receive([msg])[0]
 
 
-def _cache_state(cache) -> dict:
-    return {p.relative_to(cache.root).as_posix(): p.stat().st_size
-            for p in cache.root.rglob("*") if p.is_file() and not p.name.startswith(".")
-            and not any(part.startswith(".partial-") for part in p.relative_to(cache.root).parts)}
+def _partials(cache) -> tuple[str, ...]:
+    """Transfers in progress (a refused chunk may discard one, by design): not stored state."""
+    return tuple(p.name for p in cache.root.glob(".partial-*"))
 
 
 def test_hostile_coordinator_messages_get_clear_errors_and_change_nothing(service, client_node, figures):
@@ -357,18 +352,20 @@ def test_hostile_coordinator_messages_get_clear_errors_and_change_nothing(servic
         "artifact: unknown header key": ("query.artifact", chunk(payload, header_extra={"colour": "red"})),
         "artifact: data not uint8": ("query.artifact", chunk(payload, dtype=np.float32)),
     }
-    before, cache_before = state_of(service), _cache_state(cache)
-    fed_before = (service.dir / "federation.json").exists()
-    reasons = {}
+    def stored() -> dict:
+        return {**state_of(service), "cache": stored_state.files(cache.root, skip_dirs=_partials(cache))}
+
+    measured = stored_state.Measured()
     for name, (mtype, content) in cases.items():
+        before = stored()
         reply = _send(grid, mtype, content)
         assert reply.has_error(), name
         reason = reply.error.reason
         assert "details in the client's log" not in reason, (name, reason)  # a clear, specific error
-        reasons[name] = reason
-        assert state_of(service) == before, name
-        assert _cache_state(cache) == cache_before, name
-        assert (service.dir / "federation.json").exists() == fed_before, name
+        changed = measured.refused_input(before, stored())
+        assert not changed, (name, changed)
     assert all(np.array_equal(v.detach().float().cpu().numpy(), base[k]) for k, v in service.engine.base_state().items())
     figures.bad_inputs("messages a client receives from a coordinator (real ClientApp, LocalGrid wire round trip)",
-                       tried=len(cases), refused=len(reasons), how="; ".join(cases))
+                       tried=measured.tried, refused=measured.refused, changed=measured.changed,
+                       how="; ".join(cases) + "; snapshot: the data directory, store items, adapters and the "
+                       "artifact cache's complete artifacts")

@@ -4,8 +4,9 @@ previous personal adapter loadable (and answering as before).
 - a real daemon process SIGKILLed while training, while saving an adapter (the save is slowed
   in that process only, by a wrapper that patches PEFT's safetensors writer, so the kill lands
   inside it; no hook exists in the daemon) and while clients are writing history;
-- a failed write (disk full, simulated by raising ENOSPC from the adapter writer and from the
-  store) in a running service;
+- a full disk: during an adapter save (ENOSPC raised by the safetensors writer after half a file,
+  in a running service), and during a history write on a data directory whose disk really fills
+  (a small tmpfs in a private mount namespace: Chroma's SQLite write gets ENOSPC);
 - the coordinator unreachable: in tests/reliability/test_load.py, during the whole load test;
 - a client killed in the middle of a federated round, and the coordinator crashing mid-run and
   resuming from its checkpoint (in process, with the real ClientApp; the real-process SIGKILL
@@ -211,7 +212,7 @@ def test_daemon_killed_during_training_adapter_save_and_history_writes(tiny_mode
         d.stop(signal.SIGKILL)
 
 
-def test_disk_full_during_adapter_save_and_history_write(tiny_engine, tmp_path, monkeypatch, figures):
+def test_disk_full_during_adapter_save(tiny_engine, tmp_path, monkeypatch, figures):
     import peft.peft_model as pm
 
     from client.service import ClientService
@@ -251,31 +252,111 @@ def test_disk_full_during_adapter_save_and_history_write(tiny_engine, tmp_path, 
                       adapter_ok=adapter_ok)
         assert adapter_ok
 
-        # Disk full while history is written: the batch is refused as a whole, the store keeps
-        # everything acknowledged before, and the same batch succeeds once there is space.
-        col = svc.store._col
-        real_add = col.add
-        more = make_synthetic("synthetic-tag", n_base_users=0, n_eval_users=1, history_size=10, n_queries=1,
-                              seed=22).eval_users[0].history
-        more = [type(it)(f"more-{i}", it.fields, it.time) for i, it in enumerate(more)]
-
-        def add_full(*a, **kw):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        monkeypatch.setattr(col, "add", add_full)
-        with pytest.raises(OSError):
-            svc.add(more)
-        monkeypatch.setattr(col, "add", real_add)
-        ids = {it.id for it in svc.store.items()}
-        lost = sum(1 for it in user.history if it.id not in ids)
-        assert lost == 0 and not any(i.startswith("more-") for i in ids)
-        assert svc.add(more)["added"] == len(more)
-        figures.fault("disk full during a history write", how="ENOSPC raised by the store's write", survived=lost == 0,
-                      acknowledged=len(user.history), lost=lost, adapter_ok=None,
-                      note="(the batch is refused whole; sent again later it is stored)")
     finally:
         svc.close()
         tiny_engine.reset_personal()
+
+
+
+# A data directory on a 8 MiB tmpfs of its own (a private mount namespace: `unshare -m`, or
+# `unshare -rm` without root), filled to within FREE bytes: the history write runs into a real
+# ENOSPC inside Chroma's SQLite write. The script reports what it saw; the test judges it.
+DISK_FULL = textwrap.dedent("""
+    import json, os, subprocess, sys
+    from pathlib import Path
+    mount, model, out, tests = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)], check=True)
+    sys.path[:0] = [tests + "/reliability", tests + "/client"]
+    import stored_state
+    from starlette.testclient import TestClient
+    from client.api import create_app
+    from client.service import ClientService
+    from client.settings import DaemonSpec
+    from shared.config import BaseModelSpec
+    from shared.engine import Engine
+    from test_daemon_process import synthetic_items
+
+    svc = ClientService(DaemonSpec(task="synthetic-tag", retrain_after=0), mount / "dir",
+                        engine=Engine(BaseModelSpec(path=model, quantization="none")))
+    api = TestClient(create_app(svc, "k" * 43), base_url="http://127.0.0.1",
+                     headers={"Authorization": "Bearer " + "k" * 43})
+    items = synthetic_items(70, seed=31)
+    first = items[:30]
+    batch = [{"id": it["id"], "fields": {**it["fields"], "description": it["fields"]["description"] * 8},
+              "time": it["time"]} for it in items[30:]]
+    seen = {"first": api.post("/v1/history", json={"items": first}).status_code}
+    before = stored_state.service(svc)
+    filler = mount / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(bytes(4096))
+        except OSError as e:
+            seen["filled"] = e.errno
+    os.truncate(filler, filler.stat().st_size - int(os.environ["FREE"]))
+    r = api.post("/v1/history", json={"items": batch})
+    seen["full"] = {"status": r.status_code, "detail": r.json().get("detail", "")}
+    after = stored_state.service(svc)
+    seen["changed"] = stored_state.differences(before, after)
+    filler.unlink()
+    r = api.post("/v1/history", json={"items": batch})
+    seen["again"] = {"status": r.status_code, "body": r.json()}
+    stored = {it.id: dict(it.fields) for it in svc.store.items()}
+    seen["acknowledged_lost"] = [it["id"] for it in first if stored.get(it["id"]) != it["fields"]]
+    seen["batch_missing"] = [it["id"] for it in batch if stored.get(it["id"]) != it["fields"]]
+    svc.close()
+    out.write_text(json.dumps(seen))
+""")
+
+
+def _private_mounts() -> list[str] | None:
+    """The command that runs a process in a mount namespace of its own, where it may mount a
+    tmpfs; None where this machine allows none (no unshare, no user namespaces)."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        return None
+    cmd = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    probe = subprocess.run([*cmd, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt 2>/dev/null || "
+                            "mount -t tmpfs -o size=1m tmpfs /tmp"], capture_output=True, timeout=30)
+    return cmd if probe.returncode == 0 else None
+
+
+@pytest.mark.slow  # a process loading the model, the embedder and Chroma: ~30 s
+def test_disk_full_during_a_history_write(tiny_model_dir, tmp_path, figures):
+    """POST /v1/history on a disk that really fills during the write (Chroma's SQLite gets ENOSPC):
+    the batch is refused whole with 507 "the disk is full", nothing stored changes (snapshots of
+    the data directory, the store's items and the adapter before and after), and the same batch
+    sent once there is space again is stored."""
+    unshare = _private_mounts()
+    if unshare is None:
+        pytest.skip("needs a private mount namespace (unshare) to give the store a small disk of its own")
+    mount, out = tmp_path / "disk", tmp_path / "seen.json"
+    mount.mkdir()
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FREE": str(16 << 10), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([*unshare, sys.executable, str(script), str(mount), str(tiny_model_dir), str(out),
+                          str(TESTS)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    assert seen["first"] == 200 and seen["filled"] == errno.ENOSPC, seen
+    refused_whole = seen["full"]["status"] == 507 and "disk is full" in seen["full"]["detail"]
+    stored_again = seen["again"]["status"] == 200 and seen["again"]["body"]["added"] == 40 and not seen["batch_missing"]
+    lost = len(seen["acknowledged_lost"])
+    figures.fault("disk full during a history write", how="the data directory on an 8 MiB tmpfs filled to 16 KiB "
+                  "free, then a 40-item batch posted: ENOSPC inside Chroma's SQLite write",
+                  survived=refused_whole and not seen["changed"] and stored_again and lost == 0,
+                  acknowledged=30, lost=lost, adapter_ok=None,
+                  note=f"(answered {seen['full']['status']}: {seen['full']['detail']!r}; stored state changed: "
+                       f"{seen['changed'] or 'nothing'}; sent again with space: {seen['again']['status']}, "
+                       f"{seen['again']['body'].get('added')} added)")
+    assert refused_whole, seen["full"]
+    assert seen["changed"] == [], seen["changed"]
+    assert lost == 0, seen
+    assert stored_again, seen["again"]
 
 
 def test_client_killed_mid_round_and_coordinator_crash_resumes(tiny_model_dir, tmp_path, figures):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from certs import make_ca, make_server_cert, sh
 from flower_deployment import BIN, free_port, stop
 
 pytestmark = [pytest.mark.slow,
@@ -19,18 +20,9 @@ pytestmark = [pytest.mark.slow,
                                  reason="needs openssl and ssh-keygen")]
 
 
-def sh(*cmd: str, cwd: Path) -> None:
-    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, timeout=120)
-
-
 def make_credentials(d: Path) -> None:
-    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-sha256", "-days", "2", "-nodes", "-keyout", "ca.key",
-       "-out", "ca.crt", "-subj", "/CN=oppu test CA", cwd=d)
-    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-       "-subj", "/CN=127.0.0.1", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    sh("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-       "-days", "2", "-sha256", "-extfile", "san.ext", "-out", "server.pem", cwd=d)
+    make_ca(d)
+    make_server_cert(d)
     for name in ("node_ok", "node_unregistered"):
         sh("ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", name, cwd=d)
 
