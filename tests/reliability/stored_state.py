@@ -3,9 +3,9 @@ one after every bad input it sends, and the "changed stored state" figure of doc
 is the number of refused inputs whose two snapshots differ (measured, never assumed).
 
 A snapshot names every file by its path under the root and its sha256, plus the logical state the
-files stand for where that is what a user sees (the history store's items and profile, the
-published adapter version): a refused input must change neither. Only lock files are left out:
-they are created empty by readers and hold nothing.
+files stand for where that is what a user sees (the history store's items, records and profile,
+the published adapter version): a refused input must change neither. Only lock files are left
+out: they are created empty by readers and hold nothing.
 """
 
 from __future__ import annotations
@@ -34,20 +34,41 @@ def files(root: Path, *, skip_dirs: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def history(store: Any) -> dict[str, Any]:
-    """A history store's items (id, fields, time, in the store's order) and its profile."""
+    """A history store's items (id, fields, time, in the store's order), its profile and, for a
+    Chroma store, every record as Chroma holds it: document, metadata (seq, order) and embedding.
+
+    Chroma's own files are compared through what they hold, not byte for byte: closing and
+    reopening a client (as a daemon restart does, or the store after a full disk) rewrites index
+    bookkeeping in chroma.sqlite3 and the HNSW files without changing a record."""
     items = [(it.id, json.dumps(dict(it.fields), sort_keys=True), it.time) for it in store.items()]
-    return {"items": items, "profile": store.get_profile()}
+    out: dict[str, Any] = {"items": items, "profile": store.get_profile()}
+    col = getattr(store, "_col", None)
+    if col is not None:
+        got = col.get(include=["documents", "metadatas", "embeddings"])
+        records = {}
+        for id_, doc, md, emb in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"]):
+            h = hashlib.sha256(json.dumps([doc, md], sort_keys=True).encode())
+            h.update(bytes(memoryview(_float32(emb))))
+            records[id_] = h.hexdigest()
+        out["records"] = records
+    return out
+
+
+def _float32(v: Any) -> Any:
+    import numpy as np
+
+    return np.ascontiguousarray(np.asarray(v, dtype=np.float32))
 
 
 def service(svc: Any) -> dict[str, Any]:
-    """A ClientService's data directory: every file (history store, adapters and CURRENT pointers,
-    federation status and privacy ledgers, job records, profile), the items and profile the store
-    answers with, and the personal adapter version it serves. tmp/ is scratch space (imports
-    unpack there and remove what they unpacked; asserted by the tests that use it)."""
+    """A ClientService's data directory: every file (adapters and CURRENT pointers, federation
+    status and privacy ledgers, job records, settings), the history store by content (history()),
+    and the personal adapter version it serves. tmp/ is scratch space (imports unpack there and
+    remove what they unpacked; asserted by the tests that use it); logs/ is not state."""
     with svc.store_lock:
         logical = history(svc.store)
     published = svc.host.published
-    return {"files": files(svc.dir, skip_dirs=("tmp", "logs")), **logical,
+    return {"files": files(svc.dir, skip_dirs=("tmp", "logs", "history")), **logical,
             "published": None if published is None else published.version}
 
 

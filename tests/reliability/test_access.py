@@ -190,13 +190,12 @@ def test_supernode_uses_tls_and_node_auth_when_configured(tmp_path, figures):
 
 def _handshake(port: int, ca: Path) -> str:
     """A TLS handshake with whatever listens on 127.0.0.1:port, trusting only `ca` and checking
-    the host name as the daemon's SuperNode does (gRPC over TLS, ALPN h2). Returns the protocol
-    version agreed; raises ssl.SSLError when the server's certificate is not vouched for by `ca`."""
+    the host name, as the daemon's SuperNode does. Returns the protocol version agreed; raises
+    ssl.SSLError when the server's certificate is not vouched for by `ca`."""
     import socket
     import ssl
 
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-    ctx.set_alpn_protocols(["h2"])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
         with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             return str(tls.version())
@@ -222,7 +221,7 @@ def test_supernode_transport_is_verified_by_a_real_tls_handshake(tmp_path, figur
     port = free_port()
     log = tmp_path / "superlink.log"
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log, "wb") as out:
         link = subprocess.Popen([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(tmp_path / "ca.crt"),
                                  "--ssl-certfile", str(tmp_path / "server.pem"), "--ssl-keyfile",

@@ -191,7 +191,7 @@ def history_store(tmp_path_factory):
 
 
 def _store_state(store) -> dict:
-    return {"files": stored_state.files(store.path), **stored_state.history(store)}
+    return stored_state.history(store)
 
 
 @FUZZ
@@ -622,7 +622,8 @@ HOW = {  # area: (where it enters, what was tried; snapshotted before and after 
     "history-file": ("history file reader (`oppu client add`)", "hypothesis: lists of any JSON, JSON and JSONL; "
                      "snapshot: the file's directory"),
     "history-items": ("history items (API and archive, `client/items.py`)", "hypothesis: item-shaped and arbitrary "
-                      "JSON, parsed and added to a real Chroma store; snapshot: the store's files, items and profile"),
+                      "JSON, parsed and added to a real Chroma store; snapshot: the store's items, records (document, "
+                      "metadata, embedding) and profile"),
     "archive": ("archive import (`client/archive.py`)", "hypothesis: traversal, absolute, links, devices, fifos, "
                 "duplicates, pickle members, wrong/mutated manifests, size limits; snapshot: the archive's directory "
                 "and the unpack directory"),
