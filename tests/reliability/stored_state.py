@@ -19,15 +19,18 @@ from typing import Any
 LOCK_NAMES = {".lock"}
 
 
-def files(root: Path, *, skip_dirs: tuple[str, ...] = ()) -> dict[str, str]:
+def files(root: Path, *, skip_dirs: tuple[str, ...] = (), skip: Any = None) -> dict[str, str]:
     """Every regular file under `root` (recursively) -> its sha256; `skip_dirs` are top-level
-    directories left out (a directory the code under test is told to use as scratch space)."""
+    directories left out (a directory the code under test is told to use as scratch space),
+    `skip(parts)` any other path left out (compared some other way)."""
     out: dict[str, str] = {}
     if not root.exists():
         return out
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
         if rel.parts[0] in skip_dirs or p.name in LOCK_NAMES or p.is_symlink() or not p.is_file():
+            continue
+        if skip is not None and skip(rel.parts):
             continue
         out[rel.as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -62,14 +65,22 @@ def _float32(v: Any) -> Any:
 
 def service(svc: Any) -> dict[str, Any]:
     """A ClientService's data directory: every file (adapters and CURRENT pointers, federation
-    status and privacy ledgers, job records, settings), the history store by content (history()),
+    status and privacy ledgers, job records, settings, the history snapshot the ClientApp reads,
+    the profile), the Chroma store by content (history()),
     and the personal adapter version it serves. tmp/ is scratch space (imports unpack there and
     remove what they unpacked; asserted by the tests that use it); logs/ is not state."""
     with svc.store_lock:
         logical = history(svc.store)
     published = svc.host.published
-    return {"files": files(svc.dir, skip_dirs=("tmp", "logs", "history")), **logical,
+    return {"files": files(svc.dir, skip_dirs=("tmp", "logs"), skip=_chroma_internal), **logical,
             "published": None if published is None else published.version}
+
+
+def _chroma_internal(parts: tuple[str, ...]) -> bool:
+    """history/chroma.sqlite3 and history/<segment>/...: compared by their records (history()).
+    Everything else under history/ (the profile, the ClientApp's snapshot, the owner lock) is
+    compared byte for byte."""
+    return parts[0] == "history" and (parts[1:] == ("chroma.sqlite3",) or len(parts) > 2)
 
 
 def artifact_cache(cache: Any) -> dict[str, str]:
