@@ -15,6 +15,7 @@ personal adapters, which live in their own data directories between rounds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -209,44 +210,51 @@ def train(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> tup
     t0 = time.perf_counter()
     engine = engine_for(node, cfg.model)
     task = task_for(node, cfg)
-    store = node.user.open_store(task, store=node.spec.experiment.retrieval.store,
-                                 retriever=node.spec.experiment.retrieval.retriever)
-    history = store.items()
-    ctx = context_for(node, task, store)
-    metrics: dict[str, float] = {"history-items": float(len(history))}
-    with engine.lock:
-        set_global_base(engine, node, cfg, arrays)
-        # (a) Personal adapters, stacked on the global base adapter, kept on this disk.
-        for aug in _augmentations(cfg.method_list):
-            loss = personalize(engine, node, task, ctx, history, aug)
-            if loss is not None:
-                metrics[f"personal-{aug}-loss"] = loss
-        # (b) The base adapter's local update: the only tensors that may leave.
-        update = None
-        if cfg.federate:
-            examples = base_examples(task, ctx, history, rng=random.Random(node.spec.federation.seed + cfg.server_round))
-            dp = record_dp(node, "base", node.spec.federation.local_train)
-            result = engine.train_base(examples, node.spec.federation.local_train, freeze_lora_a=cfg.ffa_lora,
-                                       proximal_mu=cfg.proximal_mu, dp_sgd=dp, progress=False)
-            if dp:
-                metrics["record-epsilon-base"] = account_record_dp(node, "base", dp)["record_epsilon"]
-            state = engine.base_state()
-            update = {k: state[k].detach().float().cpu().numpy() for k in arrays}
-            metrics.update({"base-loss": result.final_loss, "base-steps": float(result.steps)})
-            metrics["num-examples"] = float(len(examples))
-        else:
-            metrics["num-examples"] = float(len(history))
-    _close(store)
+    with _history_store(node, task) as store:
+        history = store.items()
+        ctx = context_for(node, task, store)
+        metrics: dict[str, float] = {"history-items": float(len(history))}
+        with engine.lock:
+            set_global_base(engine, node, cfg, arrays)
+            # (a) Personal adapters, stacked on the global base adapter, kept on this disk.
+            for aug in _augmentations(cfg.method_list):
+                loss = personalize(engine, node, task, ctx, history, aug)
+                if loss is not None:
+                    metrics[f"personal-{aug}-loss"] = loss
+            # (b) The base adapter's local update: the only tensors that may leave.
+            update = None
+            if cfg.federate:
+                examples = base_examples(task, ctx, history, rng=random.Random(node.spec.federation.seed + cfg.server_round))
+                dp = record_dp(node, "base", node.spec.federation.local_train)
+                result = engine.train_base(examples, node.spec.federation.local_train, freeze_lora_a=cfg.ffa_lora,
+                                           proximal_mu=cfg.proximal_mu, dp_sgd=dp, progress=False)
+                if dp:
+                    metrics["record-epsilon-base"] = account_record_dp(node, "base", dp)["record_epsilon"]
+                state = engine.base_state()
+                update = {k: state[k].detach().float().cpu().numpy() for k in arrays}
+                metrics.update({"base-loss": result.final_loss, "base-steps": float(result.steps)})
+                metrics["num-examples"] = float(len(examples))
+            else:
+                metrics["num-examples"] = float(len(history))
     node.user.record_round(epsilon=cfg.epsilon if cfg.epsilon >= 0 else None,
                            delta=cfg.delta if cfg.epsilon >= 0 else None)
     metrics["seconds"] = time.perf_counter() - t0
     return update, metrics
 
 
-def _close(store: Any) -> None:
-    close = getattr(store, "close", None)
-    if close is not None:
-        close()
+@contextlib.contextmanager
+def _history_store(node: Node, task: Any) -> Iterator[Any]:
+    """This user's history for a round (client.userdir: a daemon's snapshot, or a simulated user's
+    store), closed however the round ends: a Chroma store has one owner, and a failed round must
+    not leave this process holding it."""
+    store = node.user.open_store(task, store=node.spec.experiment.retrieval.store,
+                                 retriever=node.spec.experiment.retrieval.retriever)
+    try:
+        yield store
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
 
 
 def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str) -> float | None:
@@ -344,27 +352,25 @@ def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> 
         metrics: dict[str, float] = {"num-queries": float(len(queries))}
         if not queries:
             return metrics
-        store = node.user.open_store(task, store=node.spec.experiment.retrieval.store,
-                                     retriever=node.spec.experiment.retrieval.retriever)
-        history = store.items()
-        ctx = context_for(node, task, store)
-        golds = [q.target for q in queries]
-        predictions: dict[str, dict[str, str]] = {}
-        for method in cfg.method_list:
-            aug = METHOD_AUGMENTATION[method]
-            if aug == "pag":
-                ensure_profile(engine, task, ctx, history, seed=node.spec.experiment.data.seed,
-                               keep=node.user.cache_profile)
-            prompts = [prompt_for(task, ctx, q.input, aug) for q in queries]
-            personal = method in PERSONAL_METHODS
-            if personal:
-                personal = load_or_train_personal(engine, node, task, ctx, history, aug)
-            answers = engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=personal)
-            preds = [task.parse_output(a) for a in answers]
-            predictions[method] = {q.id: p for q, p in zip(queries, preds)}
-            for name, value in task.score(preds, golds).items():
-                metrics[f"{method}/{name}"] = float(value)
-        _close(store)
+        with _history_store(node, task) as store:
+            history = store.items()
+            ctx = context_for(node, task, store)
+            golds = [q.target for q in queries]
+            predictions: dict[str, dict[str, str]] = {}
+            for method in cfg.method_list:
+                aug = METHOD_AUGMENTATION[method]
+                if aug == "pag":
+                    ensure_profile(engine, task, ctx, history, seed=node.spec.experiment.data.seed,
+                                   keep=node.user.cache_profile)
+                prompts = [prompt_for(task, ctx, q.input, aug) for q in queries]
+                personal = method in PERSONAL_METHODS
+                if personal:
+                    personal = load_or_train_personal(engine, node, task, ctx, history, aug)
+                answers = engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=personal)
+                preds = [task.parse_output(a) for a in answers]
+                predictions[method] = {q.id: p for q, p in zip(queries, preds)}
+                for name, value in task.score(preds, golds).items():
+                    metrics[f"{method}/{name}"] = float(value)
         node.user.write_predictions(predictions)
     return metrics
 

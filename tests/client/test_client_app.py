@@ -179,3 +179,29 @@ def test_a_round_reads_the_daemons_snapshot_while_the_api_adds_items(tmp_path, t
         snap = read_snapshot(snapshot_path(data / "history"))
         assert snap.task == "synthetic-tag" and [it.id for it in snap.items] == ids
         assert list(snap.items) == store.items()
+
+
+def test_a_failed_round_does_not_keep_a_simulated_users_store(tmp_path):
+    """A simulated user's Chroma store has one owner: a round that fails half-way closes it, so the
+    next round (in this process or another) can open it."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    import client.rounds as rounds
+    from client.store import ChromaHistoryStore
+    from client.userdir import UserDir
+    from shared.records import HistoryItem
+    from shared.tasks import get_task
+
+    task = get_task("synthetic-tag")
+    with ChromaHistoryStore(tmp_path / "history", task.item_text) as store:
+        store.add([HistoryItem("h1", {"description": "a heist film", "tag": "action"}, 1)])
+    retrieval = SimpleNamespace(store="chroma", retriever="bm25")
+    node = SimpleNamespace(user=UserDir(tmp_path), spec=SimpleNamespace(experiment=SimpleNamespace(retrieval=retrieval)))
+    with pytest.raises(RuntimeError, match="training failed"):
+        with rounds._history_store(node, task) as store:
+            assert [it.id for it in store.items()] == ["h1"]
+            raise RuntimeError("training failed")
+    with ChromaHistoryStore(tmp_path / "history", task.item_text) as again:
+        assert again.count() == 1
