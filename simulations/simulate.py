@@ -115,12 +115,9 @@ def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool 
     run = flower_internals.new_run()
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
-    backend = {
-        "client_resources": {"num_cpus": f.sim_client_cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR", "log_to_driver": verbose,
-                      "include_dashboard": False},
-    }
-    log.info("simulating %d users for %d rounds in %s", len(names), f.rounds, run_dir)
+    backend = ray_backend(f, verbose)
+    log.info("simulating %d users for %d rounds in %s%s", len(names), f.rounds, run_dir,
+             f" on the Ray cluster at {f.ray_address}" if f.ray_address else "")
     progress = _ProgressLines()
     logging.getLogger("oppu.coordinator").addHandler(progress)
     # The server's DP noise and Poisson participation come from shared/aggregation.py: secret
@@ -137,6 +134,20 @@ def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool 
         raise RuntimeError(f"the coordinator did not finish; see {run_dir / 'log.txt'}")
     write_results(spec, dataset, names, run_dir, seconds, resumed=resumed)
     return run_dir
+
+
+def ray_backend(f: Any, verbose: bool) -> dict[str, Any]:
+    """Flower's Ray backend settings: each virtual client asks for sim_client_cpus / _gpus, and
+    Ray places it on any node with them free (one actor per slot, each loading the base model
+    once: client.rounds.engine_for). With federation.ray_address the run joins that cluster
+    (whose nodes bring their own cores and GPUs); without, it starts one on this machine's cores."""
+    init: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": verbose, "include_dashboard": False}
+    if f.ray_address:
+        init["address"] = f.ray_address
+    else:
+        init["num_cpus"] = os.cpu_count() or 1
+    return {"client_resources": {"num_cpus": f.sim_client_cpus, "num_gpus": f.sim_client_gpus},
+            "init_args": init}
 
 
 class _ProgressLines(logging.Handler):

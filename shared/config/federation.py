@@ -61,6 +61,17 @@ class FederationSpec:
         metadata={"help": "Simulation: the clients' artifact cache; empty: $OPPU_CACHE/client-artifacts."},
     )
     sim_client_cpus: float = field(default=1.0, metadata={"help": "Simulation: CPU cores per virtual client."})
+    sim_client_gpus: float = field(
+        default=0.0,
+        metadata={"help": "Simulation: GPU share per virtual client (0.25: four clients per GPU); Ray places "
+                          "clients only on nodes that have it."},
+    )
+    ray_address: str = field(
+        default="",
+        metadata={"help": "Simulation: an existing Ray cluster to run the virtual clients on ('auto', 'HOST:6379'; "
+                          "every node needs oppu installed and the run directory on a shared filesystem); "
+                          "empty: a Ray instance of this machine's cores, started and stopped with the run."},
+    )
     seed: int = field(
         default=0, metadata={"help": "Seed of the fixed-size client sampling of runs without DP, and of local example shuffles."}
     )
@@ -101,6 +112,11 @@ class FederationSpec:
             _positive(f"federation.{name}", getattr(self, name), allow_zero=True)
         for name in ("server_lr", "server_tau", "round_timeout", "chunk_mb", "sim_client_cpus"):
             _positive(f"federation.{name}", getattr(self, name))
+        _positive("federation.sim_client_gpus", self.sim_client_gpus, allow_zero=True)
+        if self.ray_address.startswith("ray://"):
+            raise ValueError(f"federation.ray_address={self.ray_address!r}: Ray Client (ray://) cannot host the "
+                             "simulation's actors; run `oppu simulate` on a cluster node and give the GCS address "
+                             "('auto' or 'HOST:6379')")
         for name in ("server_beta1", "server_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"federation.{name}={getattr(self, name)!r} must be in [0, 1)")
