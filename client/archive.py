@@ -13,11 +13,14 @@ Format: a gzip'ed tar with exactly these regular-file members (anything else is 
     personal/oppu_adapter.json            plus its own manifest (see shared.adapters)
     personal/README.md                    optional (PEFT writes a model card)
 
-Reading never calls `tarfile.extract`: each allowed member is copied by us, byte-counted against
-its declared size and a limit, into a private directory, and its sha256 must match the manifest.
-Path traversal, absolute names, links, devices, duplicates, oversized members and a wrong or
-missing manifest are refused with an `ArchiveError` naming the member. Nothing is unpickled:
-weights are later read with safetensors by `shared.adapters.load_adapter`.
+Reading never uses `tarfile`: `client.tarstream` streams the gzip'ed tar with every header,
+member and the decompressed total capped before anything is read (only gzip is accepted; bz2,
+xz and plain tar are refused by their magic bytes), so a hostile archive cannot exhaust memory.
+Each allowed member is copied, within its limit, into a private directory, and its sha256 must
+match the manifest. Path traversal, absolute names, links, devices, duplicates, oversized
+members and a wrong or missing manifest are refused with an `ArchiveError` naming the member;
+the manifest (`ExportManifest`) and the adapter's own manifest are type-checked field by field.
+Nothing is unpickled: weights are later read with safetensors by `shared.adapters.load_adapter`.
 """
 
 from __future__ import annotations
@@ -25,17 +28,23 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
+import re
+import shutil
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from shared.adapters import FRAMEWORK_VERSION
+from shared.adapters import ADAPTER_MANIFEST, FRAMEWORK_VERSION, AdapterManifest, read_manifest
+from shared.fileio import atomic_file
 from shared.records import HistoryItem
+
+from .tarstream import MAX_HEADER_BYTES, TarReader, TarStreamError
 
 FORMAT = "oppu-export"
 FORMAT_VERSION = 1
@@ -48,6 +57,7 @@ ADAPTER_OPTIONAL = ("README.md",)
 SMALL_LIMIT = 4 << 20  # json/markdown members
 MAX_MEMBERS = 16
 MAX_PROFILE_CHARS = 100_000
+MAX_LINE_CHARS = SMALL_LIMIT  # one history item, far above what client.items accepts
 
 _ALLOWED = {MANIFEST, HISTORY, PROFILE} | {ADAPTER_PREFIX + f for f in ADAPTER_FILES + ADAPTER_OPTIONAL}
 
@@ -73,7 +83,8 @@ def write_archive(
     adapter_dir: Path | None,
     personal_version: int | None,
 ) -> dict[str, Any]:
-    """Write the archive to `dest` atomically (temporary file, fsync, rename); returns its manifest."""
+    """Write the archive to `dest` atomically and durably (shared.fileio.atomic_file); returns its
+    manifest."""
     dest = Path(dest)
     blobs: dict[str, bytes] = {}
     lines = [json.dumps({"id": it.id, "fields": dict(it.fields), "time": it.time}, ensure_ascii=False) for it in items]
@@ -92,21 +103,11 @@ def write_archive(
         "framework_version": FRAMEWORK_VERSION,
         "files": {name: sha256_bytes(data) for name, data in sorted(blobs.items())},
     }
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
-                _add(tar, MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-                for name, data in sorted(blobs.items()):
-                    _add(tar, name, data)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o600)  # the user's private history
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(dest, mode=0o600) as raw:  # the user's private history; fsynced file and directory
+        with tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+            _add(tar, MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+            for name, data in sorted(blobs.items()):
+                _add(tar, name, data)
     return manifest
 
 
@@ -121,19 +122,103 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 # ------------------------------------------------------------------------------------- import
 
 
+@dataclass(frozen=True)
+class ExportManifest:
+    """oppu-export.json, type-checked field by field (`parse`): nothing downstream sees a string
+    where a count belongs."""
+
+    format: str
+    format_version: int
+    task: str
+    base_model_hash: str
+    history_items: int
+    files: Mapping[str, str]
+    created: float | None = None
+    personal_version: int | None = None
+    framework_version: str | None = None
+
+    @classmethod
+    def parse(cls, data: Any) -> ExportManifest:
+        if not isinstance(data, dict):
+            raise ArchiveError(f"{MANIFEST} must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ArchiveError(f"{MANIFEST}: unknown field(s) {', '.join(map(repr, unknown))}; known: "
+                               f"{', '.join(sorted(known))}")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
+        if missing:
+            raise ArchiveError(f"{MANIFEST}: missing field(s) {', '.join(missing)}")
+        if data["format"] != FORMAT:
+            raise ArchiveError(f"{MANIFEST}: format must be {FORMAT!r}, not {data['format']!r}")
+        for name in ("format_version", "history_items"):
+            _whole(f"{MANIFEST}: {name}", data[name], minimum=0)
+        if data["format_version"] != FORMAT_VERSION:
+            raise ArchiveError(f"{MANIFEST}: format_version {data['format_version']!r} is not supported "
+                               f"(this version reads {FORMAT_VERSION})")
+        for name in ("task", "base_model_hash"):
+            _string(f"{MANIFEST}: {name}", data[name])
+        if data.get("framework_version") is not None:
+            _string(f"{MANIFEST}: framework_version", data["framework_version"])
+        if data.get("personal_version") is not None:
+            _whole(f"{MANIFEST}: personal_version", data["personal_version"], minimum=1)
+        if data.get("created") is not None:
+            _number(f"{MANIFEST}: created", data["created"])
+        listed = data["files"]
+        if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) and _SHA256.match(v)
+                                                   for k, v in listed.items()):
+            raise ArchiveError(f"{MANIFEST}: files must map member names to sha256 hex digests")
+        return cls(**data)
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _whole(what: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ArchiveError(f"{what} must be a whole number >= {minimum}, not {value!r}")
+
+
+def _number(what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ArchiveError(f"{what} must be a finite number, not {value!r}")
+
+
+def _string(what: str, value: Any) -> None:
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise ArchiveError(f"{what} must be a non-empty string of at most 256 characters, not {value!r:.80}")
+
+
+def check_adapter_manifest(m: AdapterManifest, where: str) -> None:
+    """The imported adapter's oppu_adapter.json: its fields are read later as counts and numbers
+    (status, automatic retraining), so each must have its type now."""
+    for name in ("role", "base_model_hash", "task", "peft_type", "framework_version"):
+        _string(f"{where}: {name}", getattr(m, name))
+    _number(f"{where}: created", m.created)
+    for name, check in (("data", _whole), ("privacy", _number)):
+        value = getattr(m, name)
+        if not isinstance(value, dict):
+            raise ArchiveError(f"{where}: {name} must be an object, not {value!r:.80}")
+        for key, v in value.items():
+            if check is _whole:
+                _whole(f"{where}: {name}.{key}", v, minimum=0)
+            else:
+                _number(f"{where}: {name}.{key}", v)
+    if not isinstance(m.train, dict):
+        raise ArchiveError(f"{where}: train must be an object, not {m.train!r:.80}")
+
+
 @dataclass
 class Archive:
     """A verified archive unpacked into `directory` (deleted by `cleanup`)."""
 
     directory: Path
-    manifest: dict[str, Any]
+    manifest: ExportManifest
     history: list[Any]  # raw JSON objects; validated by client.items.parse_items
     profile: str | None
     adapter_dir: Path | None
 
     def cleanup(self) -> None:
-        import shutil
-
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -141,8 +226,7 @@ def _member_limit(name: str, max_bytes: int) -> int:
     return max_bytes if name in (HISTORY, ADAPTER_PREFIX + "adapter_model.safetensors") else min(SMALL_LIMIT, max_bytes)
 
 
-def _check_name(member: tarfile.TarInfo) -> str:
-    name = member.name
+def _check_name(name: str) -> str:
     if "\\" in name or "\x00" in name:
         raise ArchiveError(f"archive member {name!r} has a backslash or NUL in its name")
     if name.startswith("/") or posixpath.isabs(name):
@@ -162,98 +246,99 @@ def read_archive(path: str | Path, work_dir: str | Path, *, max_bytes: int, task
         files = _unpack(Path(path), directory, max_bytes)
         archive = _verify(directory, files, task)
     except BaseException:
-        import shutil
-
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return archive
 
 
 def _unpack(path: Path, directory: Path, max_bytes: int) -> dict[str, Path]:
+    """Copy the allowed members out of the gzip'ed tar, streaming (client.tarstream): no header,
+    member or total beyond its limit is ever held or written."""
     try:
         size = path.stat().st_size
+        raw = open(path, "rb")
     except OSError as e:
         raise ArchiveError(f"cannot read the archive: {e}") from None
-    if size > max_bytes:
-        raise ArchiveError(f"the archive is {size} bytes; the limit is {max_bytes} (daemon.max_import_mb)")
+    with raw:
+        if size > max_bytes:
+            raise ArchiveError(f"the archive is {size} bytes; the limit is {max_bytes} (daemon.max_import_mb)")
+        try:
+            # Room for the members (capped at max_bytes below) plus their headers and padding.
+            with TarReader(raw, max_stream_bytes=max_bytes + (MAX_MEMBERS + 2) * (2 * MAX_HEADER_BYTES + 2048)) as tar:
+                return _copy_members(tar, directory, max_bytes)
+        except TarStreamError as e:
+            raise ArchiveError(str(e)) from None
+
+
+def _copy_members(tar: TarReader, directory: Path, max_bytes: int) -> dict[str, Path]:
     files: dict[str, Path] = {}
-    total = 0
-    try:
-        tar = tarfile.open(path, mode="r:*")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ArchiveError(f"not a readable tar archive: {e}") from None
-    with tar:
-        count = 0
-        while True:
-            try:
-                member = tar.next()
-            except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-                raise ArchiveError(f"damaged archive: {e}") from None
-            if member is None:
-                break
-            count += 1
-            if count > MAX_MEMBERS:
-                raise ArchiveError(f"the archive has more than {MAX_MEMBERS} members; an export has at most "
-                                   f"{len(_ALLOWED)}")
-            name = _check_name(member)
-            if member.isdir():
-                if name != ADAPTER_PREFIX.rstrip("/"):
-                    raise ArchiveError(f"unexpected directory {member.name!r} in the archive")
-                continue
-            if member.issym() or member.islnk():
-                raise ArchiveError(f"archive member {member.name!r} is a link; only regular files are accepted")
-            if not member.isreg():
-                raise ArchiveError(f"archive member {member.name!r} is not a regular file (type {member.type!r})")
-            if name not in _ALLOWED:
-                raise ArchiveError(f"unexpected archive member {member.name!r}; an export holds only: "
-                                   f"{', '.join(sorted(_ALLOWED))}")
-            if name in files:
-                raise ArchiveError(f"archive member {member.name!r} appears twice")
-            limit = _member_limit(name, max_bytes)
-            if member.size > limit or total + member.size > max_bytes:
-                raise ArchiveError(f"archive member {member.name!r} is {member.size} bytes; the limit is "
-                                   f"{min(limit, max_bytes - total)}")
-            target = directory / name.replace("/", "__")
-            src = tar.extractfile(member)
-            if src is None:
-                raise ArchiveError(f"archive member {member.name!r} cannot be read")
-            written = 0
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > member.size:
-                        raise ArchiveError(f"archive member {member.name!r} holds more data than its header says")
-                    out.write(chunk)
-            if written != member.size:
-                raise ArchiveError(f"archive member {member.name!r} is truncated ({written} of {member.size} bytes)")
-            total += written
-            files[name] = target
+    total = count = 0
+    while (member := tar.next()) is not None:
+        count += 1
+        if count > MAX_MEMBERS:
+            raise ArchiveError(f"the archive has more than {MAX_MEMBERS} members; an export has at most "
+                               f"{len(_ALLOWED)}")
+        name = _check_name(member.name)
+        if member.kind == "directory":
+            if name != ADAPTER_PREFIX.rstrip("/"):
+                raise ArchiveError(f"unexpected directory {member.name!r} in the archive")
+            continue
+        if member.kind in ("symbolic link", "hard link"):
+            raise ArchiveError(f"archive member {member.name!r} is a {member.kind}; only regular files are accepted")
+        if member.kind != "file":
+            raise ArchiveError(f"archive member {member.name!r} is not a regular file ({member.kind})")
+        if name not in _ALLOWED:
+            raise ArchiveError(f"unexpected archive member {member.name!r}; an export holds only: "
+                               f"{', '.join(sorted(_ALLOWED))}")
+        if name in files:
+            raise ArchiveError(f"archive member {member.name!r} appears twice")
+        limit = min(_member_limit(name, max_bytes), max_bytes - total)
+        if member.size > limit:
+            raise ArchiveError(f"archive member {member.name!r} is {member.size} bytes; the limit is {limit} "
+                               f"(daemon.max_import_mb)")
+        target = directory / name.replace("/", "__")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            for chunk in tar.chunks():
+                out.write(chunk)
+        total += member.size
+        files[name] = target
     return files
 
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))  # at most SMALL_LIMIT bytes (_member_limit)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArchiveError(f"{what} is not valid JSON: {e}") from None
+
+
+def _read_history(path: Path) -> list[Any]:
+    history = []
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        try:
+            for lineno, line in enumerate(iter(lambda: fh.readline(MAX_LINE_CHARS + 1), ""), 1):
+                if len(line) > MAX_LINE_CHARS:
+                    raise ArchiveError(f"{HISTORY} line {lineno} is longer than {MAX_LINE_CHARS} characters")
+                if not line.strip():
+                    continue
+                try:
+                    history.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ArchiveError(f"{HISTORY} line {lineno}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ArchiveError(f"{HISTORY} is not UTF-8 text: {e}") from None
+    return history
 
 
 def _verify(directory: Path, files: dict[str, Path], task: str) -> Archive:
     if MANIFEST not in files:
         raise ArchiveError(f"the archive has no {MANIFEST}; it is not an oppu export")
-    manifest = _read_json(files[MANIFEST], MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArchiveError(f"{MANIFEST}: format must be {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArchiveError(f"{MANIFEST}: format_version {manifest.get('format_version')!r} is not supported "
-                           f"(this version reads {FORMAT_VERSION})")
-    if manifest.get("task") != task:
-        raise ArchiveError(f"{MANIFEST}: the archive holds {manifest.get('task')!r} history, but this daemon's "
+    manifest = ExportManifest.parse(_read_json(files[MANIFEST], MANIFEST))
+    if manifest.task != task:
+        raise ArchiveError(f"{MANIFEST}: the archive holds {manifest.task!r} history, but this daemon's "
                            f"task is {task!r}")
-    listed = manifest.get("files")
-    if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
-        raise ArchiveError(f"{MANIFEST}: files must map member names to sha256 hex digests")
+    listed = manifest.files
     present = set(files) - {MANIFEST}
     if set(listed) != present:
         missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
@@ -267,20 +352,9 @@ def _verify(directory: Path, files: dict[str, Path], task: str) -> Archive:
             raise ArchiveError(f"archive member {name!r}: sha256 does not match {MANIFEST}")
     if HISTORY not in files:
         raise ArchiveError(f"the archive has no {HISTORY}")
-    history = []
-    with open(files[HISTORY], encoding="utf-8", errors="strict") as fh:
-        try:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    history.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ArchiveError(f"{HISTORY} line {lineno}: not valid JSON ({e})") from None
-        except UnicodeDecodeError as e:
-            raise ArchiveError(f"{HISTORY} is not UTF-8 text: {e}") from None
-    if manifest.get("history_items") != len(history):
-        raise ArchiveError(f"{MANIFEST}: history_items={manifest.get('history_items')!r} but {HISTORY} has "
+    history = _read_history(files[HISTORY])
+    if manifest.history_items != len(history):
+        raise ArchiveError(f"{MANIFEST}: history_items={manifest.history_items} but {HISTORY} has "
                            f"{len(history)} items")
     profile = None
     if PROFILE in files:
@@ -300,4 +374,9 @@ def _verify(directory: Path, files: dict[str, Path], task: str) -> Archive:
         adapter_dir.mkdir(mode=0o700)
         for name in adapter_members:
             os.replace(files[name], adapter_dir / name[len(ADAPTER_PREFIX):])
+        try:
+            adapter_manifest = read_manifest(adapter_dir)
+        except (OSError, ValueError) as e:
+            raise ArchiveError(f"{ADAPTER_PREFIX}{ADAPTER_MANIFEST}: {e}") from None
+        check_adapter_manifest(adapter_manifest, ADAPTER_PREFIX + ADAPTER_MANIFEST)
     return Archive(directory, manifest, history, profile, adapter_dir)

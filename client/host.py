@@ -249,19 +249,28 @@ class ModelHost:
 
     # -- import / forget -----------------------------------------------------------------------
 
-    def import_adapter(self, directory: Path, manifest: Any) -> int:
-        """Load a verified adapter directory into the slot and publish it as a new version."""
+    def stage_adapter(self, directory: Path, manifest: Any) -> int:
+        """Check that a verified adapter directory loads into the slot and save it as a new,
+        unpublished version (client.personal.PersonalAdapters.stage); the slot goes back to the
+        published weights, so answers are unchanged until `publish_staged`."""
         with self.model_turn():
             if self.training:
                 raise RuntimeError("a training job holds the personal slot")
             try:
                 self.engine.load_personal(directory)
-                version = self.personal.publish(lambda target: self.engine.save_personal(target, manifest))
-                self._adopt(version)
-                return version
-            except BaseException:
+                return self.personal.stage(lambda target: self.engine.save_personal(target, manifest))
+            finally:
                 self._restore_published()
-                raise
+
+    def publish_staged(self, version: int) -> int:
+        """Publish a staged version and answer with it; returns its (possibly renumbered) version."""
+        with self.model_turn():
+            version = self.personal.publish_staged(version)
+        self.load_published()
+        return version
+
+    def discard_staged(self, version: int) -> None:
+        self.personal.discard(version)
 
     def roll_back(self, version: int) -> None:
         self.personal.set_current(version)

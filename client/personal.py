@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared.adapters import ADAPTER_MANIFEST, AdapterManifest, read_manifest, verify_adapter_dir
-from shared.fileio import atomic_write, locked_dir
+from shared.fileio import atomic_write, fsync_dir, locked_dir
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +140,51 @@ class PersonalAdapters:
         """Save a new version with `save(target_dir)` (atomic, e.g. engine.save_personal), make it
         current, drop versions beyond `keep`. Returns the new version number."""
         with self.locked():
-            known = self.versions() + [self.current_version() or 0] + self._reserved()
-            version = max(known, default=0) + 1
-            target = self.path(version)
-            save(target)
-            verify_adapter_dir(target)  # what we point CURRENT at must read back intact
-            atomic_write(self.root / CURRENT, version_name(version) + "\n")
-            self._prune(version)
+            version = self._next_version()
+            save(self.path(version))
+            verify_adapter_dir(self.path(version))  # what we point CURRENT at must read back intact
+            self._make_current(version)
         log.info("personal adapter %s published", version_name(version))
         return version
+
+    def stage(self, save: Callable[[Path], Any]) -> int:
+        """Save a new version like `publish` but leave CURRENT alone: nothing answers with it until
+        `publish_staged` (or `discard` drops it; a crash before either leaves a version newer than
+        CURRENT, which `recover` removes)."""
+        with self.locked():
+            version = self._next_version()
+            save(self.path(version))
+            verify_adapter_dir(self.path(version))
+        return version
+
+    def publish_staged(self, version: int) -> int:
+        """Make a staged version current. If another process published meanwhile, the staged one
+        is renumbered after it first, so the newest number is always the newest adapter."""
+        with self.locked():
+            verify_adapter_dir(self.path(version))
+            newest = max(self.versions() + [self.current_version() or 0] + self._reserved())
+            if newest > version:
+                renumbered = newest + 1
+                os.replace(self.path(version), self.path(renumbered))
+                version = renumbered
+            self._make_current(version)
+        log.info("personal adapter %s published", version_name(version))
+        return version
+
+    def discard(self, version: int) -> None:
+        """Delete a staged (never published) version."""
+        with self.locked():
+            if version != self.current_version():
+                _remove(self.path(version))
+                fsync_dir(self.root)
+
+    def _next_version(self) -> int:
+        known = self.versions() + [self.current_version() or 0] + self._reserved()
+        return max(known, default=0) + 1
+
+    def _make_current(self, version: int) -> None:
+        atomic_write(self.root / CURRENT, version_name(version) + "\n")  # durable: file and directory
+        self._prune(version)
 
     def set_current(self, version: int) -> None:
         """Point CURRENT at an existing version (e.g. to roll back)."""

@@ -343,40 +343,80 @@ class ClientService:
                 archive.cleanup()
 
     def _import(self, archive: Archive) -> dict[str, Any]:
+        """All or nothing: the adapter is staged (saved, not answering), then the history and
+        profile are written, then the adapter is published. A failure at any step undoes the
+        earlier ones, so status, answers and the store are as before. (A crash between the
+        history write and the publish leaves the history imported and the adapter unpublished;
+        importing the same archive again completes it, items being idempotent by id.)"""
         items = parse_items(archive.history, self.task, max_field_chars=self.spec.max_field_chars)
         with self.store_lock:
             try:
                 new_items(items, lambda i: next(iter(self.store.get([i])), None))
             except ValueError as e:
                 raise Conflict(str(e)) from None
-        version, previous = None, self.personal.current_version()
-        if archive.adapter_dir is not None:
+        staged = self._stage_imported_adapter(archive.adapter_dir) if archive.adapter_dir is not None else None
+        version = None
+        try:
+            added, undo_history = self._write_imported_history(items, archive.profile)
             try:
-                m = adapters.verify_adapter_dir(archive.adapter_dir, base_model_hash=self.engine.model_hash)
-            except (OSError, ValueError) as e:
-                raise ArchiveError(f"the archive's adapter: {e}") from None
-            want = self.spec.personal_adapter.peft_type
-            if m.role != "personal" or m.task != self.task.name or m.peft_type != want:
-                raise ArchiveError(f"the archive's adapter is a {m.role} {m.peft_type} adapter for {m.task!r}; this "
-                                   f"daemon needs a personal {want} adapter for {self.task.name!r}")
-            kept = AdapterManifest(**{**m.__dict__, "files": {}})
-            kept.train = {**kept.train, "imported": time.time()}
-            try:
-                version = self.host.import_adapter(archive.adapter_dir, kept)
-            except (ValueError, RuntimeError) as e:
-                raise ArchiveError(f"the archive's adapter cannot be loaded: {e}") from None
+                if staged is not None:
+                    version = self.host.publish_staged(staged)
+            except BaseException:
+                undo_history()
+                raise
+        except BaseException:
+            if staged is not None:
+                self.host.discard_staged(staged)
+            raise
+        return {"history_added": added, "history_skipped": len(items) - added, "profile": bool(archive.profile),
+                "personal_version": version, "archive_personal_version": archive.manifest.personal_version}
+
+    def _stage_imported_adapter(self, adapter_dir: Path) -> int:
+        try:
+            m = adapters.verify_adapter_dir(adapter_dir, base_model_hash=self.engine.model_hash)
+        except (OSError, ValueError) as e:
+            raise ArchiveError(f"the archive's adapter: {e}") from None
+        want = self.spec.personal_adapter.peft_type
+        if m.role != "personal" or m.task != self.task.name or m.peft_type != want:
+            raise ArchiveError(f"the archive's adapter is a {m.role} {m.peft_type} adapter for {m.task!r}; this "
+                               f"daemon needs a personal {want} adapter for {self.task.name!r}")
+        kept = AdapterManifest(**{**m.__dict__, "files": {}})
+        kept.train = {**kept.train, "imported": time.time()}
+        try:
+            return self.host.stage_adapter(adapter_dir, kept)
+        except (ValueError, RuntimeError) as e:
+            raise ArchiveError(f"the archive's adapter cannot be loaded: {e}") from None
+
+    def _write_imported_history(self, items: list[HistoryItem], profile: str | None) -> tuple[int, Any]:
+        """Add the items and set the profile; returns (items added, a function undoing both).
+        Raises with both undone when either write fails."""
+        with self.store_lock:
+            present = {it.id for it in self.store.get([it.id for it in items])}
+            fresh = [it.id for it in items if it.id not in present]
+            previous_profile = self.store.get_profile()
+
+        def undo() -> None:
+            with self.store_lock:
+                self.store.remove(fresh)
+                if profile and previous_profile is not None:
+                    self.store.set_profile(previous_profile)
+                elif profile:
+                    self.store.delete_profile()
+                self._write_snapshot()  # the ClientApp's copy must not keep the undone items
+
         try:
             with self.store_lock:
                 added = self.store.add(items)
-                if archive.profile:
-                    self.store.set_profile(archive.profile)
+                if profile:
+                    self.store.set_profile(profile)
                 self._write_snapshot()
         except BaseException:
-            if version is not None and previous is not None:  # roll the adapter back too
-                self.host.roll_back(previous)
+            try:
+                undo()
+            except Exception as e:  # noqa: BLE001 - report the first failure, log the second
+                log.error("import: undoing a failed history write also failed: %s", e)
             raise
-        return {"history_added": added, "history_skipped": len(items) - added, "profile": bool(archive.profile),
-                "personal_version": version, "archive_personal_version": archive.manifest.get("personal_version")}
+        return added, undo
 
     def forget(self) -> dict[str, Any]:
         """Delete the history store, the profile, every adapter version and the job records.

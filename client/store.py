@@ -297,6 +297,13 @@ class ChromaHistoryStore:
                 metadatas=[_metadata(self._by_id[i], self._seq[i], order) for i, order in chunk],
             )
 
+    def remove(self, ids: Sequence[str]) -> None:
+        """Delete these items (an import being undone); the others' `order` is repaired on the
+        next read, as after an interrupted add."""
+        if ids:
+            self._col.delete(ids=list(ids))
+        self._items, self._by_id, self._seq = None, {}, {}
+
     def clear(self) -> None:
         """Delete every item and the profile (the user's "forget me")."""
         self._reconnect_if_needed()
@@ -340,6 +347,9 @@ class ChromaHistoryStore:
 
     def set_profile(self, text: str) -> None:
         atomic_write(self._profile_path, json.dumps({"profile": text}, ensure_ascii=False))
+
+    def delete_profile(self) -> None:
+        self._profile_path.unlink(missing_ok=True)
 
     # -- lifetime ------------------------------------------------------------------------------
 
