@@ -447,5 +447,6 @@ def cmd_forget(api: Api, args: argparse.Namespace) -> int:
     res = api.call("POST", "/v1/forget", json={"confirm": True})
     d = res["deleted"]
     print(f"deleted {d['history_items']} history items, profile: {'yes' if d['profile'] else 'none'}, "
-          f"adapter versions: {', '.join(d['adapter_versions']) or 'none'}, {d['job_records']} job records")
+          f"adapter versions: {', '.join(d['adapter_versions']) or 'none'}, {d['job_records']} job records, "
+          f"{len(d.get('derived_files', []))} files derived from the history")
     return 0

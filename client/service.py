@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from .items import parse_items
 from .jobs import JobBusy, JobControl, JobRegistry
 from .personal import PersonalAdapters, new_manifest, version_name
 from .snapshot import snapshot_path, write_snapshot
+from .userdir import derived_from_history, forget_derived
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,8 @@ class ClientService:
             "personal_adapter": {**pub.info(), "path": str(pub.path)} if pub else None,
             "personal_versions": [version_name(v) for v in self.personal.versions()],
             "history": {"count": count, "new_since_training": max(0, count - self._trained_on()),
-                        "retrain_after": self.spec.retrain_after},
+                        "retrain_after": self.spec.retrain_after,
+                        "derived_files": derived_from_history(self.dir)},  # none after forget
             "privacy": read_privacy(self.dir),
             "federation": self._federation_status(),
             "jobs": {"active": active.public() if active else None,
@@ -419,7 +420,9 @@ class ClientService:
         return added, undo
 
     def forget(self) -> dict[str, Any]:
-        """Delete the history store, the profile, every adapter version and the job records.
+        """Delete the history store and everything derived from the history (client.userdir's
+        HISTORY_DERIVED: every adapter of every augmentation, profiles, selection records, job
+        records, imports in flight, logs).
 
         What stays under DIR/history: owner.lock (this daemon's pid and command line, nothing of the
         history) and the snapshot, rewritten with no items and no profile."""
@@ -435,14 +438,16 @@ class ClientService:
             versions = self.host.forget()
             jobs = self.jobs.forget()
             self.jobs.interrupted = []
-            shutil.rmtree(self.dir / "tmp", ignore_errors=True)
+            files = forget_derived(self.dir)
             self._auto_attempt_count = 0
-        log.warning("forget: deleted %d history items, %d adapter versions, %d job records",
-                    n_items, len(versions), jobs)
+        log.warning("forget: deleted %d history items, %d adapter versions, %d job records, %d derived files",
+                    n_items, len(versions), jobs, len(files))
         return {"deleted": {"history_items": n_items, "profile": had_profile, "adapter_versions": versions,
-                            "job_records": jobs},
+                            "job_records": jobs, "derived_files": files},
                 "kept": {"base_adapter": "shared by every user, not yours",
-                         "federation.json": "privacy already spent in federated rounds stays accounted"}}
+                         "federation.json": "privacy already spent in federated rounds stays accounted",
+                         "federation/record-privacy-*.json": "privacy spent on your records stays accounted",
+                         "logs": "emptied; they keep only what happens from now on"}}
 
 
 def _torch_threads() -> int:

@@ -15,19 +15,26 @@ The same layout the client daemon manages (client/daemon.py), so a SuperNode sta
     personal-<aug>/       personal adapters for the other augmentations a run evaluates
     base_adapter/         the latest global base adapter received (atomic)
     federation.json       {"rounds", "epsilon", "delta", "updated"}: read by the daemon
-    federation/           this ClientApp's own cache (a generated PAG profile)
+    federation/           this ClientApp's own cache (a generated PAG profile, selection records)
+                          and its per-record privacy ledgers (record-privacy-*.json)
     predictions.json      (simulated users) this user's answers per method; never sent
+
+`HISTORY_DERIVED` below is the one list of what in this directory was derived from the history;
+`forget_derived` deletes it and `derived_from_history` (shown by the daemon's status) lists what
+of it is still there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from shared.fileio import atomic_write
+from shared.fileio import atomic_write, fsync_dir
 from shared.protocol import ClientError
 from shared.records import HistoryItem, Query
 
@@ -35,6 +42,84 @@ log = logging.getLogger(__name__)
 
 FEDERATION_STATUS = "federation.json"
 PRIMARY_DEFAULT = "rag"  # DaemonSpec's default augmentation
+
+# Everything in a data directory derived from the user's history (glob patterns relative to it;
+# a directory stands for every file under it). The history store itself (history/, with the
+# read-only snapshot the ClientApp reads) is emptied
+# by its owner (client.service), which also resets the personal/ adapters it has loaded.
+HISTORY_DERIVED: tuple[str, ...] = (
+    "history/*.profile.json",  # the PAG profile kept with the store
+    "personal/v*",  # the daemon's personal adapters (client.personal), trained on the history
+    "personal/.v*",  # ... and their half-written or half-replaced copies
+    "personal/CURRENT",
+    "personal-*",  # the personal adapters of every other augmentation (the ClientApp's)
+    "federation/profile.txt",  # a PAG profile the model wrote from the history
+    "federation/selection-*.json",  # validation on the user's recent items
+    "history.json",  # (simulated users) the raw items, their held-out queries and answers
+    "queries.json",
+    "predictions.json",
+    "jobs/*.json",  # training job records (counts, losses)
+    "tmp",  # imports and exports in flight: whole histories
+    "logs/*.log.*",  # rotated logs, which may quote items
+)
+LIVE_LOGS = "logs/*.log"  # logs open for appending (daemon, SuperNode): emptied, not removed
+# Kept on purpose: daemon.toml, token, daemon.lock/.json, state.json (settings and identity);
+# base_adapter/ (the federation's shared adapter, not this user's); federation.json and
+# federation/record-privacy-*.json (privacy already spent stays accounted: a later history,
+# even the same one re-imported, is charged on top of it); empty .lock files.
+
+
+def _derived_paths(root: Path) -> list[Path]:
+    found: set[Path] = set()
+    for pattern in HISTORY_DERIVED:
+        for p in root.glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                found.update(q for q in p.rglob("*") if not q.is_dir() or q.is_symlink())
+                found.add(p)
+            else:
+                found.add(p)
+    return sorted(found)
+
+
+def derived_from_history(root: str | Path) -> list[str]:
+    """The files in data directory `root` derived from the history (HISTORY_DERIVED), relative
+    paths, sorted; none after `forget_derived`. Empty lock files carry nothing and are left out."""
+    root = Path(root)
+    out = []
+    for p in _derived_paths(root):
+        if p.is_dir() and not p.is_symlink():
+            continue
+        if p.name == ".lock" and p.stat().st_size == 0:
+            continue
+        out.append(p.relative_to(root).as_posix())
+    return out
+
+
+def forget_derived(root: str | Path) -> list[str]:
+    """Delete every file derived from the history (HISTORY_DERIVED) and empty the live logs;
+    returns the relative paths removed. Adapter directories are emptied under their publish lock
+    (client.personal) so a process publishing into one cannot interleave."""
+    from client.personal import PersonalAdapters
+
+    root = Path(root)
+    removed = derived_from_history(root)
+    for adapters in sorted(root.glob("personal-*")):
+        if adapters.is_dir() and not adapters.is_symlink():
+            PersonalAdapters(adapters).forget()
+    for p in reversed(_derived_paths(root)):  # deepest first
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    for log_file in root.glob(LIVE_LOGS):
+        if log_file.is_file() and not log_file.is_symlink():
+            with open(log_file, "r+b") as fh:  # writers append (O_APPEND): they go on at offset 0
+                fh.truncate(0)
+                os.fsync(fh.fileno())
+    for d in {root, root / "personal", root / "federation", root / "jobs", root / "logs"}:
+        if d.is_dir():
+            fsync_dir(d)
+    return removed
 
 
 class UserDir:
