@@ -193,7 +193,9 @@ def test_daemon_add_ask_train_ask(daemon, capsys):
 
     status = daemon.ok("get", "/v1/status")
     assert status["personal_adapter"]["version"] == 1 and status["personal_adapter"]["data"]["history_items"] == 200
+    derived = status["history"].pop("derived_files")  # what forget would delete
     assert status["history"] == {"count": 200, "new_since_training": 0, "retrain_after": 0}
+    assert {"personal/CURRENT", "personal/v000001/adapter_model.safetensors", f"jobs/{job['id']}.json"} <= set(derived)
     assert status["base_model"]["hash"] and status["base_adapter"]["version"] == "untrained"
     assert status["privacy"]["rounds"] == 0 and status["federation"] is None
     verify_adapter_dir(Path(status["personal_adapter"]["path"]), base_model_hash=status["base_model"]["hash"])
@@ -281,7 +283,7 @@ def test_daemon_export_forget_import_restores_answers(daemon, tmp_path):
     assert gone["job_records"] >= 1
     after_forget = daemon.ok("get", "/v1/status")
     assert after_forget["history"]["count"] == 0 and after_forget["personal_adapter"] is None
-    assert after_forget["personal_versions"] == []
+    assert after_forget["personal_versions"] == [] and after_forget["history"]["derived_files"] == []
     assert daemon.ok("post", "/v1/ask", json={"fields": QUESTIONS[0]})["personal_version"] is None
     assert list((daemon.dir / "personal").glob("v*")) == []
 
