@@ -45,8 +45,8 @@ PRIMARY_DEFAULT = "rag"  # DaemonSpec's default augmentation
 
 # Everything in a data directory derived from the user's history (glob patterns relative to it;
 # a directory stands for every file under it). The history store itself (history/, with the
-# read-only snapshot the ClientApp reads) is emptied
-# by its owner (client.service), which also resets the personal/ adapters it has loaded.
+# read-only snapshot the ClientApp reads) is emptied by its owner (client.service), which also
+# resets the personal/ adapters it has loaded.
 HISTORY_DERIVED: tuple[str, ...] = (
     "history/*.profile.json",  # the PAG profile kept with the store
     "personal/v*",  # the daemon's personal adapters (client.personal), trained on the history
