@@ -300,6 +300,7 @@ class ChromaHistoryStore:
     def remove(self, ids: Sequence[str]) -> None:
         """Delete these items (an import being undone); the others' `order` is repaired on the
         next read, as after an interrupted add."""
+        self._reconnect_if_needed()  # the undo of an add that hit a full disk comes right after it
         if ids:
             self._col.delete(ids=list(ids))
         self._items, self._by_id, self._seq = None, {}, {}
