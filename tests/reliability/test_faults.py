@@ -282,6 +282,12 @@ DISK_FULL = textwrap.dedent("""
                      headers={"Authorization": "Bearer " + "k" * 43})
     seen = {}
 
+    def _detail(r):  # the API answers JSON; an unhandled error is Starlette's plain-text 500
+        try:
+            return r.json().get("detail", "")
+        except ValueError:
+            return r.text[:300]
+
     def note(key, value):  # written as it goes: a hang later still leaves what was seen
         seen[key] = value
         out.write_text(json.dumps(seen))
@@ -301,11 +307,11 @@ DISK_FULL = textwrap.dedent("""
             note("filled", e.errno)
     os.truncate(filler, filler.stat().st_size - int(os.environ["FREE"]))
     r = api.post("/v1/history", json={"items": batch})
-    note("full", {"status": r.status_code, "detail": r.json().get("detail", "")})
+    note("full", {"status": r.status_code, "detail": _detail(r)})
     note("changed", stored_state.differences(before, stored_state.service(svc)))
     filler.unlink()
     r = api.post("/v1/history", json={"items": batch})
-    note("again", {"status": r.status_code, "body": r.json()})
+    note("again", {"status": r.status_code, "body": r.json() if r.status_code == 200 else {"detail": _detail(r)}})
     stored = {it.id: dict(it.fields) for it in svc.store.items()}
     note("acknowledged_lost", [it["id"] for it in first if stored.get(it["id"]) != it["fields"]])
     note("batch_missing", [it["id"] for it in batch if stored.get(it["id"]) != it["fields"]])
