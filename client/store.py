@@ -168,22 +168,11 @@ class ChromaHistoryStore:
         self._items: list[HistoryItem] | None = None  # chronological cache
         self._by_id: dict[str, HistoryItem] = {}
         self._seq: dict[str, int] = {}
-        self._needs_reconnect = False
 
     def _connect(self) -> Any:
         return chromadb.PersistentClient(
             path=str(self.path), settings=Settings(anonymized_telemetry=False, allow_reset=True)
         )
-
-    def _reconnect_if_needed(self) -> None:
-        """Chroma's client (1.x) never returns from its next write once SQLite has reported a full
-        disk, even after space is freed; a fresh client on the same directory works. So after a
-        full disk the next use reconnects first."""
-        if self._needs_reconnect:
-            self._client.close()
-            self._client = self._connect()
-            self._col = self._open_collection()
-            self._needs_reconnect = False
 
     def _open_collection(self) -> Any:
         return self._client.get_or_create_collection(
@@ -193,7 +182,6 @@ class ChromaHistoryStore:
     # -- reading -------------------------------------------------------------------------------
 
     def _load(self) -> list[HistoryItem]:
-        self._reconnect_if_needed()
         if self._items is not None:
             return self._items
         got = self._col.get(include=["metadatas"])
@@ -270,7 +258,6 @@ class ChromaHistoryStore:
             full = self._disk_full(e, len(new))
             if full is None:
                 raise
-            self._needs_reconnect = True
             raise full from e
 
         self._seq.update(seq)
@@ -300,14 +287,12 @@ class ChromaHistoryStore:
     def remove(self, ids: Sequence[str]) -> None:
         """Delete these items (an import being undone); the others' `order` is repaired on the
         next read, as after an interrupted add."""
-        self._reconnect_if_needed()  # the undo of an add that hit a full disk comes right after it
         if ids:
             self._col.delete(ids=list(ids))
         self._items, self._by_id, self._seq = None, {}, {}
 
     def clear(self) -> None:
         """Delete every item and the profile (the user's "forget me")."""
-        self._reconnect_if_needed()
         self._client.delete_collection(self._name)
         self._col = self._open_collection()
         self._profile_path.unlink(missing_ok=True)
@@ -333,7 +318,6 @@ class ChromaHistoryStore:
         self._client = self._connect()
         self._col = self._open_collection()
         self._items, self._by_id, self._seq = None, {}, {}
-        self._needs_reconnect = False
         if failed is not None:
             log.warning("could not remove every file of %s (%s); clearing the collection instead", self.path, failed)
             self.clear()

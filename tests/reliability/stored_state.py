@@ -41,8 +41,8 @@ def history(store: Any) -> dict[str, Any]:
     Chroma store, every record as Chroma holds it: document, metadata (seq, order) and embedding.
 
     Chroma's own files are compared through what they hold, not byte for byte: closing and
-    reopening a client (as a daemon restart does, or the store after a full disk) rewrites index
-    bookkeeping in chroma.sqlite3 and the HNSW files without changing a record."""
+    reopening a client (as a daemon restart does) rewrites index bookkeeping in chroma.sqlite3
+    and the HNSW files without changing a record."""
     items = [(it.id, json.dumps(dict(it.fields), sort_keys=True), it.time) for it in store.items()]
     out: dict[str, Any] = {"items": items, "profile": store.get_profile()}
     col = getattr(store, "_col", None)
