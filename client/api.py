@@ -450,7 +450,8 @@ def _describe_items(app: FastAPI, service: ClientService) -> None:
     props: dict[str, Any] = {f: dict(text) for f in task.item_fields}
     if task.label_field in props:
         if task.kind == "regression":
-            props[task.label_field] = {"type": "string", "pattern": r"^\s*[1-5](\.0*)?\s*$"}
+            ratings = "|".join(task.labels or ())  # the task's scale, 1-5 unless a config says otherwise
+            props[task.label_field] = {"type": "string", "pattern": rf"^\s*(?:{ratings})(\.0*)?\s*$"}
         elif task.labels:
             props[task.label_field] = {"type": "string", "enum": list(task.labels)}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from shared.config import (
     AUGMENTATIONS, METHOD_AUGMENTATION, PERSONAL_METHODS, AdapterSpec, BaseModelSpec, RetrievalSpec, SelectionSpec,
-    TrainSpec, from_dict, parse_config_file,
+    TaskSpec, TrainSpec, from_dict, parse_config_file, register_specs,
 )
 from shared.config.specs import _choice, _positive
 
@@ -27,6 +27,9 @@ class DaemonSpec:
     """
 
     task: str = field(default="amazon-rating", metadata={"help": "Task whose items the history holds (see `oppu tasks`)."})
+    tasks: tuple[TaskSpec, ...] = field(
+        default=(), metadata={"help": "Tasks of your own, one [[tasks]] table each (shared/config/tasks.py); "
+                              "`task` may name one of them."})
     host: str = field(default="127.0.0.1", metadata={"help": "Loopback address the API binds (127.0.0.1 or ::1 only)."})
     port: int = field(default=8731, metadata={"help": "API port; 0 picks a free one (written to DIR/daemon.json)."})
     augmentation: str = field(
@@ -83,6 +86,7 @@ class DaemonSpec:
 
         from shared.tasks import TASKS
 
+        register_specs(self.tasks, "the daemon's [[tasks]]")  # get_task finds them from here on
         _choice("daemon.task", self.task, tuple(TASKS))
         try:
             loopback = ipaddress.ip_address(self.host).is_loopback

@@ -81,10 +81,34 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from shared.tasks import TASKS
+    from shared.config import load_task_file
+    from shared.tasks import TASKS, describe_task, get_task
 
-    for name, task in TASKS.items():
-        print(f"{name:18s} {task.kind:15s} metrics: {', '.join(task.metric_names)}")
+    if args.config:
+        load_task_file(args.config)
+    names = args.names or list(TASKS)
+    print("\n\n".join(describe_task(get_task(n)) for n in names))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """A person's own data (JSONL, CSV, git commits) as a history file of a task's items."""
+    from shared.config import load_task_file
+    from shared.data.importers import import_csv, import_git, import_jsonl, parse_mapping, write_history
+    from shared.tasks import get_task
+
+    if args.config:
+        load_task_file(args.config)
+    task = get_task(args.task)
+    mapping = parse_mapping(args.map or [], task)
+    if args.source == "git":
+        result = import_git(args.path, args.author, task, mapping, rev=args.rev, max_count=args.max_count or 0)
+    else:
+        reader = import_jsonl if args.source == "jsonl" else import_csv
+        result = reader(args.path, task, mapping, args.ignore or [])
+    out = write_history(args.out, result.items)
+    print(f"wrote {result.summary()} of task {task.name} to {out}")
+    print(f"add them to your history: oppu client add {out}   (the daemon must run with task = \"{task.name}\")")
     return 0
 
 
@@ -263,8 +287,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a local Hugging Face model directory instead of the embedded one")
     p.set_defaults(func=cmd_prepare_model)
 
-    p = sub.add_parser("tasks", help="list the tasks and their metrics")
+    p = sub.add_parser("tasks", help="the tasks: fields, answers, metrics and an example item line")
+    p.add_argument("names", nargs="*", metavar="TASK", help="only these tasks")
+    p.add_argument("--config", help="a TOML file whose [[tasks]] tables define tasks of your own (e.g. DIR/daemon.toml)")
     p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("import", help="your own data (JSONL, CSV, git commits) as a history file for `oppu client add`")
+    isub = p.add_subparsers(dest="source", required=True)
+    for source, what in (("jsonl", "one JSON object per line"), ("csv", "a CSV file with a header line"),
+                         ("git", "one author's commits of a git repository (body -> subject)")):
+        q = isub.add_parser(source, help=what)
+        q.add_argument("path", help="the git repository" if source == "git" else f"the {source.upper()} file")
+        if source == "git":
+            q.add_argument("--author", required=True, help="author name or email (exact, any case)")
+            q.add_argument("--rev", default="HEAD", help="commits reachable from this revision (default HEAD)")
+            q.add_argument("--max-count", type=int, help="keep only the newest N items")
+        q.add_argument("--task", default="commit-title" if source == "git" else None, required=source != "git",
+                       help="the task the items are for (oppu tasks lists them)")
+        q.add_argument("--map", action="append", metavar="FIELD=COLUMN",
+                       help="fill the task's FIELD (or id, time) from the source's COLUMN, e.g. --map text=body (repeatable)")
+        if source != "git":
+            q.add_argument("--ignore", action="append", metavar="COLUMN", help="a source column to leave out (repeatable)")
+        q.add_argument("--config", help="a TOML file with [[tasks]] tables, when --task is one of your own")
+        q.add_argument("-o", "--out", required=True, help="history file to write ({\"id\", \"fields\", \"time\"} per line)")
+        q.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export-data", help="write a built task as LaMP-format files")
     _add_experiment_args(p)

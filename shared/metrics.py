@@ -7,7 +7,7 @@ LaMP (Salemi et al., arXiv 2304.11406, `eval/eval_task.py`) scores:
   F1 is sklearn's `f1_score(average="macro", labels=range(len(labels)))`: labels that are never
   predicted and never gold still enter the average with F1 = 0.
 - regression (ratings 1-5): MAE and RMSE; a prediction that does not parse as a number is
-  scored as the rating farthest from the gold (1 or 5), never silently dropped.
+  scored as the rating farthest from the gold (1 or 5; the ends of a configured task's own scale), never silently dropped.
 - generation: ROUGE-1 and ROUGE-L F-measure from HF `evaluate`'s "rouge" (rouge_score, no
   stemmer, default tokenizer), aggregated as the mean over examples.
 
@@ -120,12 +120,14 @@ def _as_number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def worst_rating(gold: float) -> float:
-    """The rating farthest from `gold` on the 1-5 scale (LaMP's penalty for an unparseable answer)."""
-    return 1.0 if abs(1.0 - gold) > abs(5.0 - gold) else 5.0
+def worst_rating(gold: float, scale: tuple[int, int] = (1, 5)) -> float:
+    """The rating farthest from `gold` on the scale (LaMP's penalty for an unparseable answer;
+    LaMP's scale is 1-5, a task defined in config may declare another)."""
+    low, high = float(scale[0]), float(scale[1])
+    return low if abs(low - gold) > abs(high - gold) else high
 
 
-def rating_errors(preds: Sequence[str], golds: Sequence[str]) -> np.ndarray:
+def rating_errors(preds: Sequence[str], golds: Sequence[str], scale: tuple[int, int] = (1, 5)) -> np.ndarray:
     """Prediction minus gold per query; an unparseable prediction counts as the worst rating."""
     _check_lengths(preds, golds, "regression")
     gold_vals = []
@@ -137,13 +139,14 @@ def rating_errors(preds: Sequence[str], golds: Sequence[str]) -> np.ndarray:
     pred_vals = []
     for pred, gold in zip(preds, gold_vals):
         value = _as_number(pred)
-        pred_vals.append(worst_rating(gold) if value is None else value)
+        pred_vals.append(worst_rating(gold, scale) if value is None else value)
     return np.asarray(pred_vals, dtype=np.float64) - np.asarray(gold_vals, dtype=np.float64)
 
 
-def regression_scores(preds: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
-    """{"mae", "rmse"} over 1-5 ratings; unparseable predictions score as the worst rating."""
-    err = rating_errors(preds, golds)
+def regression_scores(preds: Sequence[str], golds: Sequence[str], scale: tuple[int, int] = (1, 5)) -> dict[str, float]:
+    """{"mae", "rmse"} over ratings (1-5 unless `scale` says otherwise); unparseable predictions
+    score as the worst rating."""
+    err = rating_errors(preds, golds, scale)
     return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err**2)))}
 
 

@@ -106,11 +106,11 @@ def _classification(labels: Sequence[str]) -> PooledScorer:
     return PooledScorer(("accuracy", "f1"), contributions, pool)
 
 
-def _regression() -> PooledScorer:
+def _regression(scale: tuple[int, int]) -> PooledScorer:
     names = ("mae", "rmse")
 
     def contributions(preds: Sequence[str], golds: Sequence[str]) -> np.ndarray:
-        err = metrics.rating_errors(preds, golds)
+        err = metrics.rating_errors(preds, golds, scale)
         # Each metric's per-query term: |e| pools as a mean; e^2 as the root of a mean.
         return np.stack([np.abs(err) if n not in metrics.ROOT_MEAN_SQUARE else err**2 for n in names], axis=1)
 
@@ -132,7 +132,7 @@ def pooled_scorer(task: Any) -> PooledScorer:
     if task.kind == "classification":
         return _classification(task.labels or ())
     if task.kind == "regression":
-        return _regression()
+        return _regression(getattr(task, "scale", (1, 5)))
     if task.kind == "generation":
         return _generation()
     raise ValueError(f"shared/stats.py: no pooled scorer for task kind {task.kind!r}")

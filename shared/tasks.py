@@ -1,4 +1,4 @@
-"""LaMP task definitions: one small object per task.
+"""Task definitions: one small object per task (the LaMP tasks, ours, and those a config defines).
 
 A task knows how to turn a history item into a question and its answer (the personal training
 pairs), how to show an item as context in a prompt, which text a retriever indexes and which part
@@ -47,7 +47,7 @@ _ANSWER_PREFIX = re.compile(
     re.IGNORECASE,
 )
 _QUOTE_PAIRS = {'"': '"', "'": "'", "`": "`", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb"}
-_RATING_DIGIT = re.compile(r"(?<!\d)[1-5](?!\d)")
+_WHOLE_NUMBER = re.compile(r"(?<!\d)(?:0|[1-9]\d*)(?!\d)")  # "05" is not a rating
 
 
 def _first_line(text: str) -> str:
@@ -67,13 +67,13 @@ def _norm_label(text: str) -> str:
     return text.strip().strip(" \t\"'`.,;:!*()[]{}").lower()
 
 
-def _rating_value(text: str) -> str | None:
-    """'4', '4.0' -> '4'; anything that is not a whole rating 1-5 -> None."""
+def _rating_value(text: str, scale: tuple[int, int] = (1, 5)) -> str | None:
+    """'4', '4.0' -> '4'; anything that is not a whole rating on `scale` (1-5) -> None."""
     try:
         value = float(str(text).strip())
     except ValueError:
         return None
-    return str(int(value)) if value in (1.0, 2.0, 3.0, 4.0, 5.0) else None
+    return str(int(value)) if value.is_integer() and scale[0] <= value <= scale[1] else None
 
 
 def scramble_words(text: str) -> str:
@@ -107,10 +107,24 @@ class Task:
     labels: tuple[str, ...] | None = None
     label_field: str | None = None  # item field holding a label/rating that must be valid
     description: str = ""
+    scale: tuple[int, int] = (1, 5)  # regression: the lowest and highest whole rating
+    metric: str = ""  # the metric that selects and reports first; empty: the kind's first
+    example: tuple[tuple[str, str], ...] = ()  # one item's fields, shown by `oppu tasks`
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        return _METRIC_NAMES[self.kind]
+        names = _METRIC_NAMES[self.kind]
+        return (self.metric, *(n for n in names if n != self.metric)) if self.metric else names
+
+    def example_fields(self) -> dict[str, str]:
+        """An item a user could add: the task's own example, else each field named in angle brackets
+        with a valid label or rating where one is required."""
+        if self.example:
+            return dict(self.example)
+        out = {f: f"<{f}>" for f in self.item_fields}
+        if self.label_field is not None and self.labels:
+            out[self.label_field] = self.labels[-1]
+        return out
 
     # -- questions and training pairs -------------------------------------------------------
 
@@ -121,7 +135,7 @@ class Task:
     def item_target(self, item: HistoryItem) -> str:
         value = item.get(self.target_field).strip()
         if self.kind == "regression":
-            return _rating_value(value) or value
+            return _rating_value(value, self.scale) or value
         return value
 
     def item_to_example(self, item: HistoryItem) -> tuple[str, str]:
@@ -153,9 +167,11 @@ class Task:
         if self.kind == "classification":
             return self._parse_label(line)
         if self.kind == "regression":
-            m = _RATING_DIGIT.search(line)
+            for m in _WHOLE_NUMBER.finditer(line):  # the first whole number on the scale
+                if self.scale[0] <= int(m.group(0)) <= self.scale[1]:
+                    return m.group(0)
             # No rating found: keep the raw text, which the metric scores as the worst rating.
-            return m.group(0) if m else line
+            return line
         return _unquote(_ANSWER_PREFIX.sub("", _unquote(line)))
 
     def _parse_label(self, line: str) -> str:
@@ -181,7 +197,7 @@ class Task:
             assert self.labels is not None
             return metrics.classification_scores(preds, golds, self.labels)
         if self.kind == "regression":
-            return metrics.regression_scores(preds, golds)
+            return metrics.regression_scores(preds, golds, self.scale)
         return metrics.rouge_scores(preds, golds)
 
     # -- validation -------------------------------------------------------------------------
@@ -208,8 +224,8 @@ class Task:
     def _check_answer(self, value: object, where: str) -> None:
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{where}: empty or non-text answer {value!r}")
-        if self.kind == "regression" and _rating_value(value) is None:
-            raise ValueError(f"{where}: rating {value!r} is not a whole number 1-5")
+        if self.kind == "regression" and _rating_value(value, self.scale) is None:
+            raise ValueError(f"{where}: rating {value!r} is not a whole number {self.scale[0]}-{self.scale[1]}")
         if self.kind == "classification" and self.labels is not None and value.strip() not in self.labels:
             raise ValueError(f"{where}: {value!r} is not a {self.name} label; labels: {', '.join(self.labels)}")
 
@@ -238,6 +254,13 @@ class TweetTask(Task):
         return self.input_template.format(text=scramble_words(item.get("text")))
 
 
+def _ex(**fields: str) -> tuple[tuple[str, str], ...]:
+    return tuple(fields.items())
+
+
+_REVIEW = "Great strings, they stay in tune for weeks and sound bright."
+
+
 def _tag_question(what: str, noun: str, nouns: str, labels: Sequence[str], marker: str, field: str) -> str:
     return (
         f"Which {noun} does this {what} belong to, among the following {nouns}? "
@@ -257,7 +280,7 @@ def _rating_task(name: str, description: str) -> Task:
         name=name, kind="regression", item_fields=("text", "score"), input_template=_RATING_INPUT,
         markers=("review:",), target_field="score", index_fields=("text",),
         render_template="rated {score}: {text}", max_new_tokens=4, labels=RATINGS, label_field="score",
-        description=description,
+        description=description, example=_ex(text=_REVIEW, score="5"),
     )
 
 
@@ -267,6 +290,7 @@ def _movie_tag_task(name: str, labels: tuple[str, ...], description: str) -> Tas
         input_template=_tag_question("movie", "tag", "tags", labels, "description:", "description"), markers=("description:",),
         target_field="tag", index_fields=("description",), render_template="tagged {tag}: {description}",
         max_new_tokens=8, labels=labels, label_field="tag", description=description,
+        example=_ex(description="A crew wakes from cryosleep to find their ship drifting far off course.", tag="sci-fi"),
     )
 
 
@@ -276,6 +300,7 @@ _ALL: tuple[Task, ...] = (
         input_template="Write an abstract for the paper titled: {title}", markers=("titled:",),
         target_field="abstract", index_fields=("title", "abstract"), render_template='wrote the paper "{title}"',
         max_new_tokens=4, labels=("[1]", "[2]"), description="personalized citation identification",
+        example=_ex(title="Federated fine-tuning on phones", abstract="We train adapters on-device and share only updates."),
     ),
     Task(
         name="LaMP-2N", kind="classification", item_fields=("text", "title", "category"),
@@ -283,6 +308,8 @@ _ALL: tuple[Task, ...] = (
         target_field="category", index_fields=("title", "text"), render_template="filed under {category}: {title}. {text}",
         max_new_tokens=8, labels=NEWS_CATEGORIES, label_field="category",
         description="personalized news categorization",
+        example=_ex(text="The city council voted to expand the night bus network.", title="More night buses",
+                    category="politics"),
     ),
     _movie_tag_task("LaMP-2M", MOVIE_TAGS, "personalized movie tagging"),
     _rating_task("LaMP-3", "personalized product rating"),
@@ -291,12 +318,14 @@ _ALL: tuple[Task, ...] = (
         input_template="Write a headline for the following news article: {text}", markers=("article:", ":"),
         target_field="title", index_fields=("title", "text"), render_template='headline "{title}" for: {text}',
         max_new_tokens=24, description="personalized news headline generation",
+        example=_ex(text="The city council voted to expand the night bus network.", title="Night buses for all"),
     ),
     Task(
         name="LaMP-5", kind="generation", item_fields=("title", "abstract"),
         input_template="Write a title for the following abstract of a paper: {abstract}", markers=(":",),
         target_field="title", index_fields=("title", "abstract"), render_template='title "{title}" for: {abstract}',
         max_new_tokens=24, description="personalized scholarly title generation",
+        example=_ex(title="Adapters on phones", abstract="We train adapters on-device and share only updates."),
     ),
     TweetTask(
         name="LaMP-7", kind="generation", item_fields=("text",),
@@ -304,6 +333,7 @@ _ALL: tuple[Task, ...] = (
         "before or after it: {text}",
         markers=(":",), target_field="text", index_fields=("text",), render_template="{text}",
         max_new_tokens=64, description="personalized tweet paraphrasing",
+        example=_ex(text="Finally tuned the old guitar. Sounds like 1975 again!"),
     ),
     _rating_task("amazon-rating", "Amazon musical-instrument review -> the reviewer's star rating"),
     Task(
@@ -311,12 +341,42 @@ _ALL: tuple[Task, ...] = (
         input_template="Write a short title for the following product review: {text}", markers=("review:", ":"),
         target_field="title", index_fields=("title", "text"), render_template='titled "{title}": {text}',
         max_new_tokens=24, description="Amazon musical-instrument review -> the reviewer's review title",
+        example=_ex(text=_REVIEW, title="Bright and stable"),
+    ),
+    Task(
+        name="commit-title", kind="generation", item_fields=("body", "subject"),
+        input_template="Write a one-line commit title for the following commit message body: {body}",
+        markers=("body:", ":"), target_field="subject", index_fields=("subject", "body"),
+        render_template='titled "{subject}": {body}', max_new_tokens=24,
+        description="a git author's commit message body -> their commit title (history from `oppu import git`)",
+        example=_ex(body="The parser accepted a trailing comma and then failed later with a confusing error.",
+                    subject="config: refuse trailing commas where they are read"),
     ),
     _movie_tag_task("synthetic-tag", SYNTHETIC_TAGS, "synthetic movie tagging with a planted favourite tag"),
     _rating_task("synthetic-rating", "synthetic reviews with a planted per-user rating habit"),
 )
 
+# The one registry: the built-in tasks, then those a config defines (register_tasks).
 TASKS: dict[str, Task] = {t.name: t for t in _ALL}
+BUILTIN_TASKS: tuple[str, ...] = tuple(TASKS)
+
+
+def register_tasks(tasks: Sequence[Task]) -> tuple[Task, ...]:
+    """Add tasks defined in a config to TASKS, so get_task finds them wherever they are asked for:
+    all of them or, on a ValueError, none. The same definition again is a no-op; a built-in name,
+    or a name already defined otherwise, is refused (the caller adds which file)."""
+    for task in tasks:
+        have = TASKS.get(task.name)
+        if have is None or have == task:
+            continue
+        if task.name in BUILTIN_TASKS:
+            raise ValueError(f"task {task.name!r} is a built-in task; give yours another name "
+                             f"(built-in: {', '.join(BUILTIN_TASKS)})")
+        raise ValueError(f"task {task.name!r} is already defined differently in this process; "
+                         "one name, one definition")
+    for task in tasks:
+        TASKS.setdefault(task.name, task)
+    return tuple(TASKS[task.name] for task in tasks)
 
 
 def get_task(name: str | Task) -> Task:
@@ -326,4 +386,31 @@ def get_task(name: str | Task) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"shared/tasks.py: unknown task {name!r}; valid tasks: {', '.join(TASKS)}") from None
+        raise ValueError(f"shared/tasks.py: unknown task {name!r}; valid tasks: {', '.join(TASKS)}; a task of your "
+                         "own is defined in a [[tasks]] table of the daemon's config (docs/daemon.md)") from None
+
+
+def describe_task(task: Task) -> str:
+    """What `oppu tasks` shows of a task: its kind, fields, answers, metrics and an item line a
+    user can add (`oppu client add`)."""
+    import json
+    import string
+
+    asked = [name for _, name, _, _ in string.Formatter().parse(task.input_template) if name]
+    if task.kind == "regression":
+        answers = f"a whole rating {task.scale[0]}-{task.scale[1]}"
+    elif task.labels and task.label_field:
+        answers = f"one of: {', '.join(task.labels)}"
+    else:
+        answers = "free text"
+    kind = {"regression": "rating"}.get(task.kind, task.kind)
+    example = {"id": f"{task.name}-1", "fields": task.example_fields(), "time": 1733000000}
+    lines = [
+        f"{task.name}  ({kind}; metrics: {', '.join(task.metric_names)})",
+        f"  {task.description}" if task.description else "",
+        f"  item fields:  {', '.join(task.item_fields)}",
+        f"  question from: {', '.join(dict.fromkeys(asked))}   answer: {task.target_field} ({answers})",
+        f"  queries are answered with one of: {', '.join(task.labels)}" if task.labels and not task.label_field else "",
+        f"  example line: {json.dumps(example, ensure_ascii=False)}",
+    ]
+    return "\n".join(line for line in lines if line)

@@ -4,6 +4,7 @@ specs       the specs every part shares (model, adapters, training, selection, r
             privacy, data, experiment)
 parsing     TOML / dicts / dotted overrides -> specs, field-naming errors; the TOML writer; presets
 federation  the federation settings and their Flower run-config form
+tasks       tasks a person defines ([[tasks]] tables) -> shared.tasks.Task, registered by name
 
 The daemon's settings live with the daemon (client/settings.py), the privacy ablation's grid
 with the ablation (simulations/ablation_spec.py).
@@ -14,6 +15,7 @@ from .federation import (
     load_federated, to_run_config,
 )
 from .parsing import PRESETS, apply_overrides, dump_toml, from_dict, load_experiment, parse_config_file, to_dict
+from .tasks import KIND_METRICS, TASK_KINDS, TaskSpec, load_task_file, register_specs
 from .specs import (
     AUGMENTATIONS, METHOD_AUGMENTATION, PERSONAL_METHODS, BASELINES, DEVICES, DTYPES, EMBEDDED_MODEL, HISTORY_TOPICS, ITEM_FORMATS, METHODS, PEFT_TYPES, QUANTIZATIONS,
     RECORD_LEVELS, RETRIEVERS, SELECTIONS, STORES, AdapterSpec, BaseModelSpec, DataSpec, ExperimentSpec, PrivacySpec,
@@ -22,7 +24,8 @@ from .specs import (
 
 __all__ = [
     "AdapterSpec", "BaseModelSpec", "DataSpec", "ExperimentSpec", "PrivacySpec", "RetrievalSpec", "SelectionSpec",
-    "TrainSpec", "FederationSpec", "FederatedSpec", "AUGMENTATIONS", "METHOD_AUGMENTATION", "PERSONAL_METHODS",
+    "TrainSpec", "TaskSpec", "TASK_KINDS", "KIND_METRICS", "load_task_file", "register_specs",
+    "FederationSpec", "FederatedSpec", "AUGMENTATIONS", "METHOD_AUGMENTATION", "PERSONAL_METHODS",
     "BASELINES", "BASE_INITS", "DEVICES", "DTYPES", "EMBEDDED_MODEL", "HISTORY_TOPICS", "ITEM_FORMATS", "METHODS",
     "PEFT_TYPES", "QUANTIZATIONS", "RECORD_LEVELS", "RETRIEVERS", "SELECTIONS", "STORES", "STRATEGIES", "PRESETS",
     "apply_overrides", "dump_toml", "from_dict", "load_experiment", "parse_config_file", "to_dict",

@@ -6,7 +6,7 @@ import pytest
 
 from shared.prompting import clip_words
 from shared.records import HistoryItem
-from shared.tasks import TASKS, get_task, scramble_words
+from shared.tasks import BUILTIN_TASKS, TASKS, get_task, scramble_words
 
 # Payloads contain the task's marker words on purpose: the query must still come back whole.
 VALUES = {
@@ -17,6 +17,8 @@ VALUES = {
     "category": "politics",
     "description": "A man walks into a bar. description: funny",
     "tag": "comedy",
+    "body": "The reader accepted a body: with a marker and then failed.",
+    "subject": "reader: keep payloads that contain a marker",
 }
 
 
@@ -25,10 +27,10 @@ def item_for(task, **over):
 
 
 PAYLOAD = {"LaMP-1": "title", "LaMP-2N": "text", "LaMP-2M": "description", "LaMP-4": "text", "LaMP-5": "abstract",
-           "amazon-title": "text", "synthetic-tag": "description"}
+           "amazon-title": "text", "synthetic-tag": "description", "commit-title": "body"}
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
 def test_make_input_round_trips_through_retrieval_query(name):
     task = TASKS[name]
     item = item_for(task)
@@ -137,8 +139,8 @@ def test_scramble_is_deterministic_and_keeps_words():
 
 
 def test_registry():
-    assert set(TASKS) == {"LaMP-1", "LaMP-2N", "LaMP-2M", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7",
-                          "amazon-rating", "amazon-title", "synthetic-tag", "synthetic-rating"}
+    assert set(BUILTIN_TASKS) == {"LaMP-1", "LaMP-2N", "LaMP-2M", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7",
+                                  "amazon-rating", "amazon-title", "commit-title", "synthetic-tag", "synthetic-rating"}
     assert len(get_task("LaMP-2N").labels) == 15 and len(get_task("LaMP-2M").labels) == 15
     assert get_task("synthetic-tag").labels == ("comedy", "romance", "action", "fantasy", "sci-fi", "classic")
     assert get_task("LaMP-1").labels == ("[1]", "[2]")
