@@ -80,12 +80,24 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tasks(args: argparse.Namespace) -> int:
+def load_own_tasks(args: argparse.Namespace) -> None:
+    """Register the [[tasks]] of --config, else those of the daemon's DIR/daemon.toml when it has one."""
     from shared.config import load_task_file
+
+    path = args.config
+    if path is None:
+        from client.daemon import CONFIG_FILE, default_data_dir
+
+        found = (Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()) / CONFIG_FILE
+        path = found if found.is_file() else None
+    if path is not None:
+        load_task_file(path)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
     from shared.tasks import TASKS, describe_task, get_task
 
-    if args.config:
-        load_task_file(args.config)
+    load_own_tasks(args)
     names = args.names or list(TASKS)
     print("\n\n".join(describe_task(get_task(n)) for n in names))
     return 0
@@ -93,12 +105,10 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """A person's own data (JSONL, CSV, git commits) as a history file of a task's items."""
-    from shared.config import load_task_file
     from shared.data.importers import import_csv, import_git, import_jsonl, parse_mapping, write_history
     from shared.tasks import get_task
 
-    if args.config:
-        load_task_file(args.config)
+    load_own_tasks(args)
     task = get_task(args.task)
     mapping = parse_mapping(args.map or [], task)
     if args.source == "git":
@@ -272,6 +282,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_own_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a TOML file whose [[tasks]] tables define tasks of your own "
+                   "(default: the daemon's DIR/daemon.toml when present)")
+    p.add_argument("--data-dir", help="the daemon's data directory (default: $OPPU_CLIENT_DIR or ~/.local/share/oppu/client)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oppu", description="One PEFT Per User: federated, on-device LLM personalization.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -289,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tasks", help="the tasks: fields, answers, metrics and an example item line")
     p.add_argument("names", nargs="*", metavar="TASK", help="only these tasks")
-    p.add_argument("--config", help="a TOML file whose [[tasks]] tables define tasks of your own (e.g. DIR/daemon.toml)")
+    _add_own_task_args(p)
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("import", help="your own data (JSONL, CSV, git commits) as a history file for `oppu client add`")
@@ -308,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fill the task's FIELD (or id, time) from the source's COLUMN, e.g. --map text=body (repeatable)")
         if source != "git":
             q.add_argument("--ignore", action="append", metavar="COLUMN", help="a source column to leave out (repeatable)")
-        q.add_argument("--config", help="a TOML file with [[tasks]] tables, when --task is one of your own")
+        _add_own_task_args(q)
         q.add_argument("-o", "--out", required=True, help="history file to write ({\"id\", \"fields\", \"time\"} per line)")
         q.set_defaults(func=cmd_import)
 

@@ -186,6 +186,24 @@ def test_oppu_tasks_prints_fields_answers_metrics_and_an_addable_line(tmp_path, 
         assert [it.fields for it in parse_items([item], get_task(name), max_field_chars=20000)] == [item["fields"]]
 
 
+def test_oppu_tasks_and_import_read_the_daemons_own_config(tmp_path, capsys, monkeypatch):
+    from oppu.cli import main
+
+    data = tmp_path / "client"
+    data.mkdir()
+    _write(tmp_path, CONFIG, "client/daemon.toml")
+    monkeypatch.setenv("OPPU_CLIENT_DIR", str(tmp_path / "elsewhere"))
+    assert main(["tasks", "note-title"]) == 2
+    assert "unknown task 'note-title'" in capsys.readouterr().err
+    monkeypatch.setenv("OPPU_CLIENT_DIR", str(data))
+    assert main(["tasks", "note-title"]) == 0
+    assert capsys.readouterr().out.startswith("note-title  (generation; metrics: rouge-1, rouge-L)\n  my notes -> my titles\n")
+    src = _write(tmp_path, '{"body": "Strings and a capo", "title": "Shopping"}\n', "notes.jsonl")
+    out = tmp_path / "history.jsonl"
+    assert main(["import", "jsonl", str(src), "--task", "note-title", "--map", "text=body", "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["fields"] == {"text": "Strings and a capo", "title": "Shopping"}
+
+
 def test_the_daemon_config_declares_a_task_and_serves_it(tmp_path):
     from client.items import ItemError, parse_items
     from client.settings import load_daemon

@@ -212,8 +212,10 @@ def test_split_message_reads_subject_and_body_as_git_does():
     assert split_message("subject only\n") == ("subject only", "")
 
 
-def test_oppu_import_writes_a_history_file(tmp_path, capsys):
+def test_oppu_import_writes_a_history_file(tmp_path, capsys, monkeypatch):
     from oppu.cli import main
+
+    monkeypatch.setenv("OPPU_CLIENT_DIR", str(tmp_path))  # no daemon.toml with tasks of its own
 
     src = tmp_path / "notes.csv"
     src.write_text("body,stars,url\nGood,5,u1\nBad,1,u2\n")
