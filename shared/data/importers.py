@@ -143,6 +143,8 @@ def _read_text(path: str | Path) -> str:
         raise FileNotFoundError(f"{path} does not exist") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def _collect(records: _Records, rows: Iterable[tuple[Mapping[str, Any], str]]) -> ImportResult:
@@ -251,6 +253,8 @@ def import_git(repo: str | Path, author: str, task: Task, mapping: Mapping[str, 
     """The commits reachable from `rev` whose author name or email equals `author` (any case),
     as items {body -> subject} (commit-title; another task's fields come through `mapping`,
     e.g. message=body). Merge commits and commits without a body are left out and counted."""
+    if not rev.strip() or rev.startswith("-"):  # an option in its place would change what git does
+        raise ValueError(f"--rev {rev!r} must name a revision (a branch, tag or commit), not an option")
     cmd = ["git", "-C", str(repo), "-c", "log.showSignature=false", "-c", "i18n.logOutputEncoding=UTF-8",
            "log", "-z", "--no-color", f"--format={_GIT_FORMAT}", rev, "--"]
     env = {**os.environ, "LC_ALL": "C", "GIT_TERMINAL_PROMPT": "0"}

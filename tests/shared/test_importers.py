@@ -120,6 +120,8 @@ def test_csv_with_a_mapping_and_errors_with_line_numbers(tmp_path):
     src.write_text('text,text\n')
     with pytest.raises(ValueError, match=r"line 1 \(header\): column names must be distinct and non-empty"):
         import_csv(src, RATING)
+    with pytest.raises(ValueError, match=r"cannot be read \(Is a directory\)"):
+        import_csv(tmp_path, RATING)
 
 
 # -- git ------------------------------------------------------------------------------------------
@@ -204,6 +206,9 @@ def test_git_import_skips_merges_empty_bodies_trailers_and_other_authors(tmp_pat
         import_git(repo, "Ada Lovelace", COMMITS, rev="nope")
     with pytest.raises(ValueError, match=r"not a git repository"):
         import_git(tmp_path, "Ada Lovelace", COMMITS)
+    with pytest.raises(ValueError, match=r"--rev '--output=x' must name a revision \(a branch, tag or commit\), not an option"):
+        import_git(repo, "Ada Lovelace", COMMITS, rev="--output=x")
+    assert not (repo / "x").exists()
 
 
 def test_split_message_reads_subject_and_body_as_git_does():
