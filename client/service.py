@@ -434,11 +434,12 @@ class ClientService:
                 n_items = self.store.count()
                 had_profile = self.store.get_profile() is not None
                 self.store.wipe()  # the store's files, not just its rows; the daemon stays its owner
-                self._write_snapshot()  # now empty: a round after forget trains on nothing
             versions = self.host.forget()
             jobs = self.jobs.forget()
             self.jobs.interrupted = []
-            files = forget_derived(self.dir)
+            with self.store_lock:  # HISTORY_DERIVED includes the snapshot: rewritten after, empty
+                files = forget_derived(self.dir)
+                self._write_snapshot()  # a round after forget trains on nothing, not on a missing file
             self._auto_attempt_count = 0
         log.warning("forget: deleted %d history items, %d adapter versions, %d job records, %d derived files",
                     n_items, len(versions), jobs, len(files))

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client.snapshot import SNAPSHOT_FILE, read_snapshot, snapshot_path, snapshot_store
 from shared.fileio import atomic_write, fsync_dir
 from shared.protocol import ClientError
 from shared.records import HistoryItem, Query
@@ -44,11 +45,12 @@ FEDERATION_STATUS = "federation.json"
 PRIMARY_DEFAULT = "rag"  # DaemonSpec's default augmentation
 
 # Everything in a data directory derived from the user's history (glob patterns relative to it;
-# a directory stands for every file under it). The history store itself (history/, with the
-# read-only snapshot the ClientApp reads) is emptied by its owner (client.service), which also
-# resets the personal/ adapters it has loaded.
+# a directory stands for every file under it). The history store itself (history/) is emptied
+# by its owner (client.service), which also resets the personal/ adapters it has loaded and
+# rewrites the snapshot with no items once this list is deleted.
 HISTORY_DERIVED: tuple[str, ...] = (
     "history/*.profile.json",  # the PAG profile kept with the store
+    f"history/{SNAPSHOT_FILE}",  # the daemon's copy of the history for the ClientApp (client/snapshot.py)
     "personal/v*",  # the daemon's personal adapters (client.personal), trained on the history
     "personal/.v*",  # ... and their half-written or half-replaced copies
     "personal/CURRENT",
@@ -83,16 +85,29 @@ def _derived_paths(root: Path) -> list[Path]:
 
 def derived_from_history(root: str | Path) -> list[str]:
     """The files in data directory `root` derived from the history (HISTORY_DERIVED), relative
-    paths, sorted; none after `forget_derived`. Empty lock files carry nothing and are left out."""
+    paths, sorted; none after `forget_derived`. Files that carry nothing are left out: empty lock
+    files, and the snapshot of an empty history the daemon writes after forget."""
     root = Path(root)
     out = []
     for p in _derived_paths(root):
         if p.is_dir() and not p.is_symlink():
             continue
-        if p.name == ".lock" and p.stat().st_size == 0:
+        if _carries_nothing(p):
             continue
         out.append(p.relative_to(root).as_posix())
     return out
+
+
+def _carries_nothing(p: Path) -> bool:
+    if p.name == ".lock":
+        return p.stat().st_size == 0
+    if p.name == SNAPSHOT_FILE:
+        try:
+            snap = read_snapshot(p)
+        except (OSError, ValueError):  # unreadable or damaged: it may still hold items
+            return False
+        return not snap.items and snap.profile is None
+    return False
 
 
 def forget_derived(root: str | Path) -> list[str]:
@@ -161,8 +176,6 @@ class UserDir:
         """This user's history for a round. A daemon's directory has its snapshot (the daemon owns
         the Chroma store: client/snapshot.py), whatever store the run names; a simulated user's
         has a Chroma store (store='chroma') or history.json."""
-        from client.snapshot import read_snapshot, snapshot_path, snapshot_store
-
         snap = snapshot_path(self.path / "history")
         if snap.is_file():
             snapshot = read_snapshot(snap)

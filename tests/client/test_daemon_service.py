@@ -201,7 +201,9 @@ def test_the_daemon_owns_its_store_and_keeps_the_clientapps_snapshot_current(tin
         assert list(read_snapshot(snap).items) == svc.store.items()
         svc.add(items[:6])  # older items: the snapshot stays chronological, as the store lists it
         assert list(read_snapshot(snap).items) == svc.store.items() == sorted(items, key=lambda it: it.time)
+        assert "history/history.snapshot.jsonl" in svc.status()["history"]["derived_files"]
         svc.forget()
+        assert svc.status()["history"]["derived_files"] == []  # an empty snapshot carries nothing
         # forget leaves the owner's lock and an empty snapshot; no item's text is left in history/.
         assert read_snapshot(snap) == Snapshot("synthetic-tag", None, ())
         assert {"owner.lock", snap.name} <= {p.name for p in (data / "history").iterdir()}
