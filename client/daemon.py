@@ -9,7 +9,9 @@ DIR/federation.json for the privacy spent).
 The data directory (mode 0700):
 
     daemon.toml       optional settings (shared.config.DaemonSpec); --config and --set override
-    daemon.lock       flock held while a daemon runs; holds its PID (a second daemon refuses)
+    daemon.lock       flock held while a daemon runs, and by its SuperNode; holds the daemon's PID
+                      (a second daemon refuses)
+    supernode.json    the running SuperNode's process group (client/lifetime.py)
     daemon.json       {"pid", "url", "port", "started"} while running: how `oppu client` finds it
     token             the API's bearer token, created on first start, mode 0600
     state.json        the task this directory holds
@@ -25,8 +27,10 @@ The data directory (mode 0700):
 
 Shutdown: SIGTERM or SIGINT stops accepting connections, lets requests in flight finish, cancels
 a running training job (the published adapter is untouched; the job is recorded as cancelled),
-stops the SuperNode's process group, and releases the lock. After a SIGKILL the kernel releases
-the lock; the next start reports the interrupted job and removes half-written adapter versions.
+stops the SuperNode's process group, and releases the lock. After a SIGKILL the kernel kills the
+SuperNode too (parent-death signal) and releases the lock; the next start stops anything of the old
+node's process group still running (client/lifetime.py), then reports the interrupted job and
+removes half-written adapter versions.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client.lifetime import reap_orphans
 from client.settings import DaemonSpec, load_daemon
 from shared.fileio import atomic_write, create_new
 
@@ -100,6 +105,27 @@ def acquire_lock(data_dir: Path) -> int:
     os.write(fd, f"{os.getpid()}\n".encode())
     os.fsync(fd)
     return fd  # kept open: the lock lives as long as this descriptor
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data-directory lock, first stopping what a killed daemon left behind.
+
+    The SuperNode holds the lock with its daemon (client/lifetime.py). If a daemon died and its
+    SuperNode survived it, that orphan still holds the lock: it is stopped (its daemon, recorded in
+    DIR/supernode.json, is gone) and the lock taken. With the lock held, surviving processes of the
+    old node's group (the ClientApp) are stopped too, before crash recovery looks at temporary files."""
+    try:
+        fd = acquire_lock(data_dir)
+    except DaemonLocked:
+        if not reap_orphans(data_dir):
+            raise
+        fd = acquire_lock(data_dir)
+    try:
+        reap_orphans(data_dir)
+    except BaseException:
+        release_lock(fd)
+        raise
+    return fd
 
 
 def release_lock(fd: int) -> None:
@@ -173,7 +199,7 @@ def run(data_dir: Path, spec: DaemonSpec, *, verbose: bool = False) -> int:
     import uvicorn
 
     data_dir = prepare_dir(data_dir)
-    lock_fd = acquire_lock(data_dir)
+    lock_fd = lock_data_dir(data_dir)
     serving: dict[str, Any] = {"on": False, "server": None}
 
     def early_exit(signum: int, _frame: Any) -> None:
@@ -194,7 +220,7 @@ def run(data_dir: Path, spec: DaemonSpec, *, verbose: bool = False) -> int:
         from .api import create_app
         from .service import ClientService
 
-        service = ClientService(spec, data_dir)
+        service = ClientService(spec, data_dir, lock_fd=lock_fd)
         app = create_app(service, token)
         log.info("ready in %.1fs: task %s, base model %s, personal adapter %s", time.perf_counter() - t0,
                  spec.task, service.engine.model_hash[:12],

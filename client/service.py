@@ -59,7 +59,8 @@ class Busy(RuntimeError):
 
 
 class ClientService:
-    def __init__(self, spec: DaemonSpec, data_dir: str | Path, *, engine: Any = None) -> None:
+    def __init__(self, spec: DaemonSpec, data_dir: str | Path, *, engine: Any = None,
+                 lock_fd: int | None = None) -> None:
         from client.store import ChromaHistoryStore  # chromadb is imported only here
         from shared.engine import Engine
 
@@ -77,7 +78,8 @@ class ClientService:
                 spec.coordinator, self.dir, executable=spec.supernode_command,
                 initial=spec.backoff_initial, maximum=spec.backoff_max,
                 root_certificates=spec.coordinator_root_certificates, insecure=spec.insecure,
-                auth_private_key=spec.supernode_auth_key, trust=self.trust)
+                auth_private_key=spec.supernode_auth_key, trust=self.trust,
+                lock_fd=lock_fd)  # the node holds the daemon's data-directory lock too
         engine = engine if engine is not None else Engine(
             spec.base_model, spec.base_adapter, spec.personal_adapter, seed=spec.personal_train.seed)
         # The daemon is the store's one owner (a second opener gets StoreInUse); the ClientApp

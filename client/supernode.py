@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from client.appgate import AppTrust, gated_path, install_gate
+from client.lifetime import clear_marker, pdeathsig_preexec, stop_group, write_marker
 from client.settings import parse_host_port
 
 log = logging.getLogger(__name__)
@@ -199,15 +200,21 @@ class Supervisor:
     """Keep one child command running; restart it with back-off; never block the caller.
 
     `make_command()` is called before every start (so a fresh free port is picked each time).
+    The child dies with this process (client/lifetime.py: parent-death signal); it inherits
+    `pass_fds` (the daemon's data-directory lock); with `marker_dir` its process group is recorded
+    there while it runs, for the next daemon start to reap should it outlive this one.
     """
 
     def __init__(self, make_command: Any, *, name: str, log_path: Path, initial: float = 2.0,
-                 maximum: float = 300.0, stable_after: float = 120.0, env: dict[str, str] | None = None) -> None:
+                 maximum: float = 300.0, stable_after: float = 120.0, env: dict[str, str] | None = None,
+                 pass_fds: tuple[int, ...] = (), marker_dir: Path | None = None) -> None:
         self._make_command = make_command
         self.name = name
         self.log_path = Path(log_path)
         self.initial, self.maximum, self.stable_after = initial, maximum, stable_after
         self._env = env
+        self._pass_fds = tuple(pass_fds)
+        self._marker_dir = Path(marker_dir) if marker_dir is not None else None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
@@ -237,13 +244,18 @@ class Supervisor:
                     out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {shlex.join(cmd)}\n".encode())
                     out.flush()
                     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                            env=self._env, start_new_session=True)
+                                            env=self._env, start_new_session=True, pass_fds=self._pass_fds,
+                                            preexec_fn=pdeathsig_preexec())
+                if self._marker_dir is not None:
+                    write_marker(self._marker_dir, proc.pid)
                 with self._lock:
                     self._proc, self.state, self.next_start = proc, "running", None
                     self.starts += 1
                 log.info("%s started (pid %d): %s", self.name, proc.pid, shlex.join(cmd))
                 rc = proc.wait()
-                _signal_group(proc, signal.SIGTERM, group_only=True)  # its children (superexec, ClientApp)
+                stop_group(proc.pid)  # its children (superexec, ClientApp) go with it
+                if self._marker_dir is not None:
+                    clear_marker(self._marker_dir)
                 with self._lock:
                     self._proc, self.last_exit = None, rc
                 if self._stop.is_set():
@@ -292,12 +304,10 @@ class Supervisor:
             }
 
 
-def _signal_group(proc: subprocess.Popen, sig: int, *, group_only: bool = False) -> None:
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)  # the child leads its own session (start_new_session=True)
     except (ProcessLookupError, PermissionError):
-        if group_only:
-            return
         try:
             proc.send_signal(sig)
         except ProcessLookupError:
@@ -307,9 +317,11 @@ def _signal_group(proc: subprocess.Popen, sig: int, *, group_only: bool = False)
 def supernode_supervisor(coordinator: str, data_dir: Path, *, executable: str = "flower-supernode",
                          initial: float = 2.0, maximum: float = 300.0, root_certificates: str = "",
                          insecure: bool = False, auth_private_key: str = "",
-                         trust: AppTrust | None = None) -> Supervisor:
+                         trust: AppTrust | None = None, lock_fd: int | None = None) -> Supervisor:
     """A Supervisor that keeps this data directory's SuperNode connected to `coordinator`, its
-    ClientApps behind the app-bundle gate (client/appgate.py); without `trust`, no bundle runs."""
+    ClientApps behind the app-bundle gate (client/appgate.py); without `trust`, no bundle runs.
+    The node holds the daemon's data-directory lock `lock_fd` too and is recorded in
+    DIR/supernode.json (client/lifetime.py)."""
     data_dir = Path(data_dir)
     trust = trust or AppTrust(coordinator=coordinator, data_dir=str(data_dir.resolve()))
     opts = {"root_certificates": root_certificates, "insecure": insecure, "auth_private_key": auth_private_key,
@@ -323,4 +335,4 @@ def supernode_supervisor(coordinator: str, data_dir: Path, *, executable: str = 
         return supernode_command(executable, coordinator, data_dir, port=free_loopback_port(), **opts)
 
     return Supervisor(command, name="supernode", log_path=data_dir / "logs" / "supernode.log", initial=initial,
-                      maximum=maximum, env=env)
+                      maximum=maximum, env=env, pass_fds=() if lock_fd is None else (lock_fd,), marker_dir=data_dir)
