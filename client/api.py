@@ -3,8 +3,9 @@
 Every /v1 route needs `Authorization: Bearer <DIR/token>` (compared in constant time); only the
 OpenAPI schema (/openapi.json) is public, and it holds nothing about the user. Requests are
 checked strictly: unknown keys are refused, strings and batches have limits, request bodies
-have a size cap, and Host must be a loopback name (a web page that rebinds a DNS name to
-127.0.0.1 gets nothing). Errors say which field is wrong:
+have a size cap, and Host must be a loopback name (127.0.0.1, localhost, [::1]; a web page that
+rebinds a DNS name to 127.0.0.1 gets nothing). GET /identity (public, outside the schema) proves
+to the CLI that this process holds the token before the CLI sends it (client.daemon.identity_proof). Errors say which field is wrong:
 
     422  {"detail": [{"loc": ["body", "items", 3, "fields", "score"], "msg": "...", "type": "..."}]}
     409  {"detail": "...", "job": {...}}      a conflicting id, or a job already running
@@ -28,11 +29,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from shared.adapters import FRAMEWORK_VERSION
 
 from .archive import ArchiveError
+from .daemon import IDENTITY_PATH, identity_proof
 from .items import (FIELD_NAME_PATTERN, MAX_FIELD_NAME_CHARS, MAX_FIELDS, ItemError, ItemIn, WholeNumber, check_item,
                     check_text, item_out)
 from .jobs import JobBusy
@@ -40,7 +41,8 @@ from .service import Busy, ClientService, Conflict
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+NONCE_PATTERN = r"^[0-9a-f]{32,128}$"
 
 
 # ------------------------------------------------------------------------------------ schemas
@@ -219,6 +221,43 @@ class TokenGate:
         await send({"type": "http.response.body", "body": body})
 
 
+def loopback_host(header: str) -> bool:
+    """A Host header naming a loopback host, with an optional port: 127.0.0.1, localhost, [::1]
+    (an IPv6 literal carries its brackets; Starlette's TrustedHostMiddleware cut "[::1]:8731" at
+    its first colon and refused it)."""
+    host, port = header.strip().lower(), ""
+    if host.startswith("["):
+        end = host.find("]")
+        host, rest = (host[:end + 1], host[end + 1:]) if end > 0 else ("", "")
+        if rest:
+            if not rest.startswith(":"):
+                return False
+            port = rest[1:] or "x"
+    elif ":" in host:
+        host, _, port = host.rpartition(":")
+        port = port or "x"
+    return host in LOOPBACK_HOSTS and (not port or (port.isdigit() and len(port) <= 5))
+
+
+class LoopbackHost:
+    """Pure ASGI middleware: a request whose Host is not a loopback name gets 400 (a web page that
+    rebinds its DNS name to 127.0.0.1 reaches nothing)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        if loopback_host(host):
+            return await self.app(scope, receive, send)
+        body = b'{"detail": "Host must be a loopback name: 127.0.0.1, localhost or [::1]"}'
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def token_matches(header: bytes, expected: bytes) -> bool:
     """`Authorization: Bearer <token>`, compared in constant time (hmac.compare_digest)."""
     scheme, _, given = header.partition(b" ")
@@ -258,7 +297,7 @@ def create_app(service: ClientService, token: str) -> FastAPI:
     app.add_middleware(BodyLimit, default=int(spec.max_request_mb * 2**20),
                        per_path={"/v1/import": int(spec.max_import_mb * 2**20)})
     app.add_middleware(TokenGate, token=expected, prefix="/v1/")
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
+    app.add_middleware(LoopbackHost)
     bearer = HTTPBearer(auto_error=False, description="The token in DIR/token (created on first start, mode 0600).")
 
     def authorized(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
@@ -277,6 +316,13 @@ def create_app(service: ClientService, token: str) -> FastAPI:
             raise ItemError(("query", unknown[0][:64]), f"unknown query parameter {unknown[0][:64]!r}"
                             + (f"; this endpoint takes: {', '.join(sorted(allowed))}" if allowed else
                                "; this endpoint takes none"))
+
+    @app.get(IDENTITY_PATH, include_in_schema=False)
+    def identity(nonce: Annotated[str, Query(pattern=NONCE_PATTERN)]) -> dict[str, Any]:
+        """Unauthenticated proof that this process holds the token (client.daemon.identity_proof):
+        the CLI asks before it sends the token. Not in the schema: a handshake, not a user API."""
+        pid = os.getpid()
+        return {"pid": pid, "proof": identity_proof(token, nonce, pid)}
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized), Depends(known_query)], responses={
         400: {"model": ErrorOut, "description": "A body that cannot be decoded, or a Host that is not loopback."},

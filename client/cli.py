@@ -1,15 +1,19 @@
 """`oppu client ...`: start the daemon, and thin commands over its local API.
 
 The commands find the running daemon through DIR/daemon.json and authenticate with DIR/token,
-so they need only `--data-dir` (default $OPPU_CLIENT_DIR or ~/.local/share/oppu/client). This
+so they need only `--data-dir` (default $OPPU_CLIENT_DIR or ~/.local/share/oppu/client). Before
+sending the token they check that the process at that address proves it holds it (GET /identity,
+`verify_daemon`): a stale daemon.json never hands the token to whoever took the port. This
 module imports only the standard library at parser-building time; `oppu --help` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -142,20 +146,24 @@ class Api:
         import httpx
 
         d = _data_dir(args)
-        url = args.url
+        url, pid = args.url, None
         if not url:
             try:
                 info = json.loads((d / "daemon.json").read_text())
-                url = info["url"]
+                url, pid = info["url"], info["pid"]
             except FileNotFoundError:
                 raise ApiError(f"no daemon is running for {d} (no daemon.json); start one with "
                                f"`oppu client daemon --data-dir {d}`") from None
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ApiError(f"{d / 'daemon.json'} is unreadable ({type(e).__name__}: {e}); "
+                               f"start the daemon again: `oppu client daemon --data-dir {d}`") from None
         token_path = Path(args.token_file) if args.token_file else d / "token"
         try:
             token = token_path.read_text().strip()
         except FileNotFoundError:
             raise ApiError(f"{token_path} is missing; the daemon creates it on first start") from None
         self.url = url.rstrip("/")
+        verify_daemon(self.url, token, expected_pid=pid, data_dir=d)
         self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"},
                                    timeout=httpx.Timeout(600.0, connect=5.0))
 
@@ -180,6 +188,33 @@ class Api:
             raise ApiError(f"{r.status_code}: {detail}")
         ctype = r.headers.get("content-type", "")
         return r.json() if ctype.startswith("application/json") else r
+
+
+def verify_daemon(url: str, token: str, *, expected_pid: int | None, data_dir: Path) -> None:
+    """Refuse to send the token to a process that cannot prove it holds it (client.daemon.
+    identity_proof): after a crash DIR/daemon.json names a port any local process may have taken
+    since. With daemon.json, the proven PID must also be the one it records."""
+    import httpx
+
+    from client.daemon import IDENTITY_PATH, identity_proof
+
+    stale = (f"DIR/daemon.json may be stale (the daemon crashed?): start it again with "
+             f"`oppu client daemon --data-dir {data_dir}`")
+    nonce = secrets.token_hex(16)
+    try:
+        r = httpx.get(url + IDENTITY_PATH, params={"nonce": nonce}, timeout=httpx.Timeout(30.0, connect=5.0))
+        answer = r.json() if r.status_code == 200 else None
+        proof, pid = (answer["proof"], answer["pid"]) if isinstance(answer, dict) else (None, None)
+    except httpx.TransportError:
+        raise ApiError(f"cannot reach the daemon at {url}; is it running? {stale}") from None
+    except (ValueError, KeyError):
+        proof, pid = None, None
+    if not (isinstance(proof, str) and isinstance(pid, int)
+            and hmac.compare_digest(proof, identity_proof(token, nonce, pid))):
+        raise ApiError(f"the process at {url} is not the oppu daemon of {data_dir} (it cannot prove it holds "
+                       f"the token); the token was not sent. {stale}")
+    if expected_pid is not None and pid != expected_pid:
+        raise ApiError(f"the daemon at {url} has pid {pid}, but DIR/daemon.json names pid {expected_pid}; {stale}")
 
 
 def _with_api(fn: Any) -> Any:

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -154,6 +156,18 @@ def ensure_token(data_dir: Path) -> str:
     if len(token) < 32:
         raise RuntimeError(f"{path} does not hold a valid token; remove it to create a new one")
     return token
+
+
+IDENTITY_PATH = "/identity"
+
+
+def identity_proof(token: str, nonce: str, pid: int) -> str:
+    """What the daemon answers on GET /identity?nonce=N, unauthenticated: an HMAC of the nonce and
+    its PID keyed by the token. The CLI checks it before it sends the token, so a process that took
+    over the port of a stale DIR/daemon.json (the daemon crashed) never receives the token: it
+    cannot compute the proof without it."""
+    message = f"oppu-daemon-identity\n{nonce}\n{pid}".encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
