@@ -9,10 +9,16 @@ Layout under `root`:
 
 A chunk is appended only up to the offset the partial file has reached (bytes already held are
 skipped, so the same chunk may arrive twice), and a chunk that would leave a gap is refused. When
-a file is complete its sha256 is checked; a mismatch deletes the partial
-file and refuses the artifact with `ArtifactRejected` (the complete artifacts already cached are
-untouched). When every file is verified the partial directory is renamed to `<id>/` in one step,
-so a reader sees a whole artifact or none.
+a file is complete its sha256 is checked; a mismatch refuses the artifact with `ArtifactRejected`
+(the complete artifacts already cached are untouched). When every file is verified the partial
+directory is renamed to `<id>/` in one step, so a reader sees a whole artifact or none.
+
+The client, not the coordinator, decides where the cache is and how much it may hold (the daemon's
+`artifact_cache` and `artifact_quota_mb`, passed to its SuperNode as node config). The quota counts
+every complete and partial artifact; an artifact is refused before its first byte is written when
+its manifest's size would not fit, and no write goes past the manifest's sizes, so the cache never
+exceeds it. Any refusal or write error deletes that artifact's partial directory; the daemon
+deletes all partial directories when it starts (`discard_partial`).
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ class ArtifactRejected(ClientError):
 
 
 class ArtifactCache:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, quota_bytes: int | None = None) -> None:
         self.root = Path(root).expanduser()
+        self.quota_bytes = quota_bytes  # None: no limit (a simulation's shared cache)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -81,17 +88,47 @@ class ArtifactCache:
             if self.has(manifest.id):
                 return {"status": "held", "held": manifest.total_bytes}
             partial = self.root / f".partial-{manifest.id}"
-            partial.mkdir(parents=True, exist_ok=True)
-            (partial / PARTIAL_META).write_text(manifest.to_json())
-            pos = 0
-            for rel, offset, length in zip(header.files, header.offsets, header.lengths):
-                self._write_segment(partial, manifest, rel, offset, data[pos:pos + length])
-                pos += length
-            held = sum(min(_size(partial / rel), manifest.sizes[rel]) for rel in manifest.files)
-            if not self._all_verified(partial, manifest):
-                return {"status": "partial", "held": held}
-            self._commit(partial, manifest)
+            try:
+                self._check_quota(manifest, partial)
+                partial.mkdir(parents=True, exist_ok=True)
+                (partial / PARTIAL_META).write_text(manifest.to_json())
+                pos = 0
+                for rel, offset, length in zip(header.files, header.offsets, header.lengths):
+                    self._write_segment(partial, manifest, rel, offset, data[pos:pos + length])
+                    pos += length
+                held = sum(min(_size(partial / rel), manifest.sizes[rel]) for rel in manifest.files)
+                if not self._all_verified(partial, manifest):
+                    return {"status": "partial", "held": held}
+                self._commit(partial, manifest)
+            except BaseException:  # refused, disk full, interrupted: no half artifact stays behind
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
             return {"status": "complete", "held": held}
+
+    def used_bytes(self, *, besides: Path | None = None) -> int:
+        """Bytes of every complete and partial artifact in the cache (`besides` not counted)."""
+        if not self.root.is_dir():
+            return 0
+        total = 0
+        for p in self.root.iterdir():
+            if p == besides or not p.is_dir() or p.is_symlink():
+                continue
+            if _ID.match(p.name) or p.name.startswith(".partial-"):
+                total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+        return total
+
+    def _check_quota(self, manifest: ArtifactManifest, partial: Path) -> None:
+        if self.quota_bytes is None:
+            return
+        used = self.used_bytes(besides=partial)
+        if used + manifest.total_bytes > self.quota_bytes:
+            log.error("artifact %s (%d bytes) refused: the artifact cache %s holds %d bytes, its quota is %d "
+                      "(daemon.artifact_quota_mb)", manifest.id[:12], manifest.total_bytes, self.root, used,
+                      self.quota_bytes)
+            raise ArtifactRejected(
+                f"artifact {manifest.id[:12]} ({manifest.kind}, {_mib(manifest.total_bytes)}) does not fit this "
+                f"client's artifact quota: {_mib(used)} of {_mib(self.quota_bytes)} already in use; the user can "
+                "raise daemon.artifact_quota_mb or remove unused artifacts from the cache; nothing was written")
 
     def _write_segment(self, partial: Path, manifest: ArtifactManifest, rel: str, offset: int, data: bytes) -> None:
         if rel not in manifest.files:
@@ -107,7 +144,8 @@ class ArtifactCache:
         have = _size(target)
         if offset > have:
             raise ArtifactRejected(f"artifact {manifest.id[:12]}: chunk of {rel} starts at {offset}, but only "
-                                   f"{have} bytes are held; the transfer must restart at {have}")
+                                   f"{have} bytes are held; the partial download was discarded, the transfer must "
+                                   "restart from the beginning")
         if offset + len(data) > have:  # skip what is already there
             with open(target, "ab") as fh:
                 fh.write(data[have - offset:])
@@ -116,7 +154,6 @@ class ArtifactCache:
         if _size(target) == size and not _marker(partial, rel).exists():
             digest = sha256_file(target)
             if digest != manifest.files[rel]:
-                target.unlink()
                 raise ArtifactRejected(
                     f"artifact {manifest.id[:12]} ({manifest.kind}): {rel} has sha256 {digest[:12]}, the manifest "
                     "says " + manifest.files[rel][:12] + "; refused, the cache keeps its previous contents")
@@ -139,10 +176,17 @@ class ArtifactCache:
         log.info("artifact %s (%s, %d bytes) verified and cached", manifest.id[:12], manifest.kind,
                  manifest.total_bytes)
 
-    def discard_partial(self) -> None:
+    def discard_partial(self) -> list[str]:
+        """Delete every partial download (the daemon at start: whatever wrote them is gone)."""
+        if not self.root.is_dir():
+            return []
         with self._locked():
-            for p in self.root.glob(".partial-*"):
-                shutil.rmtree(p, ignore_errors=True)
+            removed = sorted(p.name for p in self.root.glob(".partial-*"))
+            for name in removed:
+                shutil.rmtree(self.root / name, ignore_errors=True)
+        if removed:
+            log.warning("artifact cache %s: removed %d unfinished download(s)", self.root, len(removed))
+        return removed
 
 
 def _marker(partial: Path, rel: str) -> Path:
@@ -150,6 +194,10 @@ def _marker(partial: Path, rel: str) -> Path:
     replacing "/" would let "a/b" and "a__b" share one marker, and so let one file's check stand
     for another's (artifact names never start with ".", so no marker is an artifact file)."""
     return partial / f".ok-{hashlib.sha256(rel.encode()).hexdigest()[:32]}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 def _size(path: Path) -> int:

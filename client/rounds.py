@@ -38,6 +38,7 @@ from shared.protocol import ClientError, ProtocolError, RoundConfig, is_lora_b
 from shared.selection import train_and_select
 
 from .artifacts import ArtifactCache
+from .settings import ARTIFACTS_DIR, DEFAULT_ARTIFACT_QUOTA_MB
 from .userdir import UserDir
 
 log = logging.getLogger("oppu.client")
@@ -91,8 +92,11 @@ def partition_of(node_config: Mapping[str, Any]) -> int | None:
 
 
 def node_from(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Node:
-    """Deployment: node config `data-dir` (and optionally `cache-dir`). Simulation: the run
-    directory's users/index.json lists the virtual users; `partition-id` picks one."""
+    """Deployment: node config `data-dir`, and the client's own artifact cache and quota (node config
+    `cache-dir`, `artifact-quota-mb`, which the daemon sets from its settings; defaults DIR/artifacts
+    and DaemonSpec's quota): the coordinator's run config never decides a deployed client's paths or
+    limits. Simulation: the run directory's users/index.json lists the virtual users;
+    `partition-id` picks one, and the researcher's run config names the shared cache."""
     spec = spec_from_run_config(run_config)
     pid = partition_of(node_config)
     if "data-dir" in node_config:
@@ -108,14 +112,30 @@ def node_from(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
         data_dir = index.parent / names[pid]
     else:
         raise ClientError("this SuperNode has no user data: start it with --node-config \"data-dir='DIR'\"")
+    user = UserDir(data_dir)
     if "cache-dir" in node_config:
         cache = Path(str(node_config["cache-dir"]))
+    elif pid is None:  # a deployed client
+        cache = user.path / ARTIFACTS_DIR
     elif spec.federation.client_cache:
         cache = Path(spec.federation.client_cache)
     else:
         cache = cache_root(spec.experiment.base_model) / "client-artifacts"
+    quota = _quota_bytes(node_config, deployed=pid is None)
     allow = str(node_config.get("report-metrics", "true")).strip().lower() not in ("false", "0", "no", "off")
-    return Node(spec, UserDir(data_dir), ArtifactCache(cache), simulated=pid is not None, allow_metrics=allow)
+    return Node(spec, user, ArtifactCache(cache, quota_bytes=quota), simulated=pid is not None, allow_metrics=allow)
+
+
+def _quota_bytes(node_config: Mapping[str, Any], *, deployed: bool) -> int | None:
+    """Node config `artifact-quota-mb` in bytes; a deployed client without it gets the daemon's default,
+    a simulated user none (the researcher's machine, the researcher's cache)."""
+    if "artifact-quota-mb" not in node_config:
+        return int(DEFAULT_ARTIFACT_QUOTA_MB * 2**20) if deployed else None
+    value = node_config["artifact-quota-mb"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ClientError(f"node config artifact-quota-mb={value!r} must be a positive number of MiB "
+                          "(daemon.artifact_quota_mb)")
+    return int(value * 2**20)
 
 
 def reply_metrics(node: Node, metrics: Mapping[str, float]) -> dict[str, float]:

@@ -36,6 +36,7 @@ from shared.tasks import get_task
 
 from .archive import Archive, ArchiveError, read_archive, write_archive
 from .appgate import app_trust, trust_status
+from .artifacts import ArtifactCache
 from .supernode import read_privacy, supernode_supervisor, transport_name
 from .host import ModelHost
 from .items import parse_items
@@ -79,7 +80,8 @@ class ClientService:
                 initial=spec.backoff_initial, maximum=spec.backoff_max,
                 root_certificates=spec.coordinator_root_certificates, insecure=spec.insecure,
                 auth_private_key=spec.supernode_auth_key, trust=self.trust,
-                lock_fd=lock_fd)  # the node holds the daemon's data-directory lock too
+                lock_fd=lock_fd,  # the node holds the daemon's data-directory lock too
+                cache_dir=spec.artifact_root(self.dir), artifact_quota_mb=spec.artifact_quota_mb)
         engine = engine if engine is not None else Engine(
             spec.base_model, spec.base_adapter, spec.personal_adapter, seed=spec.personal_train.seed)
         # The daemon is the store's one owner (a second opener gets StoreInUse); the ClientApp
@@ -91,6 +93,8 @@ class ClientService:
         self.retriever = make_retriever(spec.retrieval.retriever, self.task.item_text)
         self.personal = PersonalAdapters(self.dir / "personal", keep=spec.keep_versions)
         self.personal.recover()
+        # Downloads in flight died with the previous daemon's SuperNode (reaped before this runs).
+        ArtifactCache(spec.artifact_root(self.dir)).discard_partial()
         self.jobs = JobRegistry(self.dir / "jobs", nice=spec.train_nice)
         base_dir = Path(spec.base_adapter_dir).expanduser() if spec.base_adapter_dir else self.dir / "base_adapter"
         self.host = ModelHost(engine, self.personal, base_dir, base_required=bool(spec.base_adapter_dir))

@@ -3,6 +3,7 @@ directory, configured by DIR/daemon.toml plus `--set` overrides."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from client.appgate import check_hashes
 
 # The personal method each augmentation's adapter answers as (what the daemon reports).
 AUGMENTATION_METHOD = {METHOD_AUGMENTATION[m]: m for m in PERSONAL_METHODS}
+DEFAULT_ARTIFACT_QUOTA_MB = 10240.0  # a few base models; the nf4 SmolLM2-135M is ~180 MB
+ARTIFACTS_DIR = "artifacts"  # DIR/artifacts: the default artifact cache
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,13 @@ class DaemonSpec:
     supernode_auth_key: str = field(
         default="", metadata={"help": "This node's private key for Flower node authentication (needs TLS); its "
                               "public key is registered with `flwr supernode register`."})
+    artifact_cache: str = field(
+        default="", metadata={"help": "Where artifacts received from the coordinator (base model, base adapter) are "
+                              "cached; empty: DIR/artifacts. Only this setting decides it, never the coordinator."})
+    artifact_quota_mb: float = field(
+        default=DEFAULT_ARTIFACT_QUOTA_MB,
+        metadata={"help": "Most MiB the artifact cache may hold, complete and partial downloads together; an "
+                  "artifact that would not fit is refused before its first byte is written."})
     base_model: BaseModelSpec = field(default_factory=BaseModelSpec)
     base_adapter: AdapterSpec = field(default_factory=AdapterSpec)
     personal_adapter: AdapterSpec = field(default_factory=AdapterSpec)
@@ -110,10 +120,22 @@ class DaemonSpec:
         if self.coordinator:
             parse_host_port(self.coordinator, "daemon.coordinator")
         check_hashes(self.trusted_app_hashes)
+        if not math.isfinite(self.artifact_quota_mb):
+            raise ValueError(f"daemon.artifact_quota_mb={self.artifact_quota_mb!r} must be a finite number of MiB")
+        _positive("daemon.artifact_quota_mb", self.artifact_quota_mb)
+        if any(c in self.artifact_cache for c in "'\n\r"):
+            # Passed to the SuperNode in a TOML literal string (--node-config), which cannot hold these.
+            raise ValueError(f"daemon.artifact_cache={self.artifact_cache!r} contains a quote or newline; "
+                             "choose a directory without them")
         if not self.supernode_command.strip():
             raise ValueError("daemon.supernode_command is empty; e.g. flower-supernode")
         if self.retrieval.store != "chroma":
             raise ValueError("retrieval.store must be 'chroma' for the daemon: the user's history lives on disk")
+
+
+    def artifact_root(self, data_dir: str | Path) -> Path:
+        """The artifact cache directory: `artifact_cache`, or DIR/artifacts."""
+        return Path(self.artifact_cache).expanduser() if self.artifact_cache else Path(data_dir) / ARTIFACTS_DIR
 
 
 def parse_host_port(text: str, name: str = "address") -> tuple[str, int]:

@@ -8,7 +8,10 @@ Joining a coordinator means running
                      --host 127.0.0.1 --port <free loopback port> --max-retries N --max-wait-time S
 
 (`--port` is the SuperNode's runtime API, which its ClientApp process connects to; Flower's
-default, 9094, would clash between two users' daemons on one machine) in its own process group, so federated rounds execute the same ClientApp (client/client_app.py,
+default, 9094, would clash between two users' daemons on one machine) in its own process group,
+dying with the daemon and holding its data-directory lock (client/lifetime.py), with the client's
+own artifact cache and quota as node config (`cache-dir`, `artifact-quota-mb`: the coordinator
+never picks them), so federated rounds execute the same ClientApp (client/client_app.py,
 started by the SuperNode in a subprocess) against this user's data directory.
 
 Secure by default: the connection uses TLS with the configured CA; plain text only when the user
@@ -107,7 +110,8 @@ def free_loopback_port() -> int:
 
 def supernode_command(executable: str, coordinator: str, data_dir: Path, *, port: int,
                       max_retries: int = 3, max_wait_time: float = 60.0, root_certificates: str = "",
-                      insecure: bool = False, auth_private_key: str = "", trusted_entities: str = "") -> list[str]:
+                      insecure: bool = False, auth_private_key: str = "", trusted_entities: str = "",
+                      cache_dir: Path | None = None, artifact_quota_mb: float | None = None) -> list[str]:
     """The SuperNode command line for one data directory (see the module docstring).
 
     With `root_certificates` (the CA that signed the SuperLink's certificate) the node connects
@@ -124,7 +128,7 @@ def supernode_command(executable: str, coordinator: str, data_dir: Path, *, port
     trust = ["--trusted-entities", _existing(trusted_entities, "daemon.trusted_entities")] if trusted_entities else []
     return [
         *_resolve(shlex.split(executable)), *transport, *trust, "--isolation", "subprocess",
-        "--superlink", coordinator, "--node-config", f"data-dir='{d}'",
+        "--superlink", coordinator, "--node-config", f"data-dir='{d}'" + _client_limits(cache_dir, artifact_quota_mb),
         "--host", "127.0.0.1", "--port", str(port),
         "--max-retries", str(max_retries), "--max-wait-time", str(max_wait_time),
     ]
@@ -149,6 +153,20 @@ def transport_args(coordinator: str, *, root_certificates: str, insecure: bool, 
     out = ["--root-certificates", _existing(root_certificates, "daemon.coordinator_root_certificates")]
     if auth_private_key:
         out += ["--auth-supernode-private-key", _existing(auth_private_key, "daemon.supernode_auth_key")]
+    return out
+
+
+def _client_limits(cache_dir: Path | None, artifact_quota_mb: float | None) -> str:
+    """Node config keys with the client's own artifact cache and quota (client.rounds.node_from):
+    the daemon's settings decide them, never the coordinator's run config."""
+    out = ""
+    if cache_dir is not None:
+        c = str(Path(cache_dir).expanduser().resolve())
+        if "'" in c or any(ch in c for ch in "\n\r"):
+            raise ValueError(f"artifact cache {c!r} contains a quote or newline; Flower's --node-config cannot carry it")
+        out += f" cache-dir='{c}'"
+    if artifact_quota_mb is not None:
+        out += f" artifact-quota-mb={float(artifact_quota_mb)!r}"
     return out
 
 
@@ -317,7 +335,8 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 def supernode_supervisor(coordinator: str, data_dir: Path, *, executable: str = "flower-supernode",
                          initial: float = 2.0, maximum: float = 300.0, root_certificates: str = "",
                          insecure: bool = False, auth_private_key: str = "",
-                         trust: AppTrust | None = None, lock_fd: int | None = None) -> Supervisor:
+                         trust: AppTrust | None = None, lock_fd: int | None = None, cache_dir: Path | None = None,
+                         artifact_quota_mb: float | None = None) -> Supervisor:
     """A Supervisor that keeps this data directory's SuperNode connected to `coordinator`, its
     ClientApps behind the app-bundle gate (client/appgate.py); without `trust`, no bundle runs.
     The node holds the daemon's data-directory lock `lock_fd` too and is recorded in
@@ -326,6 +345,7 @@ def supernode_supervisor(coordinator: str, data_dir: Path, *, executable: str = 
     trust = trust or AppTrust(coordinator=coordinator, data_dir=str(data_dir.resolve()))
     opts = {"root_certificates": root_certificates, "insecure": insecure, "auth_private_key": auth_private_key,
             "trusted_entities": trust.trusted_entities}
+    opts.update(cache_dir=cache_dir, artifact_quota_mb=artifact_quota_mb)  # the client's own paths and limits
     supernode_command(executable, coordinator, data_dir, port=1, **opts)  # validate now, not in the thread
     env = child_env()
     env["PATH"] = gated_path(install_gate(trust), env["PATH"])

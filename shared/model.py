@@ -113,9 +113,10 @@ def ensure_embedded_model(cache: Path | None = None, *, progress: bool = True) -
         log.info("converting %s into a Hugging Face checkpoint (once)", gguf.name)
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
         try:
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
             model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+                str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True),
+                trust_remote_code=False,
             )
             # Dequantized weights are plain tensors; drop the GGUF marker so the model saves.
             model.config.__dict__.pop("quantization_config", None)
@@ -283,10 +284,12 @@ def load_base_model(spec: BaseModelSpec, *, quantize_embeddings: bool | None = N
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per tensor is noise; callers show their own
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    # A model directory may have come from a coordinator: never run Python it ships (auto_map /
+    # modeling_*.py), whatever the library's default or an environment variable says.
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
     if quant == "none":
         model.to(device)
     if quant == "nf4" and (spec.quantize_embeddings if quantize_embeddings is None else quantize_embeddings):

@@ -62,6 +62,10 @@ MAX_ARTIFACT_BYTES = 64 << 30  # larger than any base model this framework runs 
 # Weights travel as safetensors only: a file format that can run code when loaded (pickle,
 # torch.save, numpy object arrays, joblib) is refused before a byte of it is written.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
+# Nor is code: a model directory with Python modules (transformers' auto_map / remote code), native
+# libraries or scripts would put the coordinator's code one import away from the user's machine.
+CODE_FILE = re.compile(r"\.(py|pyc|pyo|pyd|pyw|pyx|pxd|pyi|so|dylib|dll|exe|com|bat|cmd|ps1|sh|bash|zsh|js|mjs|"
+                       r"ipynb|jar|class|whl|egg)$|\.so(\.\d+)+$|(^|/)__pycache__/", re.IGNORECASE)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -117,7 +121,7 @@ class ArtifactManifest:
 
     def check(self) -> None:
         """The id must be the hash of the file list, paths must stay inside the artifact, sizes
-        must be plausible, and no file may be in a format that runs code when loaded."""
+        must be plausible, and no file may be code or in a format that runs code when loaded."""
         if not _HEX64.match(self.id):
             raise ProtocolError("artifact id must be 64 lowercase hex digits (a sha256)")
         if self.kind not in (KIND_MODEL, KIND_BASE_ADAPTER):
@@ -138,6 +142,9 @@ class ArtifactManifest:
             if rel.lower().endswith(PICKLE_SUFFIXES):
                 raise ProtocolError(f"artifact {self.id[:12]}: {rel[:80]!r} is in a pickle-based format; weights are "
                                  "accepted as safetensors only")
+            if CODE_FILE.search(rel):
+                raise ProtocolError(f"artifact {self.id[:12]}: {rel[:80]!r} is a code file; artifacts carry weights, "
+                                    "configuration and tokenizer files only (no model code is ever run)")
             if not _HEX64.match(self.files[rel]):
                 raise ProtocolError(f"artifact {self.id[:12]}: {rel[:80]!r} has no sha256 hex digest")
             dirs.update(str(parent) for parent in p.parents if str(parent) != ".")

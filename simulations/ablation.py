@@ -176,7 +176,7 @@ def tiny_random_model(base_model: Any) -> Path:
     out = cache_root(base_model) / "tiny-random-llama"
     if (out / "config.json").is_file():
         return out
-    tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(base_model)))
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(base_model)), trust_remote_code=False)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

@@ -40,7 +40,10 @@ def local_grid(spec: Any, run_dir: Path, names: list[str], **kw: Any) -> Any:
     from localgrid import LocalGrid
     from shared.config import to_run_config
 
-    nodes = {100 + i: {"data-dir": str(run_dir / "users" / n)} for i, n in enumerate(names)}
+    # Each machine's own settings name the cache (here one, shared by the test's machines): a
+    # deployed client never takes its cache path from the run config.
+    nodes = {100 + i: {"data-dir": str(run_dir / "users" / n), "cache-dir": str(run_dir / "client-cache")}
+             for i, n in enumerate(names)}
     return LocalGrid(app, nodes, to_run_config(spec), **kw)
 
 

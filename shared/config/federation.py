@@ -58,7 +58,8 @@ class FederationSpec:
     )
     client_cache: str = field(
         default="",
-        metadata={"help": "Simulation: the clients' artifact cache; empty: $OPPU_CACHE/client-artifacts."},
+        metadata={"help": "Simulation: the virtual clients' artifact cache; empty: $OPPU_CACHE/client-artifacts. "
+                  "A deployed client ignores it: its own daemon.artifact_cache decides."},
     )
     sim_client_cpus: float = field(default=1.0, metadata={"help": "Simulation: CPU cores per virtual client."})
     sim_client_gpus: float = field(
