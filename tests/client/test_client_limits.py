@@ -66,7 +66,7 @@ def test_the_daemon_gives_its_supernode_its_own_cache_and_quota(tmp_path):
     spec = DaemonSpec(artifact_cache=str(tmp_path / "cache"), artifact_quota_mb=512)
     assert spec.artifact_root(tmp_path / "d") == tmp_path / "cache"
     assert DaemonSpec().artifact_root(tmp_path / "d") == tmp_path / "d" / "artifacts"
-    cmd = supernode_command("flower-supernode", "127.0.0.1:9092", tmp_path, port=1,
+    cmd = supernode_command("flower-supernode", "127.0.0.1:9092", tmp_path, port=1, insecure=True,
                             cache_dir=spec.artifact_root(tmp_path), artifact_quota_mb=spec.artifact_quota_mb)
     node_config = cmd[cmd.index("--node-config") + 1]
     assert node_config == f"data-dir='{tmp_path.resolve()}' cache-dir='{(tmp_path / 'cache').resolve()}' " \
