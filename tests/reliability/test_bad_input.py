@@ -644,8 +644,8 @@ HOW = {  # area: (where it enters, what was tried; snapshotted before and after 
                         "duplicated, extended, unlisted chunks, each refusal and the held artifact checked against the "
                         "cache's contract replayed on plain bytes; snapshot: the artifacts the cache holds"),
     "round-config": ("round config in train/evaluate messages", "hypothesis: unknown keys, wrong types, NaN/inf, "
-                     "unknown methods; parser only, no store in reach (the ClientApp row below measures round "
-                     "configs end to end)"),
+                     "unknown methods; parser only, no store in reach (measured end to end in the row \"round config in "
+                     "train messages (real ClientApp ...)\")"),
     "chunk-header": ("chunk header of query.artifact", "hypothesis: a real header with one node replaced by any JSON, "
                      "a key dropped or added, any dictionary; refused exactly when it breaks the format, parsed "
                      "headers sent on into a real artifact cache; snapshot: the artifacts the cache holds"),

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import stored_state
 from client.archive import ArchiveError
@@ -369,3 +370,57 @@ def test_hostile_coordinator_messages_get_clear_errors_and_change_nothing(servic
                        tried=measured.tried, refused=measured.refused, changed=measured.changed,
                        how="; ".join(cases) + "; snapshot: the data directory, store items, adapters and the "
                        "artifact cache's complete artifacts")
+
+
+# Values a ConfigRecord can carry (what can come off the wire at all), the bad ones included.
+CONFIG_VALUE = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(), st.text(max_size=20),
+                         st.sampled_from(["OPPU,RAG", "OPPU,teleport", "0" * 64, "synthetic-tag", "amazon-rating"]))
+ROUND_KEYS = ["oppu-server_round", "oppu-task", "oppu-model", "oppu-base_adapter", "oppu-federate", "oppu-ffa_lora",
+              "oppu-proximal_mu", "oppu-methods", "oppu-epsilon", "oppu-delta", "oppu-colour", "server-round",
+              "proximal-mu", "clipping_norm"]
+
+
+def test_round_configs_through_the_real_client_app(service, client_node, figures):
+    """Round configs mutated by hypothesis, each sent as a train message to the real ClientApp over
+    the service's data directory. Every config names a model the client does not hold, so none
+    trains: each must be refused with a specific error (a malformed config by the parser, a
+    well-formed one because the model is missing) and change nothing stored (snapshots of the
+    data directory, store, adapters and artifact cache before and after each)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from shared.protocol import RoundConfig
+
+    grid, cache, _ = client_node
+    base = {k: Array(v.detach().float().cpu().numpy()) for k, v in service.engine.base_state().items()}
+    good = RoundConfig(server_round=2, task="synthetic-tag", model="c" * 64, base_adapter="b" * 64, federate=True,
+                       methods="OPPU,RAG", epsilon=1.5, delta=1e-5).to_record()
+    measured = stored_state.Measured()
+    reasons: dict[str, int] = {}
+
+    def stored() -> dict:
+        return {**state_of(service), "cache": stored_state.files(cache.root, skip_dirs=_partials(cache))}
+
+    @settings(max_examples=int(os.environ.get("OPPU_FUZZ_EXAMPLES", "30")), deadline=None, derandomize=True,
+              database=None, suppress_health_check=list(HealthCheck))
+    @given(changes=st.dictionaries(st.sampled_from(ROUND_KEYS), CONFIG_VALUE, max_size=3))
+    def run(changes):
+        before = stored()
+        reply = _send(grid, "train", RecordDict({"config": ConfigRecord({**good, **changes}),
+                                                 "arrays": ArrayRecord(dict(base))}))
+        assert reply.has_error(), changes
+        reason = reply.error.reason
+        assert "details in the client's log" not in reason, (changes, reason)
+        kind = "round config" if "round config" in reason else "model" if "not in the client cache" in reason else reason
+        reasons[kind] = reasons.get(kind, 0) + 1
+        changed = measured.refused_input(before, stored())
+        assert not changed, (changes, changed)
+
+    run()
+    assert set(reasons) <= {"round config", "model"}, reasons  # refused for what is wrong, nothing else
+    figures.bad_inputs("round config in train messages (real ClientApp, LocalGrid wire round trip)",
+                       tried=measured.tried, refused=measured.refused, changed=measured.changed,
+                       how=f"hypothesis: up to 3 keys of a real round config replaced by any value a ConfigRecord "
+                       f"carries (unknown keys, wrong types, NaN/inf, unknown methods); every config names a model "
+                       f"the client does not hold ({reasons.get('round config', 0)} refused by the parser, "
+                       f"{reasons.get('model', 0)} for the missing model); snapshot: the data directory, store "
+                       f"items, adapters and the artifact cache's complete artifacts")
