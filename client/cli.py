@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hmac
 import json
-import os
 import secrets
 import sys
 import time
@@ -437,20 +436,17 @@ def cmd_status(api: Api, args: argparse.Namespace) -> int:
 
 @_with_api
 def cmd_export(api: Api, args: argparse.Namespace) -> int:
+    from shared.fileio import atomic_file
+
     dest = Path(args.dest)
-    part = dest.with_name(dest.name + ".part")
     with api.client.stream("GET", "/v1/export") as r:
         if r.status_code >= 400:
             r.read()
             Api._check(r)
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
+        with atomic_file(dest, mode=0o600) as out:  # whole or absent, durable; private history
             for chunk in r.iter_bytes():
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
         n = r.headers.get("x-oppu-history-items", "?")
-    os.replace(part, dest)
     print(f"exported {n} history items and the personal adapter to {dest}")
     return 0
 

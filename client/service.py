@@ -436,17 +436,26 @@ class ClientService:
             job = self.jobs.cancel_active(wait=120)
             if job is not None and self.jobs.active() is not None:
                 raise Busy(f"job {job.id} did not stop; try again")
-            with self.store_lock:
-                n_items = self.store.count()
-                had_profile = self.store.get_profile() is not None
-                self.store.wipe()  # the store's files, not just its rows; the daemon stays its owner
-            versions = self.host.forget()
-            jobs = self.jobs.forget()
-            self.jobs.interrupted = []
-            with self.store_lock:  # HISTORY_DERIVED includes the snapshot: rewritten after, empty
-                files = forget_derived(self.dir)
-                self._write_snapshot()  # a round after forget trains on nothing, not on a missing file
-            self._auto_attempt_count = 0
+            # A federated round under way has read the history: stopped first, its ClientApp
+            # cannot publish an adapter or profile derived from it after the deletion.
+            supernode_was_running = self.supervisor is not None and self.supervisor.status()["state"] != "stopped"
+            if supernode_was_running:
+                self.supervisor.stop()
+            try:
+                with self.store_lock:
+                    n_items = self.store.count()
+                    had_profile = self.store.get_profile() is not None
+                    self.store.wipe()  # the store's files, not just its rows; the daemon stays its owner
+                versions = self.host.forget()
+                jobs = self.jobs.forget()
+                self.jobs.interrupted = []
+                with self.store_lock:  # HISTORY_DERIVED includes the snapshot: rewritten after, empty
+                    files = forget_derived(self.dir)
+                    self._write_snapshot()  # a round after forget trains on nothing, not on a missing file
+                self._auto_attempt_count = 0
+            finally:
+                if supernode_was_running:
+                    self.supervisor.start()
         log.warning("forget: deleted %d history items, %d adapter versions, %d job records, %d derived files",
                     n_items, len(versions), jobs, len(files))
         return {"deleted": {"history_items": n_items, "profile": had_profile, "adapter_versions": versions,

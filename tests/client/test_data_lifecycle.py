@@ -127,3 +127,42 @@ def test_forget_removes_every_file_derived_from_the_history(tiny_engine, tmp_pat
         assert svc.count() == 1 and svc.host.published is None
     finally:
         svc.close()
+
+
+def test_forget_stops_a_federated_round_before_deleting_and_restarts_the_node(tiny_engine, tmp_path):
+    """A round under way has read the history; its ClientApp must not publish what it derived
+    after forget. The SuperNode is stopped before anything is deleted, then started again."""
+    from client.personal import PersonalAdapters
+    from client.service import ClientService
+    from client.settings import DaemonSpec
+    from shared.adapters import AdapterManifest
+    from shared.records import HistoryItem
+
+    spec = DaemonSpec(task="synthetic-tag", retrain_after=0, personal_adapter=tiny_engine.personal_adapter_spec)
+    svc = ClientService(spec, tmp_path / "dir", engine=tiny_engine)
+    events: list = []
+
+    class Node:  # the supervisor's interface, recording what the directory held at each call
+        state = "running"
+
+        def status(self):
+            return {"state": self.state}
+
+        def stop(self):
+            events.append(("stop", (svc.dir / "personal-pag").exists(), svc.count()))
+            self.state = "stopped"
+
+        def start(self):
+            events.append(("start", (svc.dir / "personal-pag").exists(), svc.count()))
+            self.state = "running"
+
+    try:
+        svc.add([HistoryItem("i1", {"description": f"{MARK} film", "tag": "comedy"}, 1)])
+        PersonalAdapters(svc.dir / "personal-pag").publish(lambda t: tiny_engine.save_personal(t, AdapterManifest(
+            role="personal", base_model_hash=tiny_engine.model_hash, task="synthetic-tag", peft_type="lora")))
+        svc.supervisor = Node()
+        svc.forget()
+        assert events == [("stop", True, 1), ("start", False, 0)]
+    finally:
+        svc.supervisor = None
+        svc.close()
