@@ -144,17 +144,17 @@ class ExportManifest:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ArchiveError(f"{MANIFEST}: unknown field(s) {', '.join(map(repr, unknown))}; known: "
+            raise ArchiveError(f"{MANIFEST}: unknown field(s) {', '.join(repr(k[:80]) for k in unknown[:5])}; known: "
                                f"{', '.join(sorted(known))}")
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
         if missing:
             raise ArchiveError(f"{MANIFEST}: missing field(s) {', '.join(missing)}")
         if data["format"] != FORMAT:
-            raise ArchiveError(f"{MANIFEST}: format must be {FORMAT!r}, not {data['format']!r}")
+            raise ArchiveError(f"{MANIFEST}: format must be {FORMAT!r}, not {data['format']!r:.80}")
         for name in ("format_version", "history_items"):
             _whole(f"{MANIFEST}: {name}", data[name], minimum=0)
         if data["format_version"] != FORMAT_VERSION:
-            raise ArchiveError(f"{MANIFEST}: format_version {data['format_version']!r} is not supported "
+            raise ArchiveError(f"{MANIFEST}: format_version {data['format_version']} is not supported "
                                f"(this version reads {FORMAT_VERSION})")
         for name in ("task", "base_model_hash"):
             _string(f"{MANIFEST}: {name}", data[name])
@@ -176,12 +176,12 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 def _whole(what: str, value: Any, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ArchiveError(f"{what} must be a whole number >= {minimum}, not {value!r}")
+        raise ArchiveError(f"{what} must be a whole number >= {minimum}, not {value!r:.80}")
 
 
 def _number(what: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ArchiveError(f"{what} must be a finite number, not {value!r}")
+        raise ArchiveError(f"{what} must be a finite number, not {value!r:.80}")
 
 
 def _string(what: str, value: Any) -> None:
