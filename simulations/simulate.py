@@ -144,8 +144,9 @@ def ray_backend(f: Any, verbose: bool) -> dict[str, Any]:
     init: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": verbose, "include_dashboard": False}
     if f.ray_address:
         init["address"] = f.ray_address
-    else:
-        init["num_cpus"] = os.cpu_count() or 1
+    else:  # "local": a Ray of its own even where a cluster already runs on this machine (ray.init
+        # would otherwise join that one, and refuse the num_cpus)
+        init.update(address="local", num_cpus=os.cpu_count() or 1)
     return {"client_resources": {"num_cpus": f.sim_client_cpus, "num_gpus": f.sim_client_gpus},
             "init_args": init}
 
