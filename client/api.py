@@ -9,7 +9,9 @@ to the CLI that this process holds the token before the CLI sends it (client.dae
 
     422  {"detail": [{"loc": ["body", "items", 3, "fields", "score"], "msg": "...", "type": "..."}]}
     409  {"detail": "...", "job": {...}}      a conflicting id, or a job already running
-    401  missing or wrong token;  413  body too large;  404  unknown job
+    401  missing or wrong token;  413  body too large;  404  unknown job or history item
+
+A refused history batch is refused whole: its 409 or 422 says that nothing of it was stored.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ from .daemon import IDENTITY_PATH, identity_proof
 from .items import (FIELD_NAME_PATTERN, MAX_FIELD_NAME_CHARS, MAX_FIELDS, ItemError, ItemIn, WholeNumber, check_item,
                     check_text, item_out)
 from .jobs import JobBusy
-from .service import Busy, ClientService, Conflict
+from .service import Busy, ClientService, Conflict, NotFound
 
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+CANCEL_WAIT_S = 30.0  # a job stops between steps; a step of a small model on a CPU takes seconds
 NONCE_PATTERN = r"^[0-9a-f]{32,128}$"
 
 
@@ -67,6 +70,15 @@ class ItemOut(BaseModel):
     id: str
     fields: dict[str, str]
     time: int
+
+
+class DeleteResult(BaseModel):
+    deleted: str = Field(description="The id of the item removed from the history store and the ClientApp's snapshot.")
+    history_count: int
+    profile_removed: bool = Field(description="The PAG profile, written from the whole history, was removed with it "
+                                  "(made again without the item when next needed).")
+    personal_version: int | None = Field(description="The personal adapter in use, trained before the deletion (it "
+                                         "keeps what it learned until the next training); null: none.")
 
 
 class ItemPage(BaseModel):
@@ -131,6 +143,8 @@ class JobOut(BaseModel):
     steps_total: int
     progress: float
     loss: float | None
+    phase: str = Field(description="What the job is doing now (known from its first second; steps_total only "
+                       "once the first step is done).")
     result: dict[str, Any]
     error: str | None
     pid: int
@@ -152,6 +166,8 @@ class ErrorOut(BaseModel):
 
 CONFLICT = {409: {"model": ErrorOut, "description": "Conflicts with what is stored or running."}}
 NOT_FOUND = {404: {"model": ErrorOut, "description": "No such job."}}
+NO_ITEM = {404: {"model": ErrorOut, "description": "No history item has this id."}}
+REFUSED_WHOLE = "; the batch was refused whole: nothing of it was stored"
 
 
 class ImportResult(BaseModel):
@@ -338,6 +354,10 @@ def create_app(service: ClientService, token: str) -> FastAPI:
     async def _conflict(_: Request, e: Conflict) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, status_code=409)
 
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, e: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=404)
+
     @app.exception_handler(JobBusy)
     async def _busy_job(_: Request, e: JobBusy) -> JSONResponse:
         return JSONResponse({"detail": str(e), "job": e.job.public()}, status_code=409)
@@ -361,10 +381,12 @@ def create_app(service: ClientService, token: str) -> FastAPI:
                             status_code=507 if full else 500)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         # FastAPI's default echoes the whole input back; the location and message are enough.
         errors = [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
                   for err in e.errors()[:20]]
+        if errors and request.method == "POST" and request.url.path == "/v1/history":
+            errors[0]["msg"] += REFUSED_WHOLE
         return JSONResponse({"detail": errors}, status_code=422)
 
     # -- history ---------------------------------------------------------------------------------
@@ -373,10 +395,20 @@ def create_app(service: ClientService, token: str) -> FastAPI:
     def add_history(req: AddRequest) -> dict[str, Any]:
         if len(req.items) > spec.max_batch_items:
             raise ItemError(("items",), f"{len(req.items)} items in one request; the limit is {spec.max_batch_items} "
-                            "(daemon.max_batch_items)")
-        records = [check_item(it, service.task, index=i, max_field_chars=spec.max_field_chars)
-                   for i, it in enumerate(req.items)]
-        return service.add(records)
+                            "(daemon.max_batch_items)" + REFUSED_WHOLE)
+        try:
+            records = [check_item(it, service.task, index=i, max_field_chars=spec.max_field_chars)
+                       for i, it in enumerate(req.items)]
+            return service.add(records)
+        except ItemError as e:
+            raise ItemError(e.loc, e.msg + REFUSED_WHOLE) from None
+        except Conflict as e:
+            raise Conflict(f"{e}{REFUSED_WHOLE}") from None
+
+    @v1.delete("/history/{item_id:path}", response_model=DeleteResult, responses=NO_ITEM,
+               summary="Delete one history item (from the store and what the next training reads)")
+    def delete_history_item(item_id: str) -> dict[str, Any]:
+        return service.delete(item_id)
 
     @v1.get("/history", response_model=ItemPage, summary="List history items, oldest first")
     def list_history(offset: Annotated[int, Query(ge=0)] = 0,
@@ -429,9 +461,11 @@ def create_app(service: ClientService, token: str) -> FastAPI:
             raise HTTPException(404, f"no job {job_id[:80]!r}")
         return j.public()
 
-    @v1.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=NOT_FOUND, summary="Cancel a job (the previous adapter stays)")
+    @v1.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=NOT_FOUND,
+             summary="Cancel a job (the previous adapter stays); answers once it stopped, or after "
+             f"{CANCEL_WAIT_S:.0f} s still 'running' (it stops after its current step)")
     def cancel(job_id: str) -> dict[str, Any]:
-        j = service.jobs.cancel(job_id)
+        j = service.jobs.cancel(job_id, wait=CANCEL_WAIT_S)
         if j is None:
             raise HTTPException(404, f"no job {job_id[:80]!r}")
         return j.public()
@@ -493,13 +527,18 @@ def _describe_items(app: FastAPI, service: ClientService) -> None:
 
     task, limit = service.task, service.spec.max_field_chars
     text = {"type": "string", "minLength": 1, "maxLength": limit, "pattern": r"^[^\x00]*[^\x00\s][^\x00]*$"}
-    props: dict[str, Any] = {f: dict(text) for f in task.item_fields}
+    number = {"type": "number"}  # stored as the text it is written as (client.items.FieldText)
+    props: dict[str, Any] = {f: {"anyOf": [dict(text), dict(number)]} for f in task.item_fields}
     if task.label_field in props:
         if task.kind == "regression":
             ratings = "|".join(task.labels or ())  # the task's scale, 1-5 unless a config says otherwise
-            props[task.label_field] = {"type": "string", "pattern": rf"^\s*(?:{ratings})(\.0*)?\s*$"}
+            props[task.label_field] = {"anyOf": [
+                {"type": "string", "pattern": rf"^\s*(?:{ratings})(\.0*)?\s*$"},
+                {"type": "integer", "minimum": task.scale[0], "maximum": task.scale[1]}]}
         elif task.labels:
-            props[task.label_field] = {"type": "string", "enum": list(task.labels)}
+            numeric = [int(x) for x in task.labels if x.isdigit() and str(int(x)) == x]
+            props[task.label_field] = {"anyOf": [{"type": "string", "enum": list(task.labels)}]
+                                       + ([{"type": "integer", "enum": numeric}] if numeric else [])}
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -508,7 +547,7 @@ def _describe_items(app: FastAPI, service: ClientService) -> None:
             if item is not None:
                 item["properties"]["fields"] = {
                     "type": "object", "title": "Fields", "required": list(task.item_fields), "properties": props,
-                    "additionalProperties": {"type": "string", "maxLength": limit, "pattern": r"^[^\x00]*$"},
+                    "additionalProperties": False,  # a field the task does not have is refused
                     "propertyNames": {"pattern": FIELD_NAME_PATTERN, "maxLength": MAX_FIELD_NAME_CHARS},
                     "maxProperties": MAX_FIELDS,
                     "description": item["properties"]["fields"].get("description", ""),

@@ -53,6 +53,11 @@ def add_client_commands(sub: Any) -> None:
     q.add_argument("--batch", type=int, default=500, help="items per request")
     q.set_defaults(func=cmd_add)
 
+    q = cs.add_parser("delete", help="delete one history item (the next training no longer sees it)")
+    common(q)
+    q.add_argument("id", help="the item's id (as added; `oppu client search` shows ids)")
+    q.set_defaults(func=cmd_delete)
+
     q = cs.add_parser("search", help="top-k history items for a query")
     common(q)
     q.add_argument("query")
@@ -100,7 +105,7 @@ def add_client_commands(sub: Any) -> None:
 
     q = cs.add_parser("forget", help="delete your history store and every personal-adapter version")
     common(q)
-    q.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    q.add_argument("--yes", action="store_true", help="do not ask for confirmation (needed without a terminal)")
     q.set_defaults(func=cmd_forget)
 
 
@@ -137,7 +142,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 class ApiError(RuntimeError):
-    pass
+    """A request the daemon refused (`status`: its HTTP status), or no daemon to ask (status 0)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Api:
@@ -184,7 +193,7 @@ class Api:
                 detail = r.text
             if isinstance(detail, list):
                 detail = "; ".join(f"{'.'.join(str(x) for x in d.get('loc', []))}: {d.get('msg')}" for d in detail)
-            raise ApiError(f"{r.status_code}: {detail}")
+            raise ApiError(f"{r.status_code}: {detail}", r.status_code)
         ctype = r.headers.get("content-type", "")
         return r.json() if ctype.startswith("application/json") else r
 
@@ -234,6 +243,7 @@ def read_items(path: str) -> list[dict[str, Any]]:
     line, for JSONL) and the field. Nothing is guessed: an item without an id, a field that is
     not text, or a date that is neither an integer nor an ISO date is refused."""
     from shared.data.lamp import parse_date
+    from shared.records import field_text
 
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
@@ -277,11 +287,9 @@ def read_items(path: str) -> list[dict[str, Any]]:
         when = flat.pop("time", None) if "time" in flat else flat.pop("date", None)
         fields = {}
         for k, v in flat.items():
-            if v is None:
-                continue
-            if isinstance(v, (dict, list)):
-                raise ValueError(f"{where}: field {k!r} must be text, got {type(v).__name__}")
-            fields[k] = str(v)
+            text = field_text(v, f"{where}: field {k!r}")  # numbers as written, as the daemon reads them
+            if text is not None:
+                fields[k] = text
         out.append({"id": str(item_id), "fields": fields, "time": 0 if when is None else parse_date(when, where)})
     return out
 
@@ -291,6 +299,8 @@ def cmd_add(api: Api, args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     items = read_items(args.file)
+    if not items:
+        raise ApiError(f"{args.file} holds no items; nothing was stored")
     added = skipped = 0
     with tqdm(total=len(items), unit="item", desc="adding", disable=len(items) <= args.batch) as bar:
         for start in range(0, len(items), max(1, args.batch)):
@@ -298,12 +308,42 @@ def cmd_add(api: Api, args: argparse.Namespace) -> int:
             try:
                 res = api.call("POST", "/v1/history", json={"items": chunk})
             except ApiError as e:
-                raise ApiError(f"{e} (batch starting at item {start}; items before it were stored)") from None
+                raise ApiError(_batch_refused(e, args.file, start, len(chunk), len(items), added, skipped)) from None
             added += res["added"]
             skipped += res["skipped"]
             bar.update(len(chunk))
     print(f"added {added}, already present {skipped}; history now holds {res['history_count']} items"
           + (f"; automatic retraining started ({res['auto_train_job']})" if res.get("auto_train_job") else ""))
+    return 0
+
+
+def _batch_refused(e: ApiError, path: str, start: int, size: int, total: int, added: int, skipped: int) -> str:
+    """Exactly what was stored when the batch of items start..start+size-1 failed. The daemon
+    refuses a batch whole (4xx) before writing any of it; an error inside its write (5xx, a full
+    disk) may leave part of it, which sending the same file again completes (ids are idempotent)."""
+    batch = f"items {start}-{start + size - 1} of {path}" if size > 1 else f"item {start} of {path}"
+    where = f" (the daemon counts items from the batch's first, item {start})" if start else ""
+    sent = f"items 0-{start - 1}" if start > 1 else "item 0"
+    before = f"{sent} {'were' if start > 1 else 'was'} stored before it ({added} new, {skipped} already present)"
+    after = "; nothing after it was sent" if start + size < total else ""
+    if 400 <= e.status < 500:
+        stored = (f"nothing of {batch} was stored (a refused batch is refused whole); {before}" if start else
+                  f"nothing was stored: the batch of {batch} was refused whole")
+        return f"{e}{where}\n{stored}{after}. Fix it and run the same command again (items already stored are skipped)"
+    return (f"{e}\nwhile sending {batch}" + (f"; {before}" if start else "") + f"{after}. "
+            "Run the same command again when fixed (items already stored are skipped)")
+
+
+@_with_api
+def cmd_delete(api: Api, args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    res = api.call("DELETE", "/v1/history/" + quote(args.id, safe=""))
+    print(f"deleted {res['deleted']!r}; history now holds {res['history_count']} items"
+          + ("; the PAG profile was removed with it (made again when needed)" if res["profile_removed"] else ""))
+    if res["personal_version"]:
+        print(f"personal adapter v{res['personal_version']} was trained before the deletion and keeps what it "
+              "learned; `oppu client train` trains one without the item", file=sys.stderr)
     return 0
 
 
@@ -334,28 +374,45 @@ def cmd_ask(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+_UNCOUNTED = "{desc} [{elapsed}]"  # before the first step: no step count to show ("0step")
+
+
 def _watch(api: Api, job: dict[str, Any]) -> dict[str, Any]:
+    """A progress bar from the job's first second: what it is doing (its phase) and the time
+    elapsed until the first step is done, then steps done / total with the loss."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=job.get("steps_total") or None, unit="step", desc=f"training {job['id']}")
+    bar = tqdm(total=None, unit="step", desc=_job_line(job), bar_format=_UNCOUNTED)
     try:
         while job["state"] in ("queued", "running"):
             time.sleep(0.5)
             job = api.call("GET", f"/v1/jobs/{job['id']}")
             if job["steps_total"] and bar.total != job["steps_total"]:
-                bar.total = job["steps_total"]
+                bar.total, bar.bar_format = job["steps_total"], None
             bar.n = job["steps_done"]
+            bar.set_description_str(_job_line(job), refresh=False)
             if job["loss"] is not None:
-                bar.set_postfix(loss=f"{job['loss']:.3f}")
+                bar.set_postfix(loss=f"{job['loss']:.3f}", refresh=False)
             bar.refresh()
     except KeyboardInterrupt:
         bar.close()
         print("cancelling ...", file=sys.stderr)
-        job = api.call("POST", f"/v1/jobs/{job['id']}/cancel")
-        while job["state"] in ("queued", "running"):
-            time.sleep(0.5)
-            job = api.call("GET", f"/v1/jobs/{job['id']}")
+        job = _cancel(api, job["id"])
     bar.close()
+    return job
+
+
+def _job_line(job: dict[str, Any]) -> str:
+    phase = job.get("phase") or job["state"]
+    return f"{job['id']}: {phase}"
+
+
+def _cancel(api: Api, job_id: str) -> dict[str, Any]:
+    """Cancel and wait until the job has stopped (between two steps)."""
+    job = api.call("POST", f"/v1/jobs/{job_id}/cancel")
+    while job["state"] in ("queued", "running"):
+        time.sleep(0.5)
+        job = api.call("GET", f"/v1/jobs/{job_id}")
     return job
 
 
@@ -369,8 +426,12 @@ def cmd_train(api: Api, args: argparse.Namespace) -> int:
     job = _watch(api, job)
     if job["state"] == "succeeded":
         r = job["result"]
-        print(f"personal adapter v{r['version']} published: {r['examples']} examples, {r['steps']} steps, "
-              f"loss {r['final_loss']:.3f}, {r['seconds']:.1f}s")
+        loss = f"loss {r['final_loss']:.3f}, " if r.get("final_loss") is not None else ""
+        done = f"{r['examples']} examples, {r['steps']} steps, {loss}{r['seconds']:.1f}s"
+        if r.get("version") is not None:
+            print(f"personal adapter v{r['version']} published: {done}")
+        else:  # validation kept the adapter in use: say why
+            print(f"no new personal adapter ({done}): {r.get('selection', 'not adopted')}")
         return 0
     print(f"job {job['id']} {job['state']}" + (f": {job['error']}" if job.get("error") else ""), file=sys.stderr)
     return 1
@@ -386,9 +447,15 @@ def cmd_jobs(api: Api, args: argparse.Namespace) -> int:
 
 @_with_api
 def cmd_cancel(api: Api, args: argparse.Namespace) -> int:
-    j = api.call("POST", f"/v1/jobs/{args.job}/cancel")
-    print(f"{j['id']}: {j['state']}")
-    return 0
+    from urllib.parse import quote
+
+    j = api.call("GET", "/v1/jobs/" + quote(args.job, safe=""))
+    if j["state"] not in ("queued", "running"):
+        print(f"{j['id']}: already {j['state']}; nothing to cancel")
+        return 1
+    j = _cancel(api, j["id"])
+    print(f"{j['id']}: {j['state']}" + ("" if j["state"] == "cancelled" else " (it finished before it could stop)"))
+    return 0 if j["state"] == "cancelled" else 1
 
 
 @_with_api
@@ -471,7 +538,14 @@ def cmd_import(api: Api, args: argparse.Namespace) -> int:
 @_with_api
 def cmd_forget(api: Api, args: argparse.Namespace) -> int:
     if not args.yes:
-        answer = input("Delete your history and every personal adapter version? Type 'forget' to confirm: ")
+        refusal = ("nothing deleted: forget asks for confirmation on a terminal, and there is none here (stdin is "
+                   "not a terminal); to delete without asking, run `oppu client forget --yes`")
+        if not sys.stdin.isatty():
+            raise ApiError(refusal)
+        try:
+            answer = input("Delete your history and every personal adapter version? Type 'forget' to confirm: ")
+        except EOFError:  # Ctrl-D
+            raise ApiError("nothing deleted: no confirmation was typed") from None
         if answer.strip() != "forget":
             print("nothing deleted")
             return 1

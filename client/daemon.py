@@ -45,6 +45,7 @@ import logging
 import logging.handlers
 import os
 import secrets
+import shutil
 import signal
 import socket
 import stat
@@ -187,7 +188,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _setup_logging(data_dir: Path, verbose: bool) -> None:
+def _setup_logging(data_dir: Path, verbose: bool) -> logging.Handler:
+    """Log INFO and up to DIR/logs/daemon.log (returned, to be removed when the daemon stops)."""
     (data_dir / "logs").mkdir(exist_ok=True, mode=0o700)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     file_handler = logging.handlers.RotatingFileHandler(data_dir / "logs" / "daemon.log", maxBytes=5 << 20,
@@ -201,6 +203,15 @@ def _setup_logging(data_dir: Path, verbose: bool) -> None:
         if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
             h.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    return file_handler
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet: what creating it creates."""
+    missing = None
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
 
 
 def resolve_spec(data_dir: Path, config: str | None, overrides: list[str]) -> DaemonSpec:
@@ -212,9 +223,13 @@ def run(data_dir: Path, spec: DaemonSpec, *, verbose: bool = False) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the exit code."""
     import uvicorn
 
+    data_dir = Path(data_dir).expanduser().resolve()
+    created = _first_missing(data_dir)  # removed again if this start fails before serving
     data_dir = prepare_dir(data_dir)
+    # A start refused here leaves the directory: another daemon may have created it meanwhile and
+    # hold it. Only a start that holds the lock removes what it created (below).
     lock_fd = lock_data_dir(data_dir)
-    serving: dict[str, Any] = {"on": False, "server": None}
+    serving: dict[str, Any] = {"on": False, "server": None, "served": False}
 
     def early_exit(signum: int, _frame: Any) -> None:
         if not serving["on"]:  # still loading: stop right here
@@ -224,9 +239,10 @@ def run(data_dir: Path, spec: DaemonSpec, *, verbose: bool = False) -> int:
 
     old = {s: signal.signal(s, early_exit) for s in (signal.SIGTERM, signal.SIGINT)}
     service = None
+    log_file = None
     info = data_dir / INFO_FILE
     try:
-        _setup_logging(data_dir, verbose)
+        log_file = _setup_logging(data_dir, verbose)
         token = ensure_token(data_dir)
         sock = bind_socket(spec.host, spec.port)
         port = sock.getsockname()[1]
@@ -246,7 +262,7 @@ def run(data_dir: Path, spec: DaemonSpec, *, verbose: bool = False) -> int:
         atomic_write(info, json.dumps({"pid": os.getpid(), "url": f"http://{host}:{port}", "port": port,
                                        "host": spec.host, "started": time.time(), "task": spec.task}), mode=0o600)
         service.start()
-        serving["server"], serving["on"] = server, True
+        serving["server"], serving["on"], serving["served"] = server, True, True
         print(f"oppu client daemon: serving {spec.task} for {data_dir} on http://{host}:{port} (pid {os.getpid()})",
               file=sys.stderr, flush=True)
         server.run(sockets=[sock])
@@ -259,7 +275,17 @@ def run(data_dir: Path, spec: DaemonSpec, *, verbose: bool = False) -> int:
                 service.close()
         finally:
             info.unlink(missing_ok=True)
+            log.info("stopped")
+            if log_file is not None:
+                logging.getLogger().removeHandler(log_file)
+                log_file.close()
+            if created is not None and not serving["served"]:
+                # This start made the directory and never served from it: nothing of the user's is
+                # in it (a token, a lock, a log of the failure), so it goes, with the lock still held.
+                try:
+                    shutil.rmtree(created)
+                except OSError as e:
+                    log.warning("could not remove %s, created by this failed start: %s", created, e)
             release_lock(lock_fd)
             for s, h in old.items():
                 signal.signal(s, h)
-            log.info("stopped")

@@ -1,9 +1,15 @@
 """History items as they arrive from outside (API requests, import archives): shape and task checks.
 
 One validation path for every entry point. Shape (types, lengths, no control characters in ids)
-is a pydantic model, so the API's OpenAPI schema states it; meaning (the task's required fields,
-a valid rating or label) comes from `Task.validate_item`. Errors carry a location such as
-("items", 3, "fields", "score") so a client is told which field of which item is wrong.
+is a pydantic model, so the API's OpenAPI schema states it; meaning (the task's fields and no
+others, a valid rating or label) comes from the task (`Task.validate_item`). Errors carry a
+location such as ("items", 3, "fields", "score") so a client is told which field of which item
+is wrong.
+
+Forgiving where the meaning is plain, exact where it is not: a field given as a number is its
+text as written (shared.records.field_text, the importers' rule: 5 and 5.0 -> '5'), and the
+answer is stored in the task's own spelling (Task.canonical_fields: a rating '5.0' -> '5');
+a field the task does not have is refused, naming the ones it has.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Annotated, Any, Sequence
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from shared.records import HistoryItem
+from shared.records import HistoryItem, field_text
 
 MAX_ID_CHARS = 256
 MAX_FIELDS = 32
@@ -46,6 +52,19 @@ def _whole(v: Any) -> Any:
 
 WholeNumber = BeforeValidator(_whole)
 
+
+def _number_as_text(v: Any) -> Any:
+    """A field given as a JSON number is the text it is written as (5.0 -> '5'); text passes, and
+    anything else is refused by the strict string check after this, or here with the reason."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return field_text(v, "a field value")
+    if v is None or isinstance(v, (bool, list, dict)):
+        raise ValueError(f"a field value must be text or a number, not {type(v).__name__ if v is not None else 'null'}")
+    return v
+
+
+FieldText = Annotated[str, BeforeValidator(_number_as_text)]
+
 ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN,
                               description="Unique id (printable, no surrounding spaces); re-adding it is a no-op.")]
 
@@ -56,8 +75,9 @@ class ItemIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     id: ItemId
-    fields: dict[str, str] = Field(
-        description="The task's fields, e.g. {'text': ..., 'score': '4'} for amazon-rating (see GET /v1/status).",
+    fields: dict[str, FieldText] = Field(
+        description="The task's fields and no others, e.g. {'text': ..., 'score': 4} for amazon-rating (see GET "
+        "/v1/status or `oppu tasks`); text, or a number for its text (a rating 5 or 5.0 is stored as '5').",
     )
     time: Annotated[int, WholeNumber] = Field(default=0, ge=0, le=MAX_TIME,
                       description="Orders the history (e.g. unix seconds); equal times keep insertion order.")
@@ -96,8 +116,14 @@ class ItemError(ValueError):
 
 
 def check_item(item: ItemIn, task: Any, *, index: int, max_field_chars: int) -> HistoryItem:
-    """The task-level checks for one shaped item; returns the record to store."""
+    """The task-level checks for one shaped item; returns the record to store (the answer in the
+    task's spelling: Task.canonical_fields)."""
     where = ("items", index)
+    unknown = [name for name in item.fields if name not in task.item_fields]
+    if unknown:
+        raise ItemError((*where, "fields", unknown[0]), f"item {item.id!r} has field {unknown[0]!r}, which {task.name} "
+                        f"items do not have; allowed fields: {', '.join(task.item_fields)} (a task with other fields is a "
+                        "[[tasks]] table in daemon.toml)")
     for name, value in item.fields.items():
         if len(value) > max_field_chars:
             raise ItemError((*where, "fields", name), f"field {name!r} is {len(value)} characters; the limit is "
@@ -109,7 +135,7 @@ def check_item(item: ItemIn, task: Any, *, index: int, max_field_chars: int) -> 
                             f"need: {', '.join(task.item_fields)}")
         if not value.strip():
             raise ItemError((*where, "fields", name), f"item {item.id!r} field {name!r} is empty")
-    record = HistoryItem(id=item.id, fields=dict(item.fields), time=item.time)
+    record = HistoryItem(id=item.id, fields=task.canonical_fields(item.fields), time=item.time)
     try:
         task.validate_item(record, f"items[{index}]")
     except ValueError as e:

@@ -6,12 +6,18 @@ state changes and at most once a second while it makes progress. A record still 
 "queued" or "running" when the daemon starts belongs to a process that died (the data directory
 is locked to one daemon), so it is marked "interrupted" with the progress it had reached: a
 SIGKILL is reported, never silently forgotten.
+
+A job says what it is doing from its first second (`phase`: reading the history, building the
+examples, scoring on validation, training), since the step count is known only when the first
+step is done. The log (DIR/logs/daemon.log) records each job's start, its phases, its step and
+loss at every tenth of the steps, and how it ended.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -50,6 +56,7 @@ class Job:
     steps_done: int = 0
     steps_total: int = 0
     loss: float | None = None
+    phase: str = ""  # what the job is doing now, for a person: "building 40 training examples", ...
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     pid: int = field(default_factory=os.getpid)
@@ -68,12 +75,27 @@ class JobControl:
         self.job = job
         self.cancel_event = threading.Event()
         self._last_write = 0.0
+        self._logged_tenth = -1
+
+    def set_phase(self, phase: str) -> None:
+        """Say what the job does now (shown by status and the CLI's progress bar, and logged)."""
+        with self._registry._lock:
+            self.job.phase = phase
+        self._registry._persist(self.job)
+        self._last_write = time.monotonic()
+        log.info("job %s: %s", self.job.id, phase)
 
     def progress(self, steps_done: int, steps_total: int, loss: float | None = None) -> None:
         with self._registry._lock:
             self.job.steps_done, self.job.steps_total = steps_done, steps_total
-            if loss is not None:
+            if loss is not None and math.isfinite(loss):  # NaN is not JSON (a batch without answer tokens)
                 self.job.loss = float(loss)
+        # The log gets the first step, every tenth of the way, and the last.
+        tenth = steps_done * 10 // max(1, steps_total)
+        if steps_done == 1 or tenth > self._logged_tenth:
+            self._logged_tenth = tenth
+            log.info("job %s: step %d/%d, loss %s", self.job.id, steps_done, steps_total,
+                     "n/a" if self.job.loss is None else f"{self.job.loss:.4f}")
         now = time.monotonic()
         if now - self._last_write >= PERSIST_EVERY_S:
             self._last_write = now
@@ -166,6 +188,8 @@ class JobRegistry:
         with self._lock:
             job.state, job.started = "running", time.time()
         self._persist(job)
+        log.info("job %s started (%s, trigger %s%s)", job.id, job.kind, job.trigger,
+                 "".join(f", {k} {v}" for k, v in job.params.items()))
         try:
             result = fn(ctl)
             with self._lock:
@@ -183,11 +207,17 @@ class JobRegistry:
                 self._prune()
         log.info("job %s %s", job.id, job.state)
 
-    def cancel(self, job_id: str) -> Job | None:
+    def cancel(self, job_id: str, *, wait: float = 0.0) -> Job | None:
+        """Ask the job to stop (it does between steps) and wait up to `wait` seconds for it, so
+        the answer can say "cancelled" rather than "running". A finished job is left as it is."""
+        thread = None
         with self._lock:
             job = self._jobs.get(job_id)
             if job is not None and self._active is not None and self._active[0] is job:
                 self._active[1].cancel_event.set()
+                thread = self._active[2]
+        if thread is not None and wait > 0:
+            thread.join(wait)
         return job
 
     def cancel_active(self, *, wait: float = 0.0) -> Job | None:

@@ -32,6 +32,7 @@ from shared.fileio import atomic_write
 from shared.personalize import Context, ensure_profile, history_examples, prompt_for, retrieve_for
 from shared.records import HistoryItem
 from shared.retrieval import make_retriever, new_items
+from shared.selection import validation_size
 from shared.tasks import get_task
 
 from .archive import Archive, ArchiveError, read_archive, write_archive
@@ -59,18 +60,39 @@ class Busy(RuntimeError):
     """Another operation that needs exclusive use is under way."""
 
 
+class NotFound(KeyError):
+    """No such history item."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not found"
+
+
 class ClientService:
     def __init__(self, spec: DaemonSpec, data_dir: str | Path, *, engine: Any = None,
                  lock_fd: int | None = None) -> None:
         from client.store import ChromaHistoryStore  # chromadb is imported only here
-        from shared.engine import Engine
 
         self.spec = spec
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.task = get_task(spec.task)
         self.started = time.time()
-        self._check_state()
+        # The daemon is the store's one owner (a second opener gets StoreInUse); the ClientApp
+        # reads the snapshot written here, before the SuperNode starts and after every change.
+        self.store = ChromaHistoryStore(self.dir / "history", self.task.item_text)
+        self.store_lock = threading.RLock()
+        try:
+            self._check_state()
+            self._set_up(engine, lock_fd)
+        except BaseException:
+            with contextlib.suppress(Exception):  # a failed start leaves the store free for the next
+                self.store.close()
+            raise
+
+    def _set_up(self, engine: Any, lock_fd: int | None) -> None:
+        from shared.engine import Engine
+
+        spec = self.spec
         self.supervisor = self.trust = None
         if spec.coordinator:  # before the model loads: a daemon that may not join fails at once
             self.trust = app_trust(spec.coordinator, self.dir, trusted_app_hashes=spec.trusted_app_hashes,
@@ -84,10 +106,6 @@ class ClientService:
                 cache_dir=spec.artifact_root(self.dir), artifact_quota_mb=spec.artifact_quota_mb)
         engine = engine if engine is not None else Engine(
             spec.base_model, spec.base_adapter, spec.personal_adapter, seed=spec.personal_train.seed)
-        # The daemon is the store's one owner (a second opener gets StoreInUse); the ClientApp
-        # reads the snapshot written here, before the SuperNode starts and after every change.
-        self.store = ChromaHistoryStore(self.dir / "history", self.task.item_text)
-        self.store_lock = threading.RLock()
         with self.store_lock:
             self._write_snapshot()
         self.retriever = make_retriever(spec.retrieval.retriever, self.task.item_text)
@@ -105,7 +123,9 @@ class ClientService:
     # -- lifetime ------------------------------------------------------------------------------
 
     def _check_state(self) -> None:
-        """A data directory serves one task; refuse to reinterpret stored items as another's."""
+        """A data directory serves one task: stored items are never reinterpreted as another
+        task's. It changes task only when it holds nothing of the old one (an empty history and
+        nothing derived from one: a fresh directory, or one after forget); the refusal says how."""
         path = self.dir / STATE_FILE
         try:
             state = json.loads(path.read_text())
@@ -113,14 +133,28 @@ class ClientService:
             state = None
         except (OSError, ValueError) as e:
             raise RuntimeError(f"{path} is unreadable ({e}); fix or remove it") from None
-        if state is not None and state.get("task") != self.spec.task:
-            raise ValueError(f"{self.dir} holds {state.get('task')!r} history but daemon.task={self.spec.task!r}; "
-                             "use another --data-dir, or export, forget and re-import")
+        old = state.get("task") if state is not None else None
+        if old is not None and old != self.spec.task:
+            items, derived = self.store.count(), derived_from_history(self.dir)
+            if items or derived:
+                raise ValueError(self._task_change_refused(old, items, derived))
+            log.info("%s held no %s history any more: it now serves %s", self.dir, old, self.spec.task)
         # Also read by the federation's ClientApp (client/userdir.py) when daemon.toml is elsewhere.
         fresh = {"task": self.spec.task, "augmentation": self.spec.augmentation,
                  "created": (state or {}).get("created", time.time()), "framework_version": FRAMEWORK_VERSION}
         if state != fresh:
             atomic_write(path, json.dumps(fresh))
+
+    def _task_change_refused(self, old: str, items: int, derived: list[str]) -> str:
+        held = f"{items} history items" if items else f"files derived from its history ({', '.join(derived[:3])}" + \
+            (", ..." if len(derived) > 3 else "") + ")"
+        d, new = self.dir, self.spec.task
+        return (f"{d} holds {old!r} data ({held}) but daemon.task={new!r}; a data directory serves one task. "
+                f"To keep using it for {old}: oppu client daemon --data-dir {d} --task {old} (or set task = \"{old}\" "
+                f"in {d / 'daemon.toml'}). For {new}, another directory: oppu client daemon --data-dir NEW_DIR --task "
+                f"{new}. To switch this one to {new}: start it with --task {old}, keep a copy with `oppu client export "
+                f"FILE` if you like (it imports only into a {old} daemon), run `oppu client forget --yes`, stop it, "
+                f"and start it with --task {new}")
 
     def start(self) -> None:
         if self.supervisor is not None:
@@ -157,6 +191,28 @@ class ClientService:
         job = self._maybe_auto_train(count)
         return {"added": added, "skipped": len(items) - added, "history_count": count,
                 "auto_train_job": job.id if job else None}
+
+    def delete(self, item_id: str) -> dict[str, Any]:
+        """Remove one item from the store and from the ClientApp's snapshot (before answering),
+        so no later training, round or retrieval sees it. A PAG profile, written from the whole
+        history, goes with it (made again, without the item, when next needed). An adapter
+        already trained keeps what it learned until the next training: the answer names the
+        personal-adapter version in use, trained before the deletion.
+        NotFound when no item has this id."""
+        with self.store_lock:
+            if not self.store.get([item_id]):
+                raise NotFound(f"no history item {item_id[:80]!r}; `oppu client search` or GET /v1/history "
+                               "lists the ids")
+            self.store.remove([item_id])
+            had_profile = self.store.get_profile() is not None
+            if had_profile:
+                self.store.delete_profile()
+            self._write_snapshot()
+            count = self.store.count()
+        pub = self.host.published
+        log.info("history item deleted (%d left%s)", count, "; profile removed" if had_profile else "")
+        return {"deleted": item_id, "history_count": count, "profile_removed": had_profile,
+                "personal_version": pub.version if pub else None}
 
     def count(self) -> int:
         with self.store_lock:
@@ -241,16 +297,32 @@ class ClientService:
         return job
 
     def _train_job(self, ctl: JobControl, spec: TrainSpec) -> dict[str, Any]:
+        ctl.set_phase("loading the base adapter")
         self.host.load_base_adapter()
+        ctl.set_phase("reading the history")
         ctx = self._context()
         with self.store_lock:
             history = self.store.items()
             if not history:
                 raise RuntimeError("the history is empty; add items before training")
+            ctl.set_phase(f"building {len(history)} training examples ({self.spec.augmentation})")
             # Example i retrieves only from items before i (no leakage of the future).
             examples = history_examples(self.task, history, ctx, self.spec.augmentation)
         if ctl.cancelled():
             return {"cancelled": True, "steps": 0}
+        held_out = validation_size(len(examples), self.spec.selection)
+        if not held_out:
+            ctl.set_phase("training")
+        elif len(examples) - held_out >= self.spec.selection.min_train:
+            ctl.set_phase(f"scoring base + base adapter on the {held_out} newest items, held out for validation")
+        else:
+            ctl.set_phase("checking the history size against selection.min_train")
+
+        def on_step(steps_done: int, steps_total: int, loss: float) -> None:
+            if steps_done == 1:
+                ctl.set_phase(f"training on {len(examples) - held_out} examples" +
+                              (f", validating on {held_out}" if held_out else ""))
+            ctl.progress(steps_done, steps_total, loss)
 
         def summary(result: Any) -> dict[str, Any]:
             return {"steps": result.steps, "examples": len(examples),
@@ -268,9 +340,15 @@ class ClientService:
                        "selection": sel.summary()},
             )
 
-        result, sel, version = self.host.train(self.task, examples, spec, self.spec.selection, on_step=ctl.progress,
+        result, sel, version = self.host.train(self.task, examples, spec, self.spec.selection, on_step=on_step,
                                                 cancelled=ctl.cancelled, manifest=manifest)
         log.info("training job %s: %s", ctl.job.id, sel.summary())
+        if version is not None:
+            log.info("training job %s: personal adapter %s adopted and answering", ctl.job.id, version_name(version))
+        elif not result.cancelled:
+            pub = self.host.published
+            log.info("training job %s: nothing adopted; %s", ctl.job.id,
+                     f"{version_name(pub.version)} keeps answering" if pub else "answers stay without a personal adapter")
         out = {**summary(result), "history_items": len(history), "adopted": sel.adopted,
                "selection": sel.summary()}
         if result.cancelled:

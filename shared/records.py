@@ -7,6 +7,8 @@ record type serves every task; the task object knows which fields it needs.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -32,6 +34,21 @@ class HistoryItem:
         if self.time:
             out["date"] = str(self.time)
         return out
+
+
+def field_text(value: object, where: str) -> str | None:
+    """A field value as item text, the one rule for every reader of a person's items (the daemon's
+    API and archives, the importers): strings as they are, numbers as written (5 and 5.0 -> '5',
+    4.5 -> '4.5'), None (JSON null) as missing. true/false, lists, objects and non-finite numbers
+    are refused naming `where`."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        shown = json.dumps(value)[:40] if isinstance(value, (bool, dict, list, float)) else repr(value)[:40]
+        raise ValueError(f"{where}: {shown} must be text or a number")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 @dataclass(frozen=True)

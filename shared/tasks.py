@@ -16,7 +16,7 @@ import random
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 from . import metrics
 from .records import HistoryItem
@@ -201,6 +201,22 @@ class Task:
         return metrics.rouge_scores(preds, golds)
 
     # -- validation -------------------------------------------------------------------------
+
+    def canonical_fields(self, fields: Mapping[str, str]) -> dict[str, str]:
+        """The fields as they are stored: the label or rating in the task's own spelling (' 5 ',
+        '5.0' -> '5' on the rating scale; ' comedy ' -> 'comedy'), every other field as given.
+        A value that is no valid answer stays as it was, for validate_item to refuse with why.
+        (Numbers become text before this: shared.records.field_text.)"""
+        out = dict(fields)
+        name = self.label_field
+        value = out.get(name) if name is not None else None
+        if not isinstance(value, str):
+            return out
+        if self.kind == "regression":
+            out[name] = _rating_value(value, self.scale) or value  # type: ignore[index]
+        elif self.labels is not None and value.strip() in self.labels:
+            out[name] = value.strip()  # type: ignore[index]
+        return out
 
     def validate_item(self, item: HistoryItem, where: str) -> None:
         """Raise ValueError naming `where`, the field and the required fields if `item` is unusable."""

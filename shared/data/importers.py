@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..fileio import atomic_write
-from ..records import HistoryItem
+from ..records import HistoryItem, field_text
 from ..tasks import Task
 from .lamp import parse_date
 
@@ -92,21 +92,22 @@ class _Records:
                              f"map it with --map FIELD={unknown[0]}, or leave it out with --ignore {unknown[0]}")
         fields = {}
         for name, column in self.columns.items():
-            text = _text(record.get(column), f"{where}: column {column!r}")
+            text = field_text(record.get(column), f"{where}: column {column!r}")
             source = f" (from column {column!r})" if column != name else ""
             if text is None or not text.strip():
                 have = ", ".join(str(c) for c in record) or "none"
                 raise ValueError(f"{where}: field {name!r}{source} is missing or empty; {self.task.name} items need "
                                  f"{', '.join(self.task.item_fields)}; this record's columns: {have}")
             fields[name] = text
-        item_id = _text(record.get(self.id_column), f"{where}: column {self.id_column!r}")
+        item_id = field_text(record.get(self.id_column), f"{where}: column {self.id_column!r}")
         if item_id is None or not item_id.strip():
             item_id = content_id(fields)
         elif len(item_id) > _MAX_ID_CHARS or _CONTROL.search(item_id) or item_id != item_id.strip():
             raise ValueError(f"{where}: id {item_id[:40]!r} must be printable text of at most {_MAX_ID_CHARS} "
                              "characters without surrounding spaces")
         when = next((record[c] for c in self.time_columns if record.get(c) not in (None, "")), None)
-        item = HistoryItem(item_id, fields, 0 if when is None else parse_date(when, where))
+        # The answer in the task's own spelling ('5.0' -> '5'), as the daemon stores it.
+        item = HistoryItem(item_id, self.task.canonical_fields(fields), 0 if when is None else parse_date(when, where))
         self.task.validate_item(item, where)
         earlier = self.seen.get(item_id)
         if earlier is not None:
@@ -121,19 +122,6 @@ class _Records:
 def content_id(fields: Mapping[str, str]) -> str:
     """A stable id from an item's fields: the same content gets the same id on every import."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
-
-
-def _text(value: Any, where: str) -> str | None:
-    """A source value as item text: strings as they are, numbers as written (5.0 -> '5')."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool) or isinstance(value, (dict, list)):
-        raise ValueError(f"{where}: {json.dumps(value)[:40]} must be text or a number")
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, (int, float)):
-        return str(value)
-    raise ValueError(f"{where}: {value!r} must be text or a number")
 
 
 def _read_text(path: str | Path) -> str:

@@ -108,7 +108,10 @@ def test_api_fuzzed_from_its_openapi_schema(api_schema, service, figures):
                     assert after == before, (case.path, response.status_code, stored_state.differences(before, after))
                 else:
                     API_TALLY["accepted"] += 1
-                    if not (case.method.upper() == "POST" and case.path == "/v1/history"):
+                    # Adding and deleting history items change the items by design (a fuzzed id
+                    # hardly ever names a stored item; DELETE of one that does not exist is a 404).
+                    if (case.method.upper(), case.path) not in {("POST", "/v1/history"),
+                                                                 ("DELETE", "/v1/history/{item_id}")}:
                         assert after["items"] == before["items"] and after["published"] == before["published"]
                 # The same request without the token, or with a wrong one: 401, nothing changes.
                 for bad in ({}, {"Authorization": "Bearer " + TOKEN[:-1] + "u"}):
