@@ -494,7 +494,8 @@ def cmd_status(api: Api, args: argparse.Namespace) -> int:
             lines.append(f"refused         {message}")
     if s["jobs"]["active"]:
         j = s["jobs"]["active"]
-        lines.append(f"training        {j['id']} {j['steps_done']}/{j['steps_total']}")
+        lines.append(f"training        {j['id']} {j['steps_done']}/{j['steps_total']}"
+                     + (f" ({j['phase']})" if j.get("phase") else ""))
     for problem in s.get("problems", []):
         lines.append(f"problem         {problem}")
     print("\n".join(lines))

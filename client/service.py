@@ -201,6 +201,9 @@ class ClientService:
         NotFound when no item has this id."""
         with self.store_lock:
             if not self.store.get([item_id]):
+                # As after an add that added nothing: a retry after a failed snapshot write (the
+                # item left the store, the error answered) repairs the ClientApp's copy.
+                self._write_snapshot()
                 raise NotFound(f"no history item {item_id[:80]!r}; `oppu client search` or GET /v1/history "
                                "lists the ids")
             self.store.remove([item_id])

@@ -5,6 +5,7 @@ exactly what of a refused batch was stored (nothing)."""
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -164,3 +165,22 @@ def test_deleting_one_item_removes_it_from_the_store_the_snapshot_and_the_next_t
     assert weird.id not in {it.id for it in service.store.items()}
     rc, _, err = run_cli("delete", "nope")
     assert rc == 2 and "404: no history item 'nope'" in err
+
+
+def test_a_retried_delete_repairs_a_snapshot_whose_write_failed(api, service, monkeypatch):
+    import client.service as service_module
+
+    assert api.post("/v1/history", json={"items": [_item(0), _item(1)]}).status_code == 200
+    snap = snapshot_path(service.store.path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(service_module, "write_snapshot", disk_full)
+    r = api.delete("/v1/history/r0")
+    assert r.status_code == 507 and "nothing of this request was acknowledged" in r.json()["detail"]
+    monkeypatch.undo()
+    assert [it.id for it in read_snapshot(snap).items] == ["r0", "r1"]  # the store lost it, the copy did not
+    r = api.delete("/v1/history/r0")  # the client's retry
+    assert r.status_code == 404
+    assert [it.id for it in read_snapshot(snap).items] == ["r1"] == [it.id for it in service.store.items()]
