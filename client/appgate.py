@@ -171,12 +171,9 @@ def trust_status(trust: AppTrust, log_path: Path) -> dict[str, Any]:
 def _record(trust: AppTrust, fab_hash: str | None, message: str) -> None:
     from shared.fileio import atomic_write, locked_dir
 
-    try:  # set by Flower when it pulled the task
-        from flwr.supercore.task_identity import TaskIdentity
+    from .flower_internals import current_run_id
 
-        run_id = TaskIdentity.run_id
-    except (ImportError, RuntimeError):
-        run_id = None
+    run_id = current_run_id()  # set by Flower when it pulled the task
     with locked_dir(Path(trust.data_dir) / GATE_DIR, mode=0o700) as gate:  # concurrent tasks take turns
         kept = refusals(trust.data_dir)[-(KEEP_REFUSALS - 1):]
         kept.append({"time": time.time(), "fab_hash": fab_hash, "coordinator": trust.coordinator,
@@ -250,10 +247,14 @@ def main() -> None:
     """`flwr-clientapp` with the trust check: argv = [-c, PROJECT_ROOT, POLICY, *flwr-clientapp args]."""
     policy_path = sys.argv[2]
     sys.argv = [GATE_COMMAND, *sys.argv[3:]]
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp as runtime
+    from .flower_internals import clientapp_with_install_hook
 
     # Flower's ClientApp process pulls its task, then hands the bundle's bytes to install_from_fab
-    # before it unpacks or imports anything of it: the one place to check them.
-    runtime.install_from_fab = guarded(runtime.install_from_fab, policy_path, hand_over=_forget_daemon_modules)
-    flwr_clientapp()
+    # before it unpacks or imports anything of it: the one place to check them. On a Flower
+    # these hooks were not written for, nothing runs (fail closed).
+    try:
+        clientapp = clientapp_with_install_hook(
+            lambda install: guarded(install, policy_path, hand_over=_forget_daemon_modules))
+    except (RuntimeError, ImportError, AttributeError) as e:
+        sys.exit(f"oppu: refused to run a ClientApp: {e}")
+    clientapp()

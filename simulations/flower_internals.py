@@ -6,13 +6,14 @@ directory that holds the generated pyproject. Flower's own `run_simulation` buil
 private helpers (`_run_simulation`, `Run.create_empty`, `TaskIdentity`), which change between
 minor releases; hence the `flwr==1.42.*` pin in pyproject.toml and the check below, which fails
 with the installed and the supported version rather than with an AttributeError deep in a run.
+(client/flower_internals.py is the client side's counterpart: the app gate's hook.)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-SUPPORTED = "1.42."  # the minor release these calls were written against (pyproject pins it too)
+from client.flower_internals import SUPPORTED  # one pinned minor release for both sides
 
 
 def check_version() -> str:
