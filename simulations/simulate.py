@@ -172,7 +172,7 @@ def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: 
     """Score the users' predictions (read from their own directories) as `oppu experiment` does,
     add the centralized baseline when asked for, and write the run's tables, plots and REPORT.md."""
     from shared.tasks import get_task
-    from simulations.experiment import UserResult, render_results, score
+    from simulations.experiment import UserResult, adoption_counts, render_results, score
     from simulations.reports.run_outputs import write_outputs
 
     t0 = time.time()
@@ -188,7 +188,11 @@ def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: 
         preds = json.loads(f.read_text())
         if not all(m in preds for m in on_users):
             continue
-        results.append(UserResult(user.user_id, len(user.history), {m: preds[m] for m in on_users}))
+        selection = {}  # the client's adoption decision per augmentation, as the experiment records it
+        for sel_file in (run_dir / "users" / name / "federation").glob("selection-*.json"):
+            selection[sel_file.stem.removeprefix("selection-")] = json.loads(sel_file.read_text())
+        results.append(UserResult(user.user_id, len(user.history), {m: preds[m] for m in on_users},
+                                  selection=selection))
         users.append(user)
     summary = json.loads((run_dir / "federation.json").read_text())
     data_info = {"task": dataset.task, "source": dataset.source, "notes": dataset.notes,
@@ -203,6 +207,7 @@ def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: 
                 r.predictions["centralized"] = central.predictions[r.user_id]
                 r.train["centralized"] = central.train
         metrics = score(task, methods, users, results, base_users=dataset.base_users)
+        metrics["adoption"] = adoption_counts(methods, results)
         from shared.data import write_predictions
 
         for m in methods:  # all users' answers per method, as `oppu experiment` writes them

@@ -32,6 +32,10 @@ def test_oppu_simulate_runs_the_flower_simulation_engine(tmp_path, tiny_model_di
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["aggregate"]) == {"non-personalized", "OPPU", "OPPU+RAG"}
     assert metrics["federation"]["rounds"] == 2
+    # each client's adoption decision, counted as `oppu experiment` counts it ("adopted: 1/3")
+    for m, aug in (("OPPU", "plain"), ("OPPU+RAG", "rag")):
+        decided = [json.loads(f.read_text())["adopted"] for f in (run / "users").glob(f"*/federation/selection-{aug}.json")]
+        assert metrics["adoption"][m] == {"adopted": sum(decided), "users": 3}, m
     # The run directory a researcher reads: tables, plots, privacy spent, the one-page report.
     for name in ("metrics.md", "privacy.json", "plots/methods.png", "plots/rounds.png", "REPORT.md", "run.json"):
         assert (run / name).is_file(), name
