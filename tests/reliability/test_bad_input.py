@@ -170,7 +170,7 @@ def test_history_file_reader_fixed_cases(tmp_path):
     f.write_text('{"id": 1, "description": "x", "tag": "comedy", "date": "2014-03-01"}\n')
     assert read_items(str(f))[0]["time"] == 1393632000  # an ISO date was silently time 0 before
     f.write_text('{"id": 1, "description": {"a": 1}, "tag": "comedy"}\n')
-    with pytest.raises(ValueError, match="'description' must be text"):
+    with pytest.raises(ValueError, match=r"field 'description'.*must be text"):
         read_items(str(f))
     f.write_text('{"id": "a", "fields": {}}\n{"id": 2,\n')
     with pytest.raises(ValueError, match="line 2"):
