@@ -16,8 +16,9 @@ from typing import Any, Callable
 SUPPORTED = "1.42."  # the minor release these calls were written against (pyproject pins it too)
 
 
-def check_version(purpose: str = "the client's app gate") -> str:
-    """The installed Flower version; RuntimeError naming it when these calls were not written for it."""
+def check_version(purpose: str = "the client's app gate", module: str = "client/flower_internals.py") -> str:
+    """The installed Flower version; RuntimeError naming it, `purpose` and the `module` to port
+    when these calls were not written for it (both sides' private calls use this one check)."""
     import flwr
 
     version = getattr(flwr, "__version__", "unknown")
@@ -25,7 +26,7 @@ def check_version(purpose: str = "the client's app gate") -> str:
         raise RuntimeError(
             f"{purpose} uses Flower's private API as of flwr {SUPPORTED}x, but flwr {version} is installed; "
             f"install the pinned version (pip install 'flwr[simulation]=={SUPPORTED}*') or port "
-            "client/flower_internals.py to the installed one")
+            f"{module} to the installed one")
     return version
 
 

@@ -13,20 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from client.flower_internals import SUPPORTED  # one pinned minor release for both sides
+from client import flower_internals as _client_side
+
+SUPPORTED = _client_side.SUPPORTED  # one pinned minor release for both sides
 
 
 def check_version() -> str:
     """The installed Flower version; RuntimeError naming it when these calls were not written for it."""
-    import flwr
-
-    version = getattr(flwr, "__version__", "unknown")
-    if not version.startswith(SUPPORTED):
-        raise RuntimeError(
-            f"oppu simulate calls Flower's private simulation API as of flwr {SUPPORTED}x, but flwr {version} is "
-            f"installed; install the pinned version (pip install 'flwr[simulation]=={SUPPORTED}*') or port "
-            "simulations/flower_internals.py to the installed one")
-    return version
+    return _client_side.check_version("oppu simulate", "simulations/flower_internals.py")
 
 
 def new_run() -> Any:
