@@ -39,7 +39,7 @@ from .daemon import IDENTITY_PATH, identity_proof
 from .items import (FIELD_NAME_PATTERN, MAX_FIELD_NAME_CHARS, MAX_FIELDS, ItemError, ItemIn, WholeNumber, check_item,
                     check_text, item_out)
 from .jobs import JobBusy
-from .service import Busy, ClientService, Conflict, NotFound
+from .service import Busy, ClientService, Conflict, NotFound, Preparing
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,18 @@ class AskRequest(Strict):
 
 class AskResult(BaseModel):
     answer: str = Field(description="The model's text.")
-    prediction: str = Field(description="The answer parsed as the task scores it (a label, a rating, a text).")
+    prediction: str | None = Field(description="The answer parsed as the task scores it (a label, a rating, a "
+                                   "text); null when the text holds none (see warnings).")
     method: str = Field(description="OPPU, OPPU+RAG, OPPU+PAG, or RAG/PAG/non-personalized without a personal adapter.")
     personal_version: int | None = Field(description="The personal-adapter version that answered; null: none.")
-    base_adapter_version: str
+    base_adapter_version: str = Field(description="The base adapter that answered (its weights' sha256, 12 digits; "
+                                      "'untrained' for one never trained).")
+    base_adapter_source: str = Field(description="Where it came from: base_adapter_dir (named in the settings) | "
+                                     "coordinator (DIR/base_adapter) | builtin (trained and cached for the task on "
+                                     "this machine) | untrained.")
+    warnings: list[str] = Field(description="What makes this answer less than it should be: an untrained base "
+                                "adapter, a personal adapter left out because it was trained on another base "
+                                "adapter, an answer the task cannot read.")
     retrieved: list[str] = Field(description="Ids of the history items put into the prompt.")
     seconds: float
     waited_for_model_s: float
@@ -161,7 +169,8 @@ class ForgetResult(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: Any = Field(description="What is wrong: a message, or a list of {loc, msg, type}.")
-    job: dict[str, Any] | None = Field(default=None, description="409 on training: the job that is running.")
+    job: dict[str, Any] | None = Field(default=None, description="409 on training: the job that is running; 503 on "
+                                       "asking: the job preparing the base adapter.")
 
 
 CONFLICT = {409: {"model": ErrorOut, "description": "Conflicts with what is stored or running."}}
@@ -176,6 +185,13 @@ class ImportResult(BaseModel):
     profile: bool
     personal_version: int | None
     archive_personal_version: int | None
+    personal_answers: bool = Field(description="The imported adapter answers (false: none imported, or trained on "
+                                   "another base adapter than this daemon's).")
+    personal_not_answering_because: str | None = None
+    retrain_job: str | None = Field(default=None, description="Training started because the imported adapter was "
+                                    "trained on another base adapter.")
+    retraining: str | None = Field(default=None, description="Why no retraining started (too little history, a job "
+                                   "running).")
 
 
 # ------------------------------------------------------------------------------------- limits
@@ -362,6 +378,10 @@ def create_app(service: ClientService, token: str) -> FastAPI:
     async def _busy_job(_: Request, e: JobBusy) -> JSONResponse:
         return JSONResponse({"detail": str(e), "job": e.job.public()}, status_code=409)
 
+    @app.exception_handler(Preparing)
+    async def _preparing(_: Request, e: Preparing) -> JSONResponse:
+        return JSONResponse({"detail": str(e), "job": e.job.public()}, status_code=503, headers={"Retry-After": "10"})
+
     @app.exception_handler(Busy)
     async def _busy(_: Request, e: Busy) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, status_code=409)
@@ -428,7 +448,9 @@ def create_app(service: ClientService, token: str) -> FastAPI:
 
     # -- asking ----------------------------------------------------------------------------------
 
-    @v1.post("/ask", response_model=AskResult,
+    @v1.post("/ask", response_model=AskResult, responses={503: {
+                 "model": ErrorOut, "description": "The base adapter is being prepared (first start); `job` is its "
+                 "job: ask again when it is done."}},
              summary="Personalized answer: base + base adapter + personal adapter + retrieval")
     def ask(req: AskRequest) -> dict[str, Any]:
         if req.input is not None:

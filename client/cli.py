@@ -142,11 +142,13 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 class ApiError(RuntimeError):
-    """A request the daemon refused (`status`: its HTTP status), or no daemon to ask (status 0)."""
+    """A request the daemon refused (`status`: its HTTP status; `job`: the job it named), or no
+    daemon to ask (status 0)."""
 
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(self, message: str, status: int = 0, job: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.job = job
 
 
 class Api:
@@ -187,13 +189,15 @@ class Api:
     @staticmethod
     def _check(r: Any) -> Any:
         if r.status_code >= 400:
+            job = None
             try:
-                detail = r.json().get("detail")
+                body = r.json()
+                detail, job = body.get("detail"), body.get("job")
             except ValueError:
                 detail = r.text
             if isinstance(detail, list):
                 detail = "; ".join(f"{'.'.join(str(x) for x in d.get('loc', []))}: {d.get('msg')}" for d in detail)
-            raise ApiError(f"{r.status_code}: {detail}", r.status_code)
+            raise ApiError(f"{r.status_code}: {detail}", r.status_code, job if isinstance(job, dict) else None)
         ctype = r.headers.get("content-type", "")
         return r.json() if ctype.startswith("application/json") else r
 
@@ -364,13 +368,26 @@ def cmd_ask(api: Api, args: argparse.Namespace) -> int:
         body["input"] = args.text
     else:
         raise ApiError("give the question as TEXT or the item as --field NAME=VALUE")
-    res = api.call("POST", "/v1/ask", json=body)
+    try:
+        res = api.call("POST", "/v1/ask", json=body)
+    except ApiError as e:
+        if e.status != 503 or not e.job:
+            raise
+        # First start: the base adapter is being trained. Show that job, then ask.
+        print(f"waiting for the base adapter: {e}", file=sys.stderr)
+        job = _watch(api, e.job)
+        if job["state"] != "succeeded":
+            raise ApiError(f"preparing the base adapter {job['state']}" + (f": {job['error']}" if job.get("error") else ""))
+        res = api.call("POST", "/v1/ask", json=body)
     if args.json:
         print(json.dumps(res, indent=2, ensure_ascii=False))
     else:
         version = f"personal v{res['personal_version']}" if res["personal_version"] else "no personal adapter"
-        print(res["prediction"])
-        print(f"({res['method']}, {version}, {res['seconds']:.2f}s)", file=sys.stderr)
+        print(res["prediction"] if res["prediction"] is not None else f"(no prediction) {res['answer']}")
+        print(f"({res['method']}, {version}, base adapter {res['base_adapter_version']} "
+              f"({res['base_adapter_source']}), {res['seconds']:.2f}s)", file=sys.stderr)
+        for warning in res.get("warnings", []):
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -458,6 +475,10 @@ def cmd_cancel(api: Api, args: argparse.Namespace) -> int:
     return 0 if j["state"] == "cancelled" else 1
 
 
+BASE_SOURCES = {"base_adapter_dir": "named by base_adapter_dir", "coordinator": "from the coordinator",
+                "builtin": "built-in, cached for this task", "untrained": "UNTRAINED"}
+
+
 @_with_api
 def cmd_status(api: Api, args: argparse.Namespace) -> int:
     s = api.call("GET", "/v1/status")
@@ -469,9 +490,12 @@ def cmd_status(api: Api, args: argparse.Namespace) -> int:
         f"task            {s['daemon']['task']} ({s['daemon']['method']}), data dir {s['daemon']['data_dir']}",
         f"base model      {s['base_model']['hash'][:12]} ({s['base_model']['quantization']}, "
         f"{s['base_model']['device']}, {s['base_model']['threads']} threads)",
-        f"base adapter    {b['version']}",
+        f"base adapter    {b['version']} ({BASE_SOURCES.get(b.get('source'), b.get('source'))})"
+        + (f"; being prepared: job {b['preparing_job']}" if b.get("preparing_job") else ""),
         "personal        " + (f"v{p['version']}, trained {time.strftime('%Y-%m-%d %H:%M', time.localtime(p['trained_at']))}"
-                              f" on {p['data'].get('history_items')} items" if p else "none yet (oppu client train)"),
+                              f" on {p['data'].get('history_items')} items"
+                              + ("" if p.get("answers", True) else ", NOT ANSWERING (trained on another base adapter)")
+                              if p else "none yet (oppu client train)"),
         f"history         {h['count']} items, {h['new_since_training']} new since training",
         f"privacy spent   {priv['rounds']} federated rounds"
         + (f", epsilon {priv['epsilon']:.3g} at delta {priv['delta']:.1g}" if priv.get("epsilon") is not None else ""),

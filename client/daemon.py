@@ -19,7 +19,9 @@ The data directory (mode 0700):
                       the daemon is the store's only opener) and history.snapshot.jsonl, the
                       read-only copy the SuperNode's ClientApp reads (client/snapshot.py)
     personal/         versioned personal adapters and CURRENT (client.personal)
-    base_adapter/     the shared base adapter, when one was received or installed
+    base_adapter/     the federation's base adapter, when a coordinator sent one (without one, and
+                      without base_adapter_dir, the built-in one cached for the task answers:
+                      shared/builtin_base.py)
     jobs/             one JSON record per training job (client.jobs)
     federation.json   privacy spent in federated rounds (written by the ClientApp)
     logs/             daemon.log, supernode.log
@@ -265,6 +267,13 @@ def run(data_dir: Path, spec: DaemonSpec, *, verbose: bool = False) -> int:
         serving["server"], serving["on"], serving["served"] = server, True, True
         print(f"oppu client daemon: serving {spec.task} for {data_dir} on http://{host}:{port} (pid {os.getpid()})",
               file=sys.stderr, flush=True)
+        if service.base_job_id:
+            print(f"oppu client daemon: no base adapter for {spec.task} on this machine yet: training it now (job "
+                  f"{service.base_job_id}; `oppu client status` shows its progress, `oppu client ask` waits for it)",
+                  file=sys.stderr, flush=True)
+        elif service.untrained_why:
+            print(f"oppu client daemon: WARNING: the base adapter is untrained: {service.untrained_why}",
+                  file=sys.stderr, flush=True)
         server.run(sockets=[sock])
         log.info("shutting down")
         return 0

@@ -16,6 +16,17 @@ Answering has priority:
 The published version comes from `client.personal.PersonalAdapters`; a version another process
 published (the Flower ClientApp) is picked up when CURRENT changes, and a new shared base
 adapter in the data directory when its manifest changes.
+
+Which base adapter answers, first found wins (`base_info["source"]` says which):
+
+    base_adapter_dir   the one the user named (daemon.base_adapter_dir); nothing else is looked at
+    coordinator        DIR/base_adapter, the federation's, written when a coordinator sends one
+    builtin            the cached built-in one for the task (shared.builtin_base), set by the service
+    untrained          none of these: a fresh, untrained adapter; the service says why in every answer
+
+A personal adapter knows the base adapter it was trained on (its manifest's train.base_adapter).
+Stacked on another one it would add corrections learned for weights that are no longer there, so
+while they differ it does not answer (`stale` says why) until a new one is trained on this base.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from .personal import PersonalAdapters, Published, version_name
 log = logging.getLogger(__name__)
 
 MAX_YIELD_S = 30.0  # longest the trainer waits for the answers queued before it yielded
+UNTRAINED = "untrained"  # the version and source of a base adapter that was never trained
 
 
 def _clone(state: dict[str, Any]) -> dict[str, Any]:
@@ -42,10 +54,15 @@ def _clone(state: dict[str, Any]) -> dict[str, Any]:
 
 
 class ModelHost:
-    def __init__(self, engine: Any, personal: PersonalAdapters, base_dir: Path, *, base_required: bool = False) -> None:
+    def __init__(self, engine: Any, personal: PersonalAdapters, *, task: str, received_dir: Path,
+                 named_dir: Path | None = None, builtin_dir: Path | None = None) -> None:
         self.engine = engine
         self.personal = personal
-        self.base_dir = Path(base_dir)
+        self.task = task
+        self.named_dir = Path(named_dir) if named_dir is not None else None
+        self.received_dir = Path(received_dir)
+        self.builtin_dir = Path(builtin_dir) if builtin_dir is not None else None
+        self.stale: str | None = None  # why the published personal adapter does not answer
         self.problems: deque[str] = deque(maxlen=20)
         self._turns = threading.Condition()
         self._waiting = 0  # answers waiting for (or holding) the model
@@ -55,9 +72,10 @@ class ModelHost:
         self.published: Published | None = None
         self._published_state: dict[str, Any] | None = None
         self._seen_current: int | None = None
-        self.base_info: dict[str, Any] = {"version": "untrained", "path": None}
-        self._base_stamp: int | None = None
-        self.load_base_adapter(required=base_required)
+        self.base_info: dict[str, Any] = {"version": UNTRAINED, "source": UNTRAINED, "path": None}
+        self._base_stamp: tuple[str, int] | None = None
+        self._base_failed: set[tuple[str, int]] = set()
+        self.load_base_adapter(required=self.named_dir is not None)
         self.load_published()
 
     # -- turns ---------------------------------------------------------------------------------
@@ -105,32 +123,76 @@ class ModelHost:
 
     # -- adapters ------------------------------------------------------------------------------
 
-    def load_base_adapter(self, *, required: bool = False) -> None:
-        """(Re)load the shared base adapter when its manifest appeared or changed."""
-        mf = self.base_dir / ADAPTER_MANIFEST
-        try:
-            stamp = mf.stat().st_mtime_ns
-        except FileNotFoundError:
+    def _base_candidates(self) -> list[tuple[Path, str]]:
+        if self.named_dir is not None:
+            return [(self.named_dir, "base_adapter_dir")]
+        found = [(self.received_dir, "coordinator")]
+        return found + ([(self.builtin_dir, "builtin")] if self.builtin_dir is not None else [])
+
+    def load_base_adapter(self, *, required: bool = False) -> bool:
+        """(Re)load the base adapter that should answer (see the module's docstring) when it is not
+        the one loaded or its manifest changed; True when another one was loaded."""
+        for directory, source in self._base_candidates():
+            try:
+                stamp = (str(directory), (directory / ADAPTER_MANIFEST).stat().st_mtime_ns)
+            except FileNotFoundError:
+                if required:
+                    raise FileNotFoundError(f"base_adapter_dir: {directory} holds no saved adapter "
+                                            f"({ADAPTER_MANIFEST} missing)") from None
+                continue
+            if stamp == self._base_stamp:
+                return False
+            if stamp in self._base_failed:  # tried and refused already; look again when it changes
+                continue
+            problem = self._load_base(directory, source)
+            if problem is None:
+                self._base_stamp = stamp
+                self._check_stale()
+                return True
             if required:
-                raise FileNotFoundError(f"{self.base_dir} holds no saved adapter ({ADAPTER_MANIFEST} missing)") from None
-            return
-        if stamp == self._base_stamp:
-            return
-        self._base_stamp = stamp
+                raise ValueError(problem)
+            self._base_failed.add(stamp)
+            if problem not in self.problems:
+                log.error("%s", problem)
+                self.problems.append(problem)
+        return False
+
+    def _load_base(self, directory: Path, source: str) -> str | None:
+        """Load one candidate into the base slot; the problem when it cannot answer for this task."""
         try:
+            manifest = adapters.read_manifest(directory)
+            if manifest.role != "base":
+                return f"base adapter {directory} not loaded: its manifest's role is {manifest.role!r}, not 'base'"
+            if source != "base_adapter_dir" and manifest.task != self.task:
+                # e.g. a data directory switched to another task keeps no other task's adapter
+                return (f"base adapter {directory} not loaded: it was trained for {manifest.task!r}, this daemon "
+                        f"serves {self.task!r}")
             with self.model_turn():
-                manifest = self.engine.load_base(self.base_dir)
+                manifest = self.engine.load_base(directory)
         except (OSError, ValueError) as e:
-            msg = f"base adapter {self.base_dir} not loaded: {e}"
-            if required:
-                raise ValueError(msg) from None
-            log.error("%s", msg)
-            self.problems.append(msg)
-            return
+            return f"base adapter {directory} not loaded: {e}"
         self.base_info = {"version": manifest.files.get("adapter_model.safetensors", "")[:12] or "unknown",
-                          "path": str(self.base_dir), "created": manifest.created, "task": manifest.task,
-                          "data": dict(manifest.data)}
-        log.info("base adapter %s loaded from %s", self.base_info["version"], self.base_dir)
+                          "source": source, "path": str(directory), "created": manifest.created,
+                          "task": manifest.task, "data": dict(manifest.data)}
+        log.info("base adapter %s (%s) loaded from %s", self.base_info["version"], source, directory)
+        return None
+
+    def _check_stale(self) -> None:
+        """Whether the published personal adapter was trained on another base adapter than the
+        one loaded (then it does not answer). Adapters whose manifest does not record their base
+        (published by a federated round's ClientApp) are used as they are."""
+        pub, was = self.published, self.stale
+        trained_on = pub.manifest.train.get("base_adapter") if pub is not None else None
+        now = self.base_info["version"]
+        if trained_on is None or trained_on == now:
+            self.stale = None
+        else:
+            self.stale = (f"personal adapter {version_name(pub.version)} was trained on base adapter {trained_on}, "
+                          f"but base adapter {now} ({self.base_info['source']}) answers now; answering without it "
+                          "until one is trained on this base")
+        if self.stale and self.stale != was:
+            log.warning("%s", self.stale)
+            self.problems.append(self.stale)
 
     def load_published(self) -> None:
         """Load CURRENT, or the newest older version that verifies and loads, into the slot."""
@@ -149,6 +211,7 @@ class ModelHost:
                 self.published, self._published_state = None, None
             else:
                 self.published, self._published_state = found, _clone(self.engine.personal_state())
+        self._check_stale()
         for p in problems:
             log.error("personal adapter skipped: %s", p)
             self.problems.append(p)
@@ -164,13 +227,15 @@ class ModelHost:
                 problems.append(f"{version_name(v)}: {e}")
         return None
 
-    def refresh(self) -> None:
-        """Pick up what another process published into the data directory (not mid-training)."""
+    def refresh(self) -> bool:
+        """Pick up what another process published into the data directory (not mid-training);
+        True when another base adapter was loaded."""
         if self.training:
-            return
-        self.load_base_adapter()
+            return False
+        changed = self.load_base_adapter()
         if self.personal.current_version() != self._seen_current:  # re-verify only on change
             self.load_published()
+        return changed
 
     def _restore_published(self) -> None:
         """Put the published weights back in the slot (caller holds engine.lock)."""
@@ -185,6 +250,7 @@ class ModelHost:
         self.published = Published(version, self.personal.path(version), self.personal.manifest_for(version))
         self._published_state = _clone(self.engine.personal_state())
         self.engine.personal_loaded = str(self.published.path)
+        self._check_stale()
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -195,7 +261,7 @@ class ModelHost:
         t0 = time.perf_counter()
         with self.model_turn():
             waited = time.perf_counter() - t0
-            published = self.published if personal else None
+            published = self.published if personal and not self.stale else None
             if published is not None and self.training:
                 stash = _clone(self.engine.personal_state())
                 self.engine.set_personal_state(self._published_state, label=str(published.path))
@@ -282,4 +348,5 @@ class ModelHost:
             versions = self.personal.forget()
             self.engine.reset_personal()
             self.published, self._published_state, self._seen_current = None, None, None
+            self.stale = None
         return versions

@@ -19,16 +19,17 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from shared import adapters
+from shared import adapters, builtin_base
 from shared.adapters import FRAMEWORK_VERSION, AdapterManifest
 from shared.config import TrainSpec
 from client.settings import AUGMENTATION_METHOD, DaemonSpec
-from shared.fileio import atomic_write
+from shared.fileio import atomic_write, fsync_dir
 from shared.personalize import Context, ensure_profile, history_examples, prompt_for, retrieve_for
 from shared.records import HistoryItem
 from shared.retrieval import make_retriever, new_items
@@ -39,7 +40,7 @@ from .archive import Archive, ArchiveError, read_archive, write_archive
 from .appgate import app_trust, trust_status
 from .artifacts import ArtifactCache
 from .supernode import read_privacy, supernode_supervisor, transport_name
-from .host import ModelHost
+from .host import UNTRAINED, ModelHost
 from .items import parse_items
 from .jobs import JobBusy, JobControl, JobRegistry
 from .personal import PersonalAdapters, new_manifest, version_name
@@ -49,6 +50,7 @@ from .userdir import derived_from_history, forget_derived
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+RECEIVED_BASE = "base_adapter"  # DIR/base_adapter: the federation's base adapter (client/userdir.py)
 NOT_PERSONAL = {"plain": "non-personalized", "rag": "RAG", "pag": "PAG"}
 
 
@@ -58,6 +60,14 @@ class Conflict(ValueError):
 
 class Busy(RuntimeError):
     """Another operation that needs exclusive use is under way."""
+
+
+class Preparing(RuntimeError):
+    """The base adapter is being prepared (its job is running): asking waits for it."""
+
+    def __init__(self, message: str, job: Any) -> None:
+        super().__init__(message)
+        self.job = job
 
 
 class NotFound(KeyError):
@@ -114,11 +124,55 @@ class ClientService:
         # Downloads in flight died with the previous daemon's SuperNode (reaped before this runs).
         ArtifactCache(spec.artifact_root(self.dir)).discard_partial()
         self.jobs = JobRegistry(self.dir / "jobs", nice=spec.train_nice)
-        base_dir = Path(spec.base_adapter_dir).expanduser() if spec.base_adapter_dir else self.dir / "base_adapter"
-        self.host = ModelHost(engine, self.personal, base_dir, base_required=bool(spec.base_adapter_dir))
         self.engine = engine
         self._maintenance = threading.Lock()
         self._auto_attempt_count = 0
+        self._closing = False
+        self.untrained_why: str | None = None  # why the base adapter answering is untrained
+        self._base_recipe: builtin_base.Recipe | None = None  # to train at start (builtin_base.when_missing)
+        self.base_job_id: str | None = None
+        self.retrain_note: str | None = None  # why a stale personal adapter is not being retrained
+        named = Path(spec.base_adapter_dir).expanduser() if spec.base_adapter_dir else None
+        self.host = ModelHost(engine, self.personal, task=self.task.name, named_dir=named,
+                              received_dir=self.dir / RECEIVED_BASE)
+        if self.host.base_info["source"] == UNTRAINED:
+            self._choose_builtin_base()
+
+    def _choose_builtin_base(self) -> None:
+        """No base adapter named or received: the cached built-in one for this task, model and
+        recipe (shared.builtin_base), else what builtin_base.when_missing says."""
+        spec, bb = self.spec, self.spec.builtin_base
+        try:
+            recipe = builtin_base.build_recipe(self.task.name, bb, model_hash=self.engine.model_hash,
+                                               base_model=spec.base_model, base_adapter=spec.base_adapter,
+                                               retrieval=spec.retrieval)
+        except builtin_base.NoBaseUsers as e:
+            if bb.when_missing == "refuse":
+                raise ValueError(f"no base adapter for {self.task.name}: {e}") from None
+            self._set_untrained(str(e))
+            return
+        root = builtin_base.cache_dir(spec.base_model)
+        found, why = builtin_base.find_cached(root, recipe)
+        if found is not None:
+            self.host.builtin_dir = found
+            self.host.load_base_adapter()
+            return
+        prepare = (f"`oppu prepare-base-adapter --data-dir {self.dir}` trains and caches it "
+                   f"({recipe.describe()})")
+        if spec.coordinator:
+            self._set_untrained(f"the coordinator has not sent its base adapter yet, and {why}; {prepare}")
+        elif bb.when_missing == "refuse":
+            raise ValueError(f"{why}, and builtin_base.when_missing = \"refuse\": {prepare}, or set "
+                             "builtin_base.when_missing = \"train\" to train it when the daemon starts")
+        elif bb.when_missing == "untrained":
+            self._set_untrained(f"builtin_base.when_missing = \"untrained\" and {why}; {prepare}")
+        else:
+            self._base_recipe = recipe
+            self._set_untrained(f"{why}; it is trained when the daemon starts ({recipe.describe()})")
+
+    def _set_untrained(self, why: str) -> None:
+        self.untrained_why = why
+        log.warning("base adapter untrained: %s", why)
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -139,11 +193,24 @@ class ClientService:
             if items or derived:
                 raise ValueError(self._task_change_refused(old, items, derived))
             log.info("%s held no %s history any more: it now serves %s", self.dir, old, self.spec.task)
+            self._drop_received_base(old)
         # Also read by the federation's ClientApp (client/userdir.py) when daemon.toml is elsewhere.
         fresh = {"task": self.spec.task, "augmentation": self.spec.augmentation,
                  "created": (state or {}).get("created", time.time()), "framework_version": FRAMEWORK_VERSION}
         if state != fresh:
             atomic_write(path, json.dumps(fresh))
+
+    def _drop_received_base(self, old: str) -> None:
+        """A directory switched to another task keeps no base adapter of the old one (it would
+        answer the new task's questions with what it learned for the old task's)."""
+        base = self.dir / RECEIVED_BASE
+        if not base.exists():
+            return
+        gone = base.with_name(f".{RECEIVED_BASE}.old-{os.getpid()}")
+        os.replace(base, gone)
+        fsync_dir(self.dir)
+        shutil.rmtree(gone, ignore_errors=True)
+        log.info("removed %s: the base adapter of %s", base, old)
 
     def _task_change_refused(self, old: str, items: int, derived: list[str]) -> str:
         held = f"{items} history items" if items else f"files derived from its history ({', '.join(derived[:3])}" + \
@@ -157,11 +224,87 @@ class ClientService:
                 f"and start it with --task {new}")
 
     def start(self) -> None:
+        """Background work: the SuperNode, the built-in base adapter's training when it is missing
+        (builtin_base.when_missing = "train"), a personal adapter's retraining on a new base."""
         if self.supervisor is not None:
             self.supervisor.start()
+        if self._base_recipe is not None:
+            self._start_base_job()
+        else:
+            self._retrain_for_base("start")
+
+    # -- the base adapter ----------------------------------------------------------------------
+
+    def _start_base_job(self) -> None:
+        recipe = self._base_recipe
+        job = self.jobs.submit("base-adapter", lambda ctl: self._base_job(ctl, recipe), trigger="first start",
+                               params={"task": recipe.task, "examples": len(recipe.examples), "users": recipe.users,
+                                       "epochs": recipe.train.epochs, "lr": recipe.train.lr})
+        self.base_job_id = job.id
+        log.info("preparing the built-in base adapter: job %s (%s)", job.id, recipe.describe())
+
+        def after() -> None:  # a job cannot start the next one from inside itself (one at a time)
+            done = self.jobs.wait(job.id)
+            if done is not None and done.state == "failed":
+                self.untrained_why = (f"preparing the built-in base adapter failed (job {job.id}: {done.error}); "
+                                      f"DIR/logs/daemon.log says more; restart the daemon to try again")
+            elif not self._closing:
+                self._retrain_for_base("the base adapter changed")
+
+        threading.Thread(target=after, name="oppu-after-base-job", daemon=True).start()
+
+    def _base_job(self, ctl: JobControl, recipe: builtin_base.Recipe) -> dict[str, Any]:
+        ctl.set_phase(f"preparing the {recipe.task} base adapter ({recipe.describe()})")
+        path = builtin_base.prepare(self.engine, recipe, builtin_base.cache_dir(self.spec.base_model),
+                                    on_phase=ctl.set_phase, on_step=ctl.progress, should_stop=ctl.cancelled)
+        if path is None:
+            self.untrained_why = (f"preparing the built-in base adapter was cancelled (job {ctl.job.id}); restart the "
+                                  f"daemon or run `oppu prepare-base-adapter --data-dir {self.dir}`")
+            return {"cancelled": True}
+        self.host.builtin_dir = path
+        self.host.load_base_adapter()
+        if self.host.base_info["source"] != UNTRAINED:
+            self.untrained_why = None
+        self._base_recipe = None
+        return {"base_adapter": self.host.base_info["version"], "path": str(path), "examples": len(recipe.examples),
+                "users": recipe.users}
+
+    def _preparing(self) -> Any:
+        """The base adapter's job while it runs, else None."""
+        job = self.jobs.active()
+        return job if job is not None and job.id == self.base_job_id else None
+
+    def _base_status(self) -> dict[str, Any]:
+        info = dict(self.host.base_info)
+        if info["source"] == UNTRAINED:
+            job = self._preparing()
+            info["untrained_because"] = self.untrained_why
+            info["preparing_job"] = job.id if job is not None else None
+        return info
+
+    def _retrain_for_base(self, trigger: str) -> Any:
+        """A published personal adapter trained on another base adapter does not answer
+        (ModelHost.stale): retrain it on this one when the history is large enough."""
+        self.retrain_note = None
+        if not self.host.stale:
+            return None
+        count, need = self.count(), min_history_to_train(self.spec.selection)
+        if count < need:
+            self.retrain_note = (f"not retrained: training needs at least {need} history items "
+                                 f"(selection.min_train + the held-out ones), {count} stored; add more")
+            log.warning("%s", self.retrain_note)
+            return None
+        try:
+            job = self.train(trigger=trigger)
+        except (JobBusy, Busy) as e:
+            self.retrain_note = f"retraining waits: {e}; `oppu client train` starts it"
+            return None
+        log.info("retraining the personal adapter on base adapter %s: job %s", self.host.base_info["version"], job.id)
+        return job
 
     def close(self, *, timeout: float = 30.0) -> None:
         """Graceful stop: cancel training (the published adapter stays), stop the SuperNode."""
+        self._closing = True
         job = self.jobs.cancel_active(wait=timeout)
         if job is not None:
             log.info("shutdown: job %s stopped (%s)", job.id, job.state)
@@ -251,7 +394,12 @@ class ClientService:
 
     def ask(self, query_input: str, *, personal: bool = True, max_new_tokens: int | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self.host.refresh()
+        job = self._preparing()
+        if job is not None:
+            raise Preparing(f"the {self.task.name} base adapter is being prepared (job {job.id}: "
+                            f"{job.phase or job.state}, step {job.steps_done}/{job.steps_total or '?'}); ask again "
+                            "when it is done (`oppu client ask` waits for it)", job)
+        self._refresh()
         aug = self.spec.augmentation
         ctx = self._context()
         with self.store_lock:
@@ -259,14 +407,31 @@ class ClientService:
             retrieved = [it.id for it in retrieve_for(self.task, ctx, query_input, None)] if aug != "plain" else []
         text, published, waited = self.host.answer(prompt, personal=personal,
                                                     max_new_tokens=max_new_tokens or self.task.max_new_tokens)
+        base = self.host.base_info
+        prediction = self.task.parse_answer(text)
+        warnings = []
+        if base["source"] == UNTRAINED:
+            warnings.append(f"the base adapter is untrained, so answers do not know the task yet: {self.untrained_why}")
+        if personal and self.host.stale:
+            warnings.append(self.host.stale + (f"; {self.retrain_note}" if self.retrain_note else ""))
+        if prediction is None:
+            warnings.append("no prediction: the answer is " + ("empty" if self.task.kind == "generation" else
+                                                               f"not {self.task.answer_kind()}"))
         return {
-            "answer": text, "prediction": self.task.parse_output(text),
+            "answer": text, "prediction": prediction,
             "method": AUGMENTATION_METHOD[aug] if published is not None else NOT_PERSONAL[aug],
             "personal_version": published.version if published else None,
-            "base_adapter_version": self.host.base_info["version"],
+            "base_adapter_version": base["version"], "base_adapter_source": base["source"],
+            "warnings": warnings,
             "retrieved": retrieved, "seconds": round(time.perf_counter() - t0, 4),
             "waited_for_model_s": round(waited, 4),
         }
+
+    def _refresh(self) -> None:
+        """Pick up a base or personal adapter another process published (the ClientApp); a new
+        base adapter makes the personal one stale, which is then retrained."""
+        if self.host.refresh():
+            self._retrain_for_base("the base adapter changed")
 
     # -- training ------------------------------------------------------------------------------
 
@@ -361,7 +526,7 @@ class ClientService:
     # -- status --------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        self.host.refresh()
+        self._refresh()
         base = self.engine.base
         active = self.jobs.active()
         pub = self.host.published
@@ -375,8 +540,10 @@ class ClientService:
             "base_model": {"hash": self.engine.model_hash, "path": str(base.directory),
                            "quantization": base.quantization, "device": base.device, "dtype": str(base.dtype),
                            "threads": _torch_threads()},
-            "base_adapter": dict(self.host.base_info),
-            "personal_adapter": {**pub.info(), "path": str(pub.path)} if pub else None,
+            "base_adapter": self._base_status(),
+            "personal_adapter": {**pub.info(), "path": str(pub.path), "answers": not self.host.stale,
+                                 "not_answering_because": self.host.stale, "retraining": self.retrain_note}
+            if pub else None,
             "personal_versions": [version_name(v) for v in self.personal.versions()],
             "history": {"count": count, "new_since_training": max(0, count - self._trained_on()),
                         "retrain_after": self.spec.retrain_after,
@@ -385,8 +552,16 @@ class ClientService:
             "federation": self._federation_status(),
             "jobs": {"active": active.public() if active else None,
                      "interrupted_at_start": [j.id for j in self.jobs.interrupted]},
-            "problems": list(self.host.problems),
+            "problems": self._problems(),
         }
+
+    def _problems(self) -> list[str]:
+        out = list(self.host.problems)
+        if self.host.base_info["source"] == UNTRAINED and not self._preparing():
+            out.append(f"base adapter untrained: {self.untrained_why}")
+        if self.host.stale and self.retrain_note:
+            out.append(self.retrain_note)
+        return out
 
     def _federation_status(self) -> dict[str, Any] | None:
         if self.supervisor is None:
@@ -426,9 +601,14 @@ class ClientService:
             archive = read_archive(path, self.dir / "tmp", max_bytes=int(self.spec.max_import_mb * 2**20),
                                    task=self.task.name)
             try:
-                return self._import(archive)
+                result = self._import(archive)
             finally:
                 archive.cleanup()
+        if self.host.stale:  # the archive's adapter was trained on another base adapter
+            job = self._retrain_for_base("imported adapter on another base")
+            result["retrain_job"] = job.id if job is not None else None
+            result["retraining"] = self.retrain_note
+        return result
 
     def _import(self, archive: Archive) -> dict[str, Any]:
         """All or nothing: the adapter is staged (saved, not answering), then the history and
@@ -456,8 +636,11 @@ class ClientService:
             if staged is not None:
                 self.host.discard_staged(staged)
             raise
-        return {"history_added": added, "history_skipped": len(items) - added, "profile": bool(archive.profile),
-                "personal_version": version, "archive_personal_version": archive.manifest.personal_version}
+        out = {"history_added": added, "history_skipped": len(items) - added, "profile": bool(archive.profile),
+               "personal_version": version, "archive_personal_version": archive.manifest.personal_version,
+               "personal_answers": version is not None and not self.host.stale,
+               "personal_not_answering_because": self.host.stale if version is not None else None}
+        return out
 
     def _stage_imported_adapter(self, adapter_dir: Path) -> int:
         try:
@@ -551,3 +734,12 @@ def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def min_history_to_train(selection: Any) -> int:
+    """The fewest history items a training job trains on (shared.selection holds out the newest
+    validation_size of them and needs selection.min_train left)."""
+    n = 1
+    while n - validation_size(n, selection) < (selection.min_train if selection.enabled else 1):
+        n += 1
+    return n

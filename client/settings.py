@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import (
-    AUGMENTATIONS, METHOD_AUGMENTATION, PERSONAL_METHODS, AdapterSpec, BaseModelSpec, RetrievalSpec, SelectionSpec,
+    AUGMENTATIONS, METHOD_AUGMENTATION, PERSONAL_METHODS, AdapterSpec, BaseModelSpec, BuiltinBaseSpec, RetrievalSpec, SelectionSpec,
     TaskSpec, TrainSpec, from_dict, parse_config_file, register_specs,
 )
 from shared.config.specs import _choice, _positive
@@ -50,7 +50,8 @@ class DaemonSpec:
     max_import_mb: float = field(default=1024.0, metadata={"help": "Largest accepted import archive (packed and unpacked), in MiB."})
     base_adapter_dir: str = field(
         default="",
-        metadata={"help": "Saved shared base adapter to load; empty: DIR/base_adapter when present, else an untrained one."},
+        metadata={"help": "Saved shared base adapter to load; empty: DIR/base_adapter when a coordinator sent one, "
+                  "else the built-in one cached for the task (builtin_base)."},
     )
     coordinator: str = field(
         default="",
@@ -90,6 +91,7 @@ class DaemonSpec:
     personal_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=2, lr=1e-4))
     selection: SelectionSpec = field(default_factory=SelectionSpec)
     retrieval: RetrievalSpec = field(default_factory=RetrievalSpec)
+    builtin_base: BuiltinBaseSpec = field(default_factory=BuiltinBaseSpec)
 
     def __post_init__(self) -> None:
         import ipaddress

@@ -80,15 +80,49 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_base_adapter(args: argparse.Namespace) -> int:
+    """Train and cache the built-in base adapter the daemon of --data-dir (its settings) uses."""
+    import time
+
+    from client.daemon import resolve_spec
+    from shared import builtin_base
+    from shared.adapters import read_manifest
+    from shared.engine import Engine
+
+    data_dir = _client_dir(args)
+    ov = list(args.set or []) + ([f"task={json.dumps(args.task)}"] if args.task else [])
+    spec = resolve_spec(data_dir, args.config, ov)  # the daemon's settings: the same key it looks up
+    t0 = time.perf_counter()
+    engine = Engine(spec.base_model, spec.base_adapter, spec.personal_adapter, seed=spec.personal_train.seed)
+    recipe = builtin_base.build_recipe(spec.task, spec.builtin_base, model_hash=engine.model_hash,
+                                       base_model=spec.base_model, base_adapter=spec.base_adapter,
+                                       retrieval=spec.retrieval)
+    print(f"base model {engine.model_hash[:12]} loaded in {time.perf_counter() - t0:.1f}s; {recipe.describe()}",
+          file=sys.stderr)
+    path = builtin_base.prepare(engine, recipe, builtin_base.cache_dir(spec.base_model),
+                                on_phase=lambda phase: print(phase, file=sys.stderr), progress="base adapter")
+    manifest = read_manifest(path)
+    print(f"base adapter for {spec.task} ready: {path}")
+    print(f"version {manifest.files.get('adapter_model.safetensors', '')[:12]}, {manifest.train.get('steps')} steps, "
+          f"loss {manifest.train.get('final_loss', float('nan')):.3f}; {time.perf_counter() - t0:.0f}s in all")
+    return 0
+
+
+def _client_dir(args: argparse.Namespace) -> Path:
+    from client.daemon import default_data_dir
+
+    return Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+
+
 def load_own_tasks(args: argparse.Namespace) -> None:
     """Register the [[tasks]] of --config, else those of the daemon's DIR/daemon.toml when it has one."""
     from shared.config import load_task_file
 
     path = args.config
     if path is None:
-        from client.daemon import CONFIG_FILE, default_data_dir
+        from client.daemon import CONFIG_FILE
 
-        found = (Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()) / CONFIG_FILE
+        found = _client_dir(args) / CONFIG_FILE
         path = found if found.is_file() else None
     if path is not None:
         load_task_file(path)
@@ -302,6 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-model", help="convert the embedded base model once and print its hash")
     p.add_argument("--model", help="a local Hugging Face model directory instead of the embedded one")
     p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("prepare-base-adapter",
+                       help="train and cache the base adapter a daemon without a coordinator answers with",
+                       description="Trains the shared base adapter of a built-in task from its base users with the "
+                       "experiments' recipe and caches it beside the base model (base_model.cache_dir, else "
+                       "$OPPU_CACHE or ~/.cache/oppu). The daemon reads its settings from --data-dir's daemon.toml "
+                       "(or --config), so this prepares exactly the one it looks up; a daemon that finds none trains "
+                       "it at its first start instead (builtin_base.when_missing).")
+    p.add_argument("--task", help="the task (default: the daemon's, amazon-rating unless its settings say otherwise)")
+    p.add_argument("--config", help="the daemon's settings file (default: DIR/daemon.toml when present)")
+    p.add_argument("--data-dir", help="the daemon's data directory (default: $OPPU_CLIENT_DIR or ~/.local/share/oppu/client)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a daemon setting, e.g. --set builtin_base.base_users=20 (repeatable)")
+    p.set_defaults(func=cmd_prepare_base_adapter)
 
     p = sub.add_parser("tasks", help="the tasks: fields, answers, metrics and an example item line")
     p.add_argument("names", nargs="*", metavar="TASK", help="only these tasks")

@@ -162,7 +162,15 @@ class Task:
     # -- answers and scores -----------------------------------------------------------------
 
     def parse_output(self, text: str) -> str:
-        """A model's generated text as a prediction the metric can score."""
+        """A model's generated text as a prediction the metric can score: its answer, else (no
+        label, no rating on the scale) the raw first line, which the metric scores as wrong or as
+        the worst rating."""
+        answer = self.parse_answer(text)
+        return answer if answer is not None else _first_line(text)
+
+    def parse_answer(self, text: str) -> str | None:
+        """The answer in a model's generated text: a label, a whole rating on the scale, a text;
+        None when the text holds none (what a person is shown instead of a made-up prediction)."""
         line = _first_line(text)
         if self.kind == "classification":
             return self._parse_label(line)
@@ -170,11 +178,18 @@ class Task:
             for m in _WHOLE_NUMBER.finditer(line):  # the first whole number on the scale
                 if self.scale[0] <= int(m.group(0)) <= self.scale[1]:
                     return m.group(0)
-            # No rating found: keep the raw text, which the metric scores as the worst rating.
-            return line
-        return _unquote(_ANSWER_PREFIX.sub("", _unquote(line)))
+            return None
+        return _unquote(_ANSWER_PREFIX.sub("", _unquote(line))) or None
 
-    def _parse_label(self, line: str) -> str:
+    def answer_kind(self) -> str:
+        """What an answer of this task is, for a person: 'a whole rating 1-5', 'one of: ...'."""
+        if self.kind == "regression":
+            return f"a whole rating {self.scale[0]}-{self.scale[1]}"
+        if self.kind == "classification" and self.labels:
+            return f"one of: {', '.join(self.labels)}"
+        return "free text"
+
+    def _parse_label(self, line: str) -> str | None:
         assert self.labels is not None
         wanted = _norm_label(line)
         for label in self.labels:
@@ -190,7 +205,7 @@ class Task:
                 m = re.search(r"(?<!\w)" + re.escape(form) + r"(?!\w)", low)
                 if m and (best is None or (m.start(), -len(m.group(0))) < (best[0], best[1])):
                     best = (m.start(), -len(m.group(0)), label)
-        return best[2] if best else line
+        return best[2] if best else None
 
     def score(self, preds: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
         if self.kind == "classification":
@@ -413,12 +428,8 @@ def describe_task(task: Task) -> str:
     import string
 
     asked = [name for _, name, _, _ in string.Formatter().parse(task.input_template) if name]
-    if task.kind == "regression":
-        answers = f"a whole rating {task.scale[0]}-{task.scale[1]}"
-    elif task.labels and task.label_field:
-        answers = f"one of: {', '.join(task.labels)}"
-    else:
-        answers = "free text"
+    # Labels not held by the items (only the queries' answers) are listed on a line of their own.
+    answers = task.answer_kind() if task.label_field or task.kind != "classification" else "free text"
     kind = {"regression": "rating"}.get(task.kind, task.kind)
     example = {"id": f"{task.name}-1", "fields": task.example_fields(), "time": 1733000000}
     lines = [

@@ -286,3 +286,36 @@ class ExperimentSpec:
             raise ValueError(f"methods is empty; choose from {', '.join(METHODS)}")
         for m in self.methods:
             _choice("methods[]", m, METHODS + BASELINES)
+
+
+BASE_WHEN_MISSING = ("train", "refuse", "untrained")
+
+
+@dataclass(frozen=True)
+class BuiltinBaseSpec:
+    """The base adapter a daemon without a coordinator and without base_adapter_dir answers with:
+    trained once per machine for a built-in task from the task's base users, with the experiments'
+    recipe (shared.builtin_base), and cached beside the converted base model. The data settings
+    and the training default to an experiment's (DataSpec, ExperimentSpec.base_train)."""
+
+    when_missing: str = field(
+        default="train",
+        metadata={"help": "None cached for this task, model and recipe: train (a job at the daemon's start, shown "
+                  "by status and the CLI) | refuse (the daemon does not start; run `oppu prepare-base-adapter`) | "
+                  "untrained (answer with an untrained base adapter; every answer says so)."})
+    source: str = field(default=DataSpec.source, metadata={"help": "Where the base users come from: auto | real | "
+                        "a LaMP directory (data.source); the synthetic stand-in never trains a real task's adapter."})
+    data_dir: str = field(default=DataSpec.data_dir, metadata={"help": "Real-data root; empty: $OPPU_DATA_DIR or ../shared/data."})
+    base_users: int = field(default=DataSpec.base_users, metadata={"help": "Base users whose history trains it (data.base_users)."})
+    base_examples: int = field(default=DataSpec.base_examples,
+                               metadata={"help": "Cap on its training examples (data.base_examples; 0: all)."})
+    train: TrainSpec = field(default_factory=lambda: ExperimentSpec().base_train,
+                             metadata={"help": "Its training: the experiments' base_train unless set here."})
+
+    def __post_init__(self) -> None:
+        _choice("builtin_base.when_missing", self.when_missing, BASE_WHEN_MISSING)
+        if self.source == "synthetic":
+            raise ValueError("builtin_base.source='synthetic' is not allowed: a real task's base adapter is trained "
+                             "on its own data; choose auto, real, or a LaMP directory")
+        _positive("builtin_base.base_users", self.base_users)
+        _positive("builtin_base.base_examples", self.base_examples, allow_zero=True)

@@ -56,7 +56,10 @@ class DaemonProcess:
         lines += ["[base_model]", f"path = {json.dumps(str(model_dir))}", 'quantization = "none"', "threads = 1",
                   "[personal_train]", "epochs = 2", "lr = 0.02",
                   # Versions and publication are under test, on a random tiny model: every job adopts.
-                  "[selection]", "enabled = false"]
+                  "[selection]", "enabled = false",
+                  # A base adapter trained at start would hold the model while these tests ask and train;
+                  # the built-in one is tested by tests/client/test_base_adapter_choice.py.
+                  "[builtin_base]", 'when_missing = "untrained"']
         self.config = self.dir / "daemon.toml"  # where the daemon (and the ClientApp) look by default
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
