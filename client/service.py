@@ -168,11 +168,11 @@ class ClientService:
             self._set_untrained(f"builtin_base.when_missing = \"untrained\" and {why}; {prepare}")
         else:
             self._base_recipe = recipe
-            self._set_untrained(f"{why}; it is trained when the daemon starts ({recipe.describe()})")
+            self._set_untrained(f"{why}; it is trained when the daemon starts ({recipe.describe()})", expected=True)
 
-    def _set_untrained(self, why: str) -> None:
+    def _set_untrained(self, why: str, *, expected: bool = False) -> None:
         self.untrained_why = why
-        log.warning("base adapter untrained: %s", why)
+        log.log(logging.INFO if expected else logging.WARNING, "base adapter untrained: %s", why)
 
     # -- lifetime ------------------------------------------------------------------------------
 

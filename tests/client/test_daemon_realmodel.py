@@ -53,3 +53,38 @@ def test_daemon_api_on_the_real_model(real_engine, tmp_path, capsys):
     finally:
         svc.close()
         real_engine.reset_personal()
+
+
+@pytest.mark.slow
+def test_a_fresh_daemons_first_answers_on_amazon_rating_parse_as_ratings(real_engine, tmp_path, capsys):
+    """No coordinator, no base_adapter_dir, nothing cached: the daemon trains the built-in base
+    adapter (the experiments' recipe on amazon-rating's base users) as a job at its start, and its
+    first answers are ratings (issue 17). The cache is this test's own, so it always trains."""
+    from client.service import ClientService
+    from shared.config import BaseModelSpec
+    from shared.data.amazon import build_amazon
+
+    before = {k: v.detach().clone() for k, v in real_engine.base_state().items()}
+    spec = DaemonSpec(task="amazon-rating", retrain_after=0,
+                      base_model=BaseModelSpec(quantization=real_engine.base.quantization, cache_dir=str(tmp_path / "cache")))
+    reviewer = build_amazon("amazon-rating", n_eval_users=1, n_base_users=0, n_queries=3).eval_users[0]
+    t0 = time.perf_counter()
+    svc = ClientService(spec, tmp_path / "dir", engine=real_engine)
+    try:
+        svc.add(reviewer.history)
+        svc.start()
+        job = svc.jobs.active()
+        if job is not None:  # the first start's job; asking waits for it (the CLI shows its progress)
+            done = svc.jobs.wait(job.id, 1200)
+            assert done.state == "succeeded", done.error
+        prepared = time.perf_counter() - t0
+        answers = [svc.ask(q.input) for q in reviewer.queries]
+        for a in answers:
+            assert a["prediction"] in ("1", "2", "3", "4", "5"), a
+            assert a["base_adapter_source"] == "builtin" and not a["warnings"], a
+        with capsys.disabled():
+            print(f"\n[built-in base adapter] {job.public()['steps_total'] if job else 0} steps, start to ready "
+                  f"{prepared:.0f}s; answers {[a['answer'] for a in answers]} (gold {[q.target for q in reviewer.queries]})")
+    finally:
+        svc.close()
+        real_engine.set_base_state(before)
