@@ -697,6 +697,10 @@ class ClientService:
         What stays under DIR/history: owner.lock (this daemon's pid and command line, nothing of the
         history) and the snapshot, rewritten with no items and no profile."""
         with self._exclusive("forget"):
+            preparing = self._preparing()
+            if preparing is not None:  # not derived from the history: cancelling it would only cost a restart
+                raise Busy(f"the base adapter is being prepared (job {preparing.id}, not derived from your history); "
+                           "forget when it is done")
             job = self.jobs.cancel_active(wait=120)
             if job is not None and self.jobs.active() is not None:
                 raise Busy(f"job {job.id} did not stop; try again")
