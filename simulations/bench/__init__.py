@@ -13,6 +13,8 @@ Sections (each in its own process, so each peak memory is its own):
 | scaling     | `oppu simulate` wall time and peak memory for N virtual users; base-model     |
 |             | loads per worker process                                                       |
 | comms       | bytes per client per round (LoRA vs FFA-LoRA), one-time base-model transfer    |
+| costmodel   | coefficients of the cost model of `oppu simulate` (costcoeffs.py); predict a   |
+|             | run's wall time with `python -m simulations.bench.costmodel` (costmodel.py)    |
 
     python -m simulations.bench --out bench [--sections training,serving,...] [--quick]
 """

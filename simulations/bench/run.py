@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("memory", "footprint", "comms", "training", "serving", "scaling")
+SECTIONS = ("memory", "footprint", "comms", "costmodel", "training", "serving", "scaling")
 
 
 def one(job: str, args: argparse.Namespace) -> dict:
@@ -37,6 +37,10 @@ def one(job: str, args: argparse.Namespace) -> dict:
         from . import comms
 
         return comms.run(args.model)
+    if kind == "costmodel":
+        from . import costcoeffs
+
+        return costcoeffs.run(args.costmodel_config or None)
     if kind == "scaling":
         from . import scaling
 
@@ -49,11 +53,13 @@ def jobs(sections: list[str], args: argparse.Namespace) -> list[str]:
     configuration (ours one user at a time, ours with all users in one pass, the reference), serving, memory, communication, the other
     training configurations, then simulation scaling."""
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    training = ([f"training:{c}:{p}" for c in configs for p in ("ours", "group", "reference")]
+    procedures = [p.strip() for p in args.procedures.split(",") if p.strip()]
+    training = ([f"training:{c}:{p}" for c in configs for p in ("ours", "group", "reference") if p in procedures]
                 if "training" in sections else [])
-    out = training[:3]
-    out += [s for s in ("serving", "memory", "footprint", "comms") if s in sections]
-    out += training[2:]
+    first = len([p for p in ("ours", "group", "reference") if p in procedures])  # the first configuration's
+    out = training[:first]
+    out += [s for s in ("serving", "memory", "footprint", "comms", "costmodel") if s in sections]
+    out += training[first:]
     if "scaling" in sections:
         out += [f"scaling:{n.strip()}" for n in args.scaling.split(",") if n.strip()]
     return out
@@ -61,7 +67,7 @@ def jobs(sections: list[str], args: argparse.Namespace) -> list[str]:
 
 def child(job: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "simulations.bench", "--one", job]
-    for k in ("users", "task", "epochs", "model", "serve_users", "repeats", "out"):
+    for k in ("users", "task", "epochs", "model", "serve_users", "repeats", "out", "costmodel_config"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (progress) passes through
@@ -81,10 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="nf4,bf16", help="training base configurations (nf4, bf16, fp32)")
     p.add_argument("--users", type=int, default=2, help="users trained per procedure and configuration")
     p.add_argument("--epochs", type=float, default=2)
+    p.add_argument("--procedures", default="ours,group,reference", help="training procedures to run")
     p.add_argument("--task", default="amazon-rating")
     p.add_argument("--serve-users", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1, help="serving: timed rounds per mode (best kept)")
     p.add_argument("--scaling", default="1,2,4,8,16", help="virtual-user counts for the simulation")
+    p.add_argument("--costmodel-config", default="",
+                   help="costmodel: the simulate config whose data and prompts are timed (default: simulate.toml)")
     p.add_argument("--model", default="", help="base model directory (default: the embedded model)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one job, print its JSON
     p.add_argument("--render", metavar="RESULTS_JSON", help="only (re)write summary.md from a results.json")

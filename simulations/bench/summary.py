@@ -38,6 +38,7 @@ def render(r: dict) -> str:
     lines += _footprint(jobs, targets)
     lines += _scaling(jobs, targets)
     lines += _comms(jobs)
+    lines += _costmodel(jobs)
     wall = r.get("wall_seconds")
     if wall is not None and not failed and r.get("complete", True):
         targets.append(("whole benchmark wall time (`make bench`, model already prepared)", f"{wall / 60:.1f} min",
@@ -84,7 +85,7 @@ def _training(jobs: dict, targets: list) -> list[str]:
             if j is None:
                 continue
             util = j["flops_per_second"] / j["matmul_flops_per_second"]
-            lines.append(f"| {c} ({j['quantization']}) | {j['procedure']} | {j['dtype']} on {j['device']} | "
+            lines.append(f"| {c} ({j['quantization']}) | {j['procedure']}{_batching(j)} | {j['dtype']} on {j['device']} | "
                          f"{j['mean_seconds_per_user']:.1f} | {j['tokens_per_second']:.0f} | "
                          f"{j['flops_per_second'] / 1e9:.1f} G | {util:.0%} | {_mib(j['peak_rss_bytes'])} | "
                          f"{j['final_loss']:.3f} |")
@@ -125,6 +126,12 @@ def _training(jobs: dict, targets: list) -> list[str]:
         lines += ["", f"nf4 base {nf4['tokens_per_second']:.0f} vs 16-bit base ({b16['dtype']} compute) "
                   f"{b16['tokens_per_second']:.0f} useful tokens/s: {how}."]
     return lines + [""]
+
+
+def _batching(j: dict) -> str:
+    """How ours formed its steps, when not the default batch of examples."""
+    how = ([f"{j['batch_tokens']} tokens per step"] if j.get("batch_tokens") else []) + (["packed"] if j.get("packing") else [])
+    return f" ({', '.join(how)})" if how and j["procedure"] != "reference" else ""
 
 
 def _serving(jobs: dict, targets: list) -> list[str]:
@@ -227,3 +234,37 @@ def _comms(jobs: dict) -> list[str]:
             f"| base model, once per client (nf4 artifact) | {c['base_model_nf4_artifact_bytes']:,} | {_mib(c['base_model_nf4_artifact_bytes'])} |",
             f"| base model source checkpoint (for comparison) | {c['base_model_source_checkpoint_bytes']:,} | {_mib(c['base_model_source_checkpoint_bytes'])} |",
             ""]
+
+
+def _costmodel(jobs: dict) -> list[str]:
+    c = jobs.get("costmodel")
+    if not c:
+        return []
+    w, d = c["worker"], c["driver"]
+
+    def row(name: str, p: dict, key: str, unit: str) -> str:
+        f = p[key]
+        return (f"| {name} | {p['threads']} | {f['call_s']:.3f} | {f.get('step_s', f.get('row_s', 0.0)):.3f} | "
+                f"{f['token_s'] * 1e3:.2f} | {unit} |")
+
+    lines = ["## Cost model of `oppu simulate`", "",
+             f"Coefficients measured with the data and prompts of {c['config']}: the coordinator's process, then "
+             f"{c['concurrent_workers']} worker processes at once (as the simulation runs them); load average "
+             f"{', '.join(str(x) for x in c['machine'].get('load_average', []))} (1/5/15 min, before and after). "
+             "`python -m simulations.bench.costmodel --coefficients RESULTS_JSON --users N --rounds R` predicts a "
+             "run's wall time from them (docs/simulations.md, \"Cost model\").", "",
+             "| cost | threads | per call s | per step / row s | per token ms | counted over |", "|---|---|---|---|---|---|",
+             row("training, worker", w, "train", "steps, padded tokens"),
+             row("training, coordinator", d, "train", "steps, padded tokens"),
+             row("answering, worker", w, "answer", "prompts, prompt tokens"),
+             row("answering, coordinator", d, "answer", "prompts, prompt tokens"),
+             row("validation scoring, worker", w, "score", "chunks of 4, items, prompt tokens"), "",
+             f"Fixed: model load {w['load_s']:.1f} s per worker, {d['load_s']:.1f} s in the coordinator; Ray start "
+             f"{c['ray_start_s']:.1f} s; data directory {c['prepare_user_s']:.2f} s per user; store and adapter "
+             f"files {w['user_task_s']:.2f} s per user and message; 4-bit base dequantized once per selection "
+             f"{w['selection_s']:.2f} s."]
+    p = c.get("prediction")
+    if p:
+        lines += ["", f"Predicted for {c['config']} ({p['users']} users, {p['rounds']} rounds): "
+                  f"{p['total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in p["phases"].items()) + ")."]
+    return lines + [""]
