@@ -10,8 +10,9 @@ What the simulation does, phase by phase, and what each costs (seconds; `train(.
 validation scoring and of generation, each in the process that runs it):
 
 - start-up: write the N users' data directories (Chroma stores), export and load the model in
-  the coordinator, start Ray, and in each of the W = cores / sim_client_cpus worker processes
-  import the client and load the model once (client.rounds.engine_for);
+  the coordinator, start Ray; each of the W = cores / sim_client_cpus worker processes imports
+  the client and loads the model with its first message (client.rounds.engine_for), counted in
+  the first phase that reaches the workers;
 - initial base adapter: train(the population's base examples, base_train) in the coordinator;
 - an evaluation (before round 1, and after every round but the last when evaluate_every = 1):
   every user answers its queries, non-personalized;
@@ -322,12 +323,20 @@ def predict(w: Workload, c: Coefficients, *, skipped: float = 0.0) -> Prediction
     wk, dr = c.worker, c.driver
     n = len(w.users)
     phases: dict[str, float] = {}
-    phases["start-up"] = n * c.prepare_user_s + dr.load_s + c.ray_start_s + wk.load_s
+    phases["start-up"] = n * c.prepare_user_s + dr.load_s + c.ray_start_s
     phases["initial base adapter"] = dr.train.seconds(w.initial_base)
+    # Each worker loads the model on its first message (client.rounds.engine_for), all at once.
+    first_message = [wk.load_s]
+
+    def first(tasks: list[float]) -> list[float]:
+        if first_message and tasks:
+            load = first_message.pop()
+            tasks = [t + load if i < w.workers else t for i, t in enumerate(tasks)]
+        return tasks
 
     def plain_eval() -> float:
-        return spread([wk.user_task_s + wk.answer.seconds(u.queries["plain"].rows, u.queries["plain"].tokens)
-                       for u in w.users], w.workers)
+        return spread(first([wk.user_task_s + wk.answer.seconds(u.queries["plain"].rows, u.queries["plain"].tokens)
+                             for u in w.users]), w.workers)
 
     if w.evaluate_before:
         phases["evaluation before round 1"] = plain_eval()
@@ -341,7 +350,7 @@ def predict(w: Workload, c: Coefficients, *, skipped: float = 0.0) -> Prediction
                 t += wk.train.seconds(u.local_base)
             tasks.append(t)
             trained_once.add(i)
-        phases[f"round {r}"] = spread(tasks, w.workers)
+        phases[f"round {r}"] = spread(first(tasks), w.workers)
         if r in w.evaluate_between:
             phases[f"round {r}"] += plain_eval()
     from shared.personalize import METHOD_AUGMENTATION, PERSONAL_METHODS
@@ -357,7 +366,7 @@ def predict(w: Workload, c: Coefficients, *, skipped: float = 0.0) -> Prediction
                 t += personalization_s(u.personal[aug], wk, w.checks, skipped)
             t += wk.answer.seconds(u.queries[aug].rows, u.queries[aug].tokens)
         final.append(t)
-    phases["final evaluation"] = spread(final, w.workers)
+    phases["final evaluation"] = spread(first(final), w.workers)
     if "centralized" in w.methods:
         # its own engine (simulate.centralized_baseline loads the model again)
         phases["centralized baseline"] = dr.load_s + dr.train.seconds(w.centralized) + sum(

@@ -42,10 +42,11 @@ def test_prediction_adds_up_the_phases_from_the_coefficients():
                  evaluate_before=True, methods=("non-personalized", "OPPU", "centralized"), workers=2, checks=2,
                  federate=True, sampling="test")
     p = predict(w, c)
-    assert p.phases["start-up"] == pytest.approx(2 * 0.5 + 5.0 + 3.0 + 10.0)
+    assert p.phases["start-up"] == pytest.approx(2 * 0.5 + 5.0 + 3.0)
     assert p.phases["initial base adapter"] == pytest.approx(2.0 + 0.25 * 8 + 0.005 * 4000)
     plain_answer = 0.2 + 0.1 * 4 + 0.001 * 400  # 1.0
-    assert p.phases["evaluation before round 1"] == pytest.approx(0.25 + plain_answer)  # two users, two workers
+    # Two users on two workers, each worker loading the model with its first user (10 s).
+    assert p.phases["evaluation before round 1"] == pytest.approx(10.0 + 0.25 + plain_answer)
     score = 0.3 + 0.05 * 2 + 0.002 * 200  # 0.8, one chunk of two items
     selection = {4: 0.4 + score + (1.0 + 0.5 * 4 + 10.0) + 2 * score, 2: 0.4 + score + (1.0 + 0.5 * 2 + 10.0) + 2 * score}
     local = 1.0 + 0.5 * 3 + 0.01 * 900
@@ -72,7 +73,8 @@ def test_evaluations_between_rounds_and_without_federation():
     assert "evaluation before round 1" not in p.phases and "centralized baseline" not in p.phases
     assert p.phases["initial base adapter"] == 0.0
     score = 0.3 + 0.05 * 2 + 0.002 * 200
-    assert p.phases["round 1"] == pytest.approx(0.25 + 0.4 + score + 13.0 + 0.25 + 1.0)  # no local base update
+    # No evaluation before: the model loads with the round's first user; no local base update.
+    assert p.phases["round 1"] == pytest.approx(10.0 + 0.25 + 0.4 + score + 13.0 + 0.25 + 1.0)
     assert p.phases["round 2"] == 0.0
 
 
