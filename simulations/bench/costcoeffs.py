@@ -57,6 +57,8 @@ def _spec(config: str | None):
 def measure(config: str | None, role: str) -> dict[str, Any]:
     """One process's costs: role 'worker' (a simulated user's process) or 'driver'."""
     start = time.perf_counter()
+    # Imported here on purpose: a worker's import of torch, transformers and the client is part
+    # of the model load the simulation pays in each worker process (load_s).
     import dataclasses
 
     import torch

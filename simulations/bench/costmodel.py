@@ -50,6 +50,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from coordinator.sampling import sample_round
+from shared.config import load_federated
+from shared.data import load_dataset
+from shared.model import resolve_model_dir
+from shared.personalize import (METHOD_AUGMENTATION, PERSONAL_METHODS, Context, base_examples, history_examples,
+                                population_base_examples, prompt_for)
+from shared.prompting import encode_prompt
+from shared.retrieval import InMemoryHistoryStore, make_retriever
+from shared.selection import validation_size
+from shared.tasks import get_task
+from shared.training import encode_examples, step_plan
+from simulations.centralized import pooled_examples
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "simulate.toml"
 
 
@@ -191,7 +204,6 @@ class Workload:
 
 def train_work(tokenizer: Any, examples: Sequence[Any], spec: Any) -> TrainWork:
     """Steps and padded tokens of THE training loop on `examples` (its own batch plan)."""
-    from shared.training import encode_examples, step_plan
 
     if not examples:
         return TrainWork(0, 0)
@@ -201,7 +213,6 @@ def train_work(tokenizer: Any, examples: Sequence[Any], spec: Any) -> TrainWork:
 
 
 def prompt_rows(tokenizer: Any, prompts: Sequence[str]) -> Rows:
-    from shared.prompting import encode_prompt
 
     return Rows(len(prompts), sum(len(encode_prompt(tokenizer, p)) for p in prompts))
 
@@ -210,7 +221,6 @@ def sampled_users(spec: Any, n: int) -> tuple[list[list[int]], str]:
     """Who trains in each round: the coordinator's own draw when the config makes it
     reproducible (coordinator.sampling.sample_round over the users in partition order), else
     the expected number q·N (the first ones: the model only needs how many and how often)."""
-    from coordinator.sampling import sample_round
 
     f = spec.federation
     seeded = not spec.dp or f.sampling_seed >= 0
@@ -225,14 +235,6 @@ def workload(spec: Any, *, cores: int) -> Workload:
     """Count the simulation's work for `spec` (its data read, its prompts tokenized)."""
     from transformers import AutoTokenizer
 
-    from shared.data import load_dataset
-    from shared.model import resolve_model_dir
-    from shared.personalize import (METHOD_AUGMENTATION, PERSONAL_METHODS, Context, base_examples,
-                                    history_examples, population_base_examples, prompt_for)
-    from shared.retrieval import InMemoryHistoryStore, make_retriever
-    from shared.selection import validation_size
-    from shared.tasks import get_task
-    from simulations.centralized import pooled_examples
 
     e, f = spec.experiment, spec.federation
     unsupported = [m for m in e.methods if METHOD_AUGMENTATION.get(m) == "pag"]
@@ -353,8 +355,6 @@ def predict(w: Workload, c: Coefficients, *, skipped: float = 0.0) -> Prediction
         phases[f"round {r}"] = spread(first(tasks), w.workers)
         if r in w.evaluate_between:
             phases[f"round {r}"] += plain_eval()
-    from shared.personalize import METHOD_AUGMENTATION, PERSONAL_METHODS
-
     final = []
     for i, u in enumerate(w.users):
         t = wk.user_task_s
@@ -384,7 +384,6 @@ def predict(w: Workload, c: Coefficients, *, skipped: float = 0.0) -> Prediction
 
 def load_spec(config: str | None, users: int | None, rounds: int | None, sets: Sequence[str]) -> Any:
     """The FederatedSpec `oppu simulate --config C --users N --rounds R --set ...` would run."""
-    from shared.config import load_federated
 
     overrides = list(sets)
     if users is not None:
