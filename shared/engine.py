@@ -19,7 +19,7 @@ from .config import AdapterSpec, BaseModelSpec, TrainSpec
 from .inference import generate
 from .model import LoadedBase, load_base_model
 from .group_training import GroupLoRA, train_group
-from .training import Example, TrainResult, train_adapter
+from .training import Example, TrainResult, answer_loss, collate, encode_examples, train_adapter
 
 
 class Engine:
@@ -237,8 +237,6 @@ class Engine:
 
         Used to check what an adapter learned and by loss-threshold membership inference.
         """
-        from .training import answer_loss, collate, encode_examples
-
         with self.lock, torch.no_grad():
             adapters.activate(self.model, self._personal_names() if personal else [BASE])
             prompt = self.soft_prompt if personal else None

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .config import TrainSpec
-from .training import (PASS_TOKENS, Encoded, Example, TrainResult, answer_token_losses, collate, encode_examples,
-                       make_optimizer, pass_parts, step_plan)
+from .model import dense_4bit_weights, release_memory
+from .training import (PASS_TOKENS, Encoded, Example, TrainResult, answer_token_losses, checkpoint_steps, collate,
+                       encode_examples, make_optimizer, pass_parts, step_plan)
 
 
 @dataclass
@@ -157,9 +158,6 @@ def train_group(
     model's active adapters as it found them."""
     import torch
     from tqdm.auto import tqdm
-
-    from .model import dense_4bit_weights, release_memory
-    from .training import checkpoint_steps
 
     k = len(users)
     results = [TrainResult(0, len(ex), spec.epochs, 0, 0) for ex in users]

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from .model import dense_4bit_weights, release_memory
 from .prompting import answer_end_ids, encode_prompt, fit_prompt
+from .soft_prompt import prepend
 
 
 def generate(
@@ -58,8 +59,6 @@ def generate(
                 inputs = {"input_ids": ids, "attention_mask": mask}
                 start = width
             else:
-                from .soft_prompt import prepend
-
                 base = model.get_base_model() if hasattr(model, "get_base_model") else model
                 embeds, full_mask = prepend(base, soft_prompt, ids, mask)
                 inputs = {"inputs_embeds": embeds, "attention_mask": full_mask}

@@ -127,7 +127,7 @@ def _prv_epsilon(events: tuple[tuple[float, float, int], ...], delta: float) -> 
 
 def l2_norm(tensors: Mapping[str, Any]) -> float:
     """Global L2 norm over a dict of arrays/tensors (as if flattened into one vector)."""
-    from .aggregation import norm
+    from .aggregation import norm  # here, not at the top: shared.aggregation imports this module
 
     return norm(tensors)
 
@@ -137,7 +137,7 @@ def clip_update(
 ) -> tuple[dict[str, np.ndarray], float]:
     """old + (new - old) scaled to L2 norm <= clipping_norm; returns (clipped new, norm before).
     The clipping rule itself is shared/aggregation.py's (one place for it)."""
-    from .aggregation import bounded
+    from .aggregation import bounded  # here, not at the top: shared.aggregation imports this module
 
     return bounded(new, old, bound=clipping_norm)
 

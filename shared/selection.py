@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from .config import SelectionSpec, TrainSpec
 from .metrics import METRIC_BEST, METRIC_DIRECTION
+from .model import dense_4bit_weights
 from .training import Example, TrainResult
 
 
@@ -121,8 +122,6 @@ def _dense_weights(engine: Any) -> Iterator[None]:
     if base is None or getattr(base, "device", "cpu") != "cpu":
         yield
         return
-    from .model import dense_4bit_weights
-
     with dense_4bit_weights(engine.model):
         yield
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .config import TrainSpec
+from .model import dense_4bit_weights, release_memory
 from .prompting import encode_answer, encode_prompt, fit_prompt
+from .soft_prompt import prepend
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,6 @@ def answer_token_losses(model: Any, ids: Any, mask: Any, labels: Any, soft_promp
     if soft_prompt is None:
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     else:
-        from .soft_prompt import prepend
-
         embeds, full_mask = prepend(base, soft_prompt, ids, mask)
         hidden = decoder(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False).last_hidden_state
         hidden = hidden[:, soft_prompt.shape[0]:]
@@ -266,8 +266,6 @@ def train_adapter(
     check_at = checkpoint_steps(total, checkpoints) if on_checkpoint is not None else set()
     opt, sched = make_optimizer(params, spec, total, wrap=dp_sgd.wrap_optimizer if dp_sgd is not None else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    from .model import dense_4bit_weights, release_memory
 
     model.train()
     result = TrainResult(0, len(examples), spec.epochs, 0, 0)

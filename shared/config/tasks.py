@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tasks import Task, register_tasks
+from .parsing import _coerce
 
 TASK_KINDS = ("classification", "rating", "generation")
 # Config kind -> the Task kind that scores it (a rating is scored as LaMP-3's regression).
@@ -184,8 +185,6 @@ def register_specs(specs: tuple[TaskSpec, ...], source: str) -> tuple[Task, ...]
 def load_task_file(path: str | Path) -> tuple[Task, ...]:
     """Register the [[tasks]] tables of a TOML file (a daemon.toml or a file of tasks only; its other
     settings are not read here) and return their Tasks. Every error names the file."""
-    from .parsing import _coerce
-
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
