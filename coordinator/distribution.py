@@ -21,7 +21,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from shared.config import BaseModelSpec
-from shared.model import MANIFEST, cache_root, directory_manifest, model_hash, read_or_make_manifest, resolve_model_dir
+from shared.model import (MANIFEST, cache_root, directory_manifest, load_base_model, model_hash, read_or_make_manifest,
+                          resolve_model_dir)
 from shared.protocol import ARTIFACT, CHUNK, DATA, INVENTORY, REPLY, ArtifactManifest, ChunkHeader, manifest_for_dir
 
 log = logging.getLogger("oppu.distribution")
@@ -56,8 +57,6 @@ def export_quantized_model(spec: BaseModelSpec) -> Path:
     target = root / f"{source.name[:40]}-{src['model_hash'][:12]}-{spec.quantization}"
     if (target / MANIFEST).exists():
         return target
-    from shared.model import load_base_model
-
     loaded = load_base_model(spec, quantize_embeddings=False)  # the only loader; it quantizes (saveably)
     if loaded.quantization != spec.quantization:
         log.warning("quantization %s was not applied (got %s); distributing the source checkpoint",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.config import FederatedSpec
+from shared.tables import markdown_table
 
 
 def round_line(entry: dict[str, Any], total: int) -> str:
@@ -25,8 +26,6 @@ def round_line(entry: dict[str, Any], total: int) -> str:
 
 
 def render_report(summary: dict[str, Any], spec: FederatedSpec) -> str:
-    from shared.tables import markdown_table
-
     f = spec.federation
     lines = [f"# Federated OPPU: {summary['task']}, {len(summary['rounds'])} rounds ({summary['status']})", "",
              f"Strategy {f.strategy}{' + FFA-LoRA' if f.ffa_lora else ''}; base adapter federated: "

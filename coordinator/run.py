@@ -21,17 +21,25 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shared.adapters import AdapterManifest
+from shared.aggregation import delta_of, noise_generator, release
 from shared.config import METHODS, FederatedSpec, dump_federated_toml, federated_to_dict
+from shared.data import load_dataset
 from shared.fileio import atomic_write
+from shared.model import read_or_make_manifest
+from shared.personalize import population_base_examples
 from shared.rundir import new_run_dir, run_log
 from shared.protocol import (
     ARRAYS, CONFIG, EVALUATE, KIND_BASE_ADAPTER, KIND_MODEL, METRICS, NUM_QUERIES, RoundConfig, is_lora_b,
 )
+from shared.tasks import get_task
 
 from . import checkpoint
 from .report import privacy_summary, render_report, round_line
 from .sampling import NodeNames, sample_round
+from .secagg import secure_average
 from .distribution import Artifact, Distributor, export_quantized_model
 from .strategy import (
     Accounting, SampledGrid, aggregate_dp, align_metric_keys, bound_updates, build_strategy, exchanged,
@@ -92,10 +100,9 @@ class Coordinator:
     # ------------------------------------------------------------------------------ setup
 
     def _setup(self) -> None:
+        # Here, not at the top: shared.engine loads torch, and `oppu simulate --prepare-only` imports
+        # this module (federation_run_dir) without needing a model.
         from shared.engine import Engine
-        from shared.model import read_or_make_manifest
-        from shared.data import load_dataset
-        from shared.tasks import get_task
 
         e, f = self.spec.experiment, self.spec.federation
         atomic_write(self.run_dir / "config.toml", dump_federated_toml(self.spec))
@@ -132,8 +139,6 @@ class Coordinator:
                                        timeout=f.round_timeout)
 
     def _train_initial_base(self) -> None:
-        from shared.personalize import population_base_examples
-
         e = self.spec.experiment
         if self.spec.federation.base_init != "train" or not self.dataset.base_users:
             log.info("initial base adapter: untrained (federation.base_init=%s)", self.spec.federation.base_init)
@@ -249,8 +254,6 @@ class Coordinator:
         return True
 
     def _noise_rng(self, rnd: int) -> Any:
-        from shared.aggregation import noise_generator
-
         seed = self.spec.federation.sampling_seed
         return noise_generator(seed if seed >= 0 else None, rnd)
 
@@ -297,12 +300,6 @@ class Coordinator:
         """SecAgg+: only the sum is revealed. Each client clips its own update to C (the coordinator
         cannot see one to clip it); the sum then goes through THE DP-FedAvg release (fixed
         denominator, noise, accounting) of shared/aggregation.py."""
-        import numpy as np
-
-        from shared.aggregation import delta_of, release
-
-        from .secagg import secure_average
-
         config = train_config(self.spec, cfg.to_record())
         res = secure_average(grid, ready, state, config, server_round=rnd, timeout=self.spec.federation.round_timeout) \
             if len(ready) >= 2 else None

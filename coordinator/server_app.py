@@ -10,14 +10,14 @@ environment.apply()  # before Flower is imported: its telemetry and update check
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from shared.config import from_run_config
+
+from .run import Coordinator
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from shared.config import from_run_config
-
-    from .run import Coordinator
-
     spec = from_run_config(context.run_config)
     Coordinator(spec).run(grid)
