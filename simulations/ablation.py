@@ -35,12 +35,23 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.report import SEEDED_NOTE
+from coordinator.strategy import Accounting, exchanged
+from shared.aggregation import Mechanism, dp_fedavg_round, noise_generator, participants
 from shared.config import FederatedSpec
-
-from simulations.ablation_spec import AblationSpec, dump_ablation_toml, load_ablation
+from shared.data import load_dataset
+from shared.dpsgd import DPSGD
+from shared.engine import Engine
 from shared.fileio import atomic_write
+from shared.model import cache_root, resolve_model_dir
+from shared.personalize import Context, base_examples, history_examples, population_base_examples, prompt_for
+from shared.privacy import RDPAccountant
+from shared.retrieval import InMemoryHistoryStore, make_retriever
 from shared.rundir import new_run_dir, run_log
+from shared.tasks import get_task
 
+from .ablation_spec import AblationSpec, dump_ablation_toml, load_ablation
+from .membership import attack, balanced, calibrated_auc
 from .reports.ablation_page import write_ablation_outputs
 
 __all__ = ["cells", "load_ablation", "run_ablation"]
@@ -91,9 +102,6 @@ class _Model:
     """One engine per model (full or small), its initial base adapter, reused by every cell."""
 
     def __init__(self, spec: AblationSpec, base_model: Any, task: Any, base_users: list[Any]) -> None:
-        from shared.engine import Engine
-        from shared.personalize import population_base_examples
-
         e = spec.run.experiment
         self.engine = Engine(base_model, e.base_adapter, e.personal_adapter, seed=e.personal_train.seed)
         if spec.run.federation.base_init == "train" and base_users:
@@ -103,10 +111,6 @@ class _Model:
 
 def run_ablation(spec: AblationSpec, run_dir: Path | None = None, *, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
-
-    from coordinator.report import SEEDED_NOTE
-    from shared.tasks import get_task
-    from shared.data import load_dataset
 
     g, e = spec.grid, spec.run.experiment
     run_dir = Path(run_dir) if run_dir else new_run_dir(e.out_dir, f"ablate-privacy-{e.data.task}")
@@ -171,8 +175,6 @@ def tiny_random_model(base_model: Any) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from shared.model import cache_root, resolve_model_dir
-
     out = cache_root(base_model) / "tiny-random-llama"
     if (out / "config.json").is_file():
         return out
@@ -191,8 +193,6 @@ def tiny_random_model(base_model: Any) -> Path:
 
 def _records(task: Any, users: list[Any]) -> list[Any]:
     """Each history item as the plain-prompt example the attack scores."""
-    from shared.personalize import history_examples
-
     return [ex for u in users for ex in history_examples(task, u.history, None, "plain")]
 
 
@@ -200,16 +200,6 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
              holdout: list[Any]) -> dict[str, Any]:
     """One cell: R rounds of DP-FedAvg over `population`, then utility and the attack."""
     import torch
-
-    from shared.personalize import base_examples
-    from coordinator.strategy import Accounting, exchanged
-    from shared.aggregation import noise_generator, participants
-    from shared.dpsgd import DPSGD
-    from shared.personalize import Context, prompt_for
-    from shared.privacy import RDPAccountant
-    from shared.retrieval import InMemoryHistoryStore, make_retriever
-
-    from .membership import attack, balanced, calibrated_auc
 
     t0 = time.time()
     g, fspec = spec.grid, cell_spec(spec, cell)
@@ -290,8 +280,6 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
 
 def ablation_mechanism(cell: dict[str, Any]) -> Any:
     """A cell's DP-FedAvg parameters: its z and C, q = m/N (m = expected participants per round)."""
-    from shared.aggregation import Mechanism
-
     return Mechanism(noise_multiplier=cell["noise_multiplier"], clipping_norm=cell["clipping_norm"],
                      sample_rate=cell["clients_per_round"] / cell["population"])
 
@@ -308,8 +296,6 @@ def sampling_seed(spec: AblationSpec) -> int:
 def aggregate_round(global_state: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]], cell: dict[str, Any], *,
                     population: int, rng: np.random.Generator) -> Any:
     """The cell's round: THE DP-FedAvg round of shared/aggregation.py (the coordinator's)."""
-    from shared.aggregation import dp_fedavg_round
-
     return dp_fedavg_round(global_state, updates, mechanism=ablation_mechanism(cell), population=population, rng=rng)
 
 
@@ -323,10 +309,6 @@ def _to_torch(state: dict[str, np.ndarray], engine: Any) -> dict[str, Any]:
 def reference_attack(spec: AblationSpec, model: _Model, task: Any, population: list[Any],
                      holdout: list[Any]) -> dict[str, Any]:
     """The attack against unprotected personal adapters (each owner's records vs hold-out records)."""
-    from shared.personalize import history_examples
-
-    from .membership import attack, balanced
-
     g, e = spec.grid, spec.run.experiment
     engine = model.engine
     engine.set_base_state({k: v.clone() for k, v in model.initial.items()})

@@ -53,7 +53,9 @@ from typing import Any
 
 import numpy as np
 
+from shared import aggregation
 from shared.fileio import atomic_write
+from shared.privacy import Accountant
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,6 @@ def _honest_update(rng: np.random.Generator, dim: int, clip: float) -> np.ndarra
 
 def play(spec: AuditSpec, trial: int, member: bool) -> float:
     """One run of the game: how far the released adapters moved the canary's coordinate."""
-    from shared import aggregation
-
     seed = spec.seed * 1_000_003 + trial
     rng = np.random.default_rng([spec.seed, trial, 3])
     mech = aggregation.Mechanism(noise_multiplier=spec.noise_multiplier, clipping_norm=spec.clipping_norm,
@@ -186,8 +186,6 @@ def choose_threshold(spec: AuditSpec) -> float:
 def run_audit(spec: AuditSpec) -> dict[str, Any]:
     """Play the game `trials` times (after as many calibration runs) and compare the empirical
     lower bound with the accountant's epsilon."""
-    from shared.privacy import Accountant
-
     t0 = time.time()
     threshold = choose_threshold(spec)
     coins = np.random.default_rng([spec.seed, 0, 4]).integers(0, 2, size=spec.trials).astype(bool)

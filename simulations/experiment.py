@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from shared.adapters import AdapterManifest
 from shared.baselines import personal_baselines
 from shared.config import ExperimentSpec, dump_toml, to_dict
-from shared.data import load_dataset
+from shared.data import load_dataset, write_predictions
 from shared.engine import Engine
 from shared.fileio import atomic_write
 from shared.metrics import gain
@@ -44,6 +44,9 @@ from shared.rundir import new_run_dir, run_log
 from shared.selection import train_and_select_users
 from shared.stats import compare_methods, pooled_scorer
 from shared.tasks import get_task
+
+from .centralized import run_centralized
+from .reports.run_outputs import scores_section, write_outputs
 
 log = logging.getLogger("oppu.experiment")
 
@@ -115,8 +118,6 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
 
     # 2b. The centralized baseline: one adapter on all evaluated users' pooled histories.
     if "centralized" in spec.methods:
-        from .centralized import run_centralized
-
         central = run_centralized(engine, task, spec, dataset.eval_users, run_dir / "centralized_adapter",
                                   progress="centralized adapter" if progress else False)
         for r in results:
@@ -130,13 +131,9 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
     metrics["base_adapter"] = {"examples": len(examples), "steps": base_result.steps,
                                "final_loss": base_result.final_loss, "seconds": base_result.seconds}
     metrics["seconds"] = time.time() - started
-    from shared.data import write_predictions
-
     for m in spec.methods:
         merged = {qid: a for r in results for qid, a in r.predictions[m].items()}
         write_predictions(run_dir / "predictions" / f"{_safe(m)}.json", dataset.task, merged)
-    from .reports.run_outputs import write_outputs
-
     write_outputs(run_dir, "experiment", metrics, data_info, seconds=metrics["seconds"])
     atomic_write(run_dir / "results.md", render_results(metrics, data_info))
     log.info("run finished in %.0f s: %s", metrics["seconds"], run_dir)
@@ -325,8 +322,6 @@ def uncertainty(task: Any, methods: Sequence[str], users: list[UserData], result
 
 
 def render_results(metrics: dict[str, Any], data_info: dict[str, Any]) -> str:
-    from .reports.run_outputs import scores_section
-
     lines = [
         f"# {metrics['task']}: {data_info['eval_users']} users, {data_info['queries']} queries",
         "",

@@ -20,8 +20,11 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from shared.config import BaseModelSpec, load_experiment
 from shared.fileio import atomic_write
+from shared.model import pick_dtype
 
+from .experiment import run_experiment
 from .reports.run_outputs import signed4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,9 +47,6 @@ def machine() -> str:
     units = "AMX (bf16 in hardware)" if "amx_bf16" in flags else ("AVX512-BF16" if "avx512_bf16" in flags else
                                                                  "AVX2 only (fp32 compute)" if "avx2" in flags else "?")
     import torch
-
-    from shared.config import BaseModelSpec
-    from shared.model import pick_dtype
 
     dtype = str(pick_dtype(BaseModelSpec(), "cpu")).replace("torch.", "")
     return (f"{model}, {units}, {len(os.sched_getaffinity(0))} cores; torch {torch.__version__}, "
@@ -126,10 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/quality.md", help="page to write")
     p.add_argument("--runs", default="runs/quality", help="parent directory of the run directories")
     args = p.parse_args(argv)
-
-    from shared.config import load_experiment
-
-    from .experiment import run_experiment
 
     started = time.time()
     runs = []

@@ -14,8 +14,14 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
+from shared.config import load_experiment, load_federated
 from shared.fileio import atomic_write
 from shared.tables import markdown_table
+
+from .ablation import load_ablation, run_ablation
+from .experiment import run_experiment
+from .simulate import simulate
+from .studies import run_study
 
 
 # Parts of metrics.json that are results (the rest is bookkeeping and timings).
@@ -103,24 +109,13 @@ def rerun(run_dir: Path, new_dir: Path, *, progress: bool = True) -> Path:
     if not config.is_file():
         raise FileNotFoundError(f"{config} does not exist: {run_dir} is not a run directory")
     if kind == "experiment":
-        from shared.config import load_experiment
-        from simulations.experiment import run_experiment
-
         return run_experiment(load_experiment(config), new_dir, progress=progress)
     if kind == "simulate":
-        from shared.config import load_federated
-        from simulations.simulate import simulate
-
         spec = load_federated(config, [f'federation.run_dir="{new_dir.resolve()}"'])
         return simulate(spec, new_dir)
     if kind == "ablation":
-        from simulations.ablation import load_ablation, run_ablation
-
         return run_ablation(load_ablation(config), new_dir, progress=progress)
     if kind == "study":
-        from shared.config import load_experiment
-        from simulations.studies import run_study
-
         name = json.loads((run_dir / "study.json").read_text())["study"]
         # config.toml holds the shared settings (methods included); each variant's overrides go on top.
         return run_study(name, load_experiment(config), new_dir, methods_given=True, progress=progress)

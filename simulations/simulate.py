@@ -17,9 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coordinator.distribution import export_quantized_model
+from coordinator.run import federation_run_dir
 from shared import environment
-from shared.config import FederatedSpec, to_run_config
+from shared.config import FederatedSpec, dump_toml, to_run_config
+from shared.data import load_dataset, write_predictions
 from shared.fileio import atomic_write
+from shared.privacy import RDPAccountant
+from shared.tasks import get_task
+
+from . import flower_internals
+from .centralized import run_centralized
+from .reports.run_outputs import write_outputs
 
 log = logging.getLogger("oppu.simulate")
 
@@ -32,9 +41,6 @@ def _safe(name: str) -> str:
 
 def prepare_users(spec: FederatedSpec, run_dir: Path) -> tuple[Any, list[str]]:
     """Write one data directory per evaluated user (skipped when a resumed run has them)."""
-    from shared.tasks import get_task
-    from shared.data import load_dataset
-
     dataset = load_dataset(spec.experiment.data)
     task = get_task(dataset.task)
     users = run_dir / "users"
@@ -48,7 +54,7 @@ def prepare_users(spec: FederatedSpec, run_dir: Path) -> tuple[Any, list[str]]:
         d.mkdir(parents=True, exist_ok=True)
         atomic_write(d / "user.json", json.dumps({"user_id": u.user_id, "task": dataset.task}))
         if spec.experiment.retrieval.store == "chroma":
-            from client.store import ChromaHistoryStore
+            from client.store import ChromaHistoryStore  # chromadb: only for store = "chroma"
 
             with ChromaHistoryStore(d / "history", task.item_text) as store:
                 store.add(u.history)
@@ -66,8 +72,6 @@ def prepare_users(spec: FederatedSpec, run_dir: Path) -> tuple[Any, list[str]]:
 
 def prepare_only(spec: FederatedSpec, run_dir: Path | None) -> list[Path]:
     """The users' data directories of a deployment: one per SuperNode (node config `data-dir`)."""
-    from coordinator.run import federation_run_dir
-
     run_dir = (Path(run_dir) if run_dir else federation_run_dir(spec)).resolve()
     _, names = prepare_users(spec, run_dir)
     return [run_dir / "users" / n for n in names]
@@ -76,8 +80,6 @@ def prepare_only(spec: FederatedSpec, run_dir: Path | None) -> list[Path]:
 def _app_dir(run_dir: Path, run_config: dict[str, Any]) -> Path:
     """A minimal Flower app directory whose run-config defaults are this run's settings, so the
     simulation engine hands the same run-config to the ServerApp and to every ClientApp."""
-    from shared.config import dump_toml
-
     d = run_dir / "flower-app"
     d.mkdir(parents=True, exist_ok=True)
     nested: dict[str, Any] = {}
@@ -95,10 +97,9 @@ def simulate(spec: FederatedSpec, run_dir: Path | None = None, *, verbose: bool 
     """Run the federation over the evaluated users of `spec.experiment.data`; returns the run dir."""
     from flwr.app import Context, RecordDict
 
-    from . import flower_internals
-
+    # The apps load Flower (and, through the coordinator, torch) only when a simulation runs:
+    # `oppu simulate --prepare-only` needs neither.
     from client.client_app import app as client_app
-    from coordinator.run import federation_run_dir
     from coordinator.server_app import app as server_app
 
     run_dir = (Path(run_dir) if run_dir else federation_run_dir(spec)).resolve()
@@ -171,9 +172,8 @@ def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: 
                   resumed: bool = False) -> None:
     """Score the users' predictions (read from their own directories) as `oppu experiment` does,
     add the centralized baseline when asked for, and write the run's tables, plots and REPORT.md."""
-    from shared.tasks import get_task
-    from simulations.experiment import UserResult, adoption_counts, render_results, score
-    from simulations.reports.run_outputs import write_outputs
+    # torch (shared.engine, through simulations.experiment): not loaded by --prepare-only.
+    from .experiment import UserResult, adoption_counts, render_results, score
 
     t0 = time.time()
     task = get_task(dataset.task)
@@ -208,8 +208,6 @@ def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: 
                 r.train["centralized"] = central.train
         metrics = score(task, methods, users, results, base_users=dataset.base_users)
         metrics["adoption"] = adoption_counts(methods, results)
-        from shared.data import write_predictions
-
         for m in methods:  # all users' answers per method, as `oppu experiment` writes them
             write_predictions(run_dir / "predictions" / f"{_safe(m)}.json", dataset.task,
                               {qid: a for r in results for qid, a in r.predictions[m].items()})
@@ -227,9 +225,7 @@ def write_results(spec: FederatedSpec, dataset: Any, names: list[str], run_dir: 
 def centralized_baseline(spec: FederatedSpec, task: Any, users: list[Any], run_dir: Path) -> Any:
     """The pooled-data adapter on top of the run's final global base adapter, in this process,
     on the same quantized model artifact the coordinator distributed."""
-    from coordinator.distribution import export_quantized_model
-    from shared.engine import Engine
-    from simulations.centralized import run_centralized
+    from shared.engine import Engine  # torch: not loaded by --prepare-only
 
     e = spec.experiment
     model_dir = export_quantized_model(e.base_model)
@@ -243,8 +239,6 @@ def centralized_baseline(spec: FederatedSpec, task: Any, users: list[Any], run_d
 def privacy_spent(spec: FederatedSpec, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """User-level (epsilon, delta) from the coordinator's accountant; record-level from each
     user's own DP-SGD ledger (DIR/federation/record-privacy-*.json)."""
-    from shared.privacy import RDPAccountant
-
     p = spec.experiment.privacy
     rounds = summary.get("rounds", [])
     how = summary.get("privacy", {})

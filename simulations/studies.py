@@ -29,6 +29,11 @@ from shared.fileio import atomic_write
 from shared.rundir import new_run_dir
 from shared.tables import markdown_table
 
+from .experiment import run_experiment
+from .reports import plots
+from .reports.page import render
+from .reports.run_outputs import primary_metric
+
 
 # name -> (what it shows, default methods, {variant: overrides})
 STUDIES: dict[str, tuple[str, tuple[str, ...], dict[str, list[str]]]] = {
@@ -61,8 +66,6 @@ def study_specs(name: str, spec: ExperimentSpec, methods_given: bool) -> dict[st
 
 def run_study(name: str, spec: ExperimentSpec, study_dir: Path | None = None, *, methods_given: bool = False,
               progress: bool = True) -> Path:
-    from .experiment import run_experiment
-
     variants = study_specs(name, spec, methods_given)
     study_dir = Path(study_dir) if study_dir else new_run_dir(spec.out_dir, f"study-{name}-{spec.data.task}")
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -84,10 +87,6 @@ def run_study(name: str, spec: ExperimentSpec, study_dir: Path | None = None, *,
 
 
 def write_study_outputs(name: str, study_dir: Path, runs: dict[str, Path], seconds: float) -> None:
-    from .reports import plots
-    from .reports.page import render
-    from .reports.run_outputs import primary_metric
-
     metrics = {v: json.loads((d / "metrics.json").read_text()) for v, d in runs.items()}
     first = next(iter(metrics.values()))
     metric = primary_metric(first)

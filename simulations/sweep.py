@@ -28,8 +28,10 @@ import numpy as np
 
 from shared.config import ExperimentSpec, apply_overrides, from_dict, load_experiment, parse_config_file, to_dict
 from shared.data import load_dataset
+from shared.engine import Engine
 from shared.fileio import atomic_write
 from shared.metrics import METRIC_DIRECTION
+from shared.model import load_base_model
 from shared.personalize import METHOD_AUGMENTATION, Context, history_examples, population_base_examples
 from shared.retrieval import make_retriever
 from shared.rundir import new_run_dir
@@ -96,9 +98,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
 def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Path | None = None, *,
               progress: bool = True) -> Path:
     from tqdm.auto import tqdm
-
-    from shared.engine import Engine
-    from shared.model import load_base_model
 
     spec, variants = load_sweep(path, overrides)
     first = variants[0]

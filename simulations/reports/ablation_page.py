@@ -12,6 +12,9 @@ from shared.fileio import atomic_write
 from shared.metrics import METRIC_DIRECTION
 from shared.tables import markdown_table
 
+from . import plots
+from .page import render as render_page
+
 
 AXIS_LABELS = {"noise_multiplier": "z", "clipping_norm": "C", "clients_per_round": "m", "population": "N",
                "federate_base_adapter": "federated", "record_dp": "DP-SGD"}
@@ -94,9 +97,6 @@ def render(metrics: Mapping[str, Any], seconds: float) -> str:
 
 
 def write_ablation_outputs(run_dir: Path, metrics: dict[str, Any], seconds: float) -> None:
-    from . import plots
-    from .page import render as render_page
-
     cells: Sequence[dict[str, Any]] = metrics["cells"]
     for c in cells:
         c["series"] = series(c, cells[0])

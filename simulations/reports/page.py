@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
+from shared.fileio import atomic_write
 from shared.metrics import METRIC_DIRECTION
 from shared.tables import markdown_table
 
@@ -127,8 +128,6 @@ def render(run_dirs: Sequence[Path], out: Path) -> str:
 
 
 def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
-    from shared.fileio import atomic_write
-
     runs = [Path(r) for r in run_dirs]
     if not runs:
         raise ValueError("give at least one run directory")

@@ -25,6 +25,8 @@ from shared.fileio import atomic_write
 from shared.metrics import METRIC_DIRECTION, gain
 from shared.tables import markdown_table
 
+from . import plots
+
 
 __all__ = ["gain", "level_gains", "metrics_markdown", "primary_metric", "scores_section", "write_outputs"]
 
@@ -57,8 +59,7 @@ def write_outputs(run_dir: Path, kind: str, metrics: dict[str, Any], data_info: 
                   seconds: float | None = None, *, resumed: bool = False) -> None:
     """Complete `metrics` (levels, rounds, privacy) and write metrics.json/.md, plots, REPORT.md.
     `resumed`: this invocation continued an interrupted run, so `seconds` covers only its part."""
-    from . import plots
-    from .page import render
+    from .page import render  # here, not at the top: reports/page.py imports this module
 
     metric = primary_metric(metrics)
     levels = {u: info.get("level") for u, info in data_info.get("users", {}).items() if info.get("level")}
