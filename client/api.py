@@ -33,6 +33,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from shared.adapters import FRAMEWORK_VERSION
+from shared.records import HistoryItem
 
 from .archive import ArchiveError
 from .daemon import IDENTITY_PATH, identity_proof
@@ -581,8 +582,6 @@ def _describe_items(app: FastAPI, service: ClientService) -> None:
 
 
 def _input_from_fields(service: ClientService, fields: dict[str, str]) -> str:
-    from shared.records import HistoryItem
-
     limit = service.spec.max_field_chars
     for name, value in fields.items():
         if len(name) > MAX_FIELD_NAME_CHARS:

@@ -45,6 +45,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.fileio import atomic_write, locked_dir
+
+from .flower_internals import clientapp_with_install_hook, current_run_id
+
 GATE_DIR = "appgate"
 GATE_COMMAND = "flwr-clientapp"  # what Flower's SuperExec starts for a ClientApp task (by name, from PATH)
 # What it starts for the other task types (flwr 1.42, flwr.supercore.constant.TASK_TYPE_TO_COMMAND):
@@ -109,8 +113,6 @@ def check_hashes(values: tuple[str, ...], setting: str = "daemon.trusted_app_has
 
 def install_gate(trust: AppTrust) -> Path:
     """Write DIR/appgate/{policy.json, flwr-clientapp}; returns the directory to put first on PATH."""
-    from shared.fileio import atomic_write
-
     gate = Path(trust.data_dir) / GATE_DIR
     gate.mkdir(mode=0o700, parents=True, exist_ok=True)
     policy = gate / POLICY_FILE
@@ -169,10 +171,6 @@ def trust_status(trust: AppTrust, log_path: Path) -> dict[str, Any]:
 
 
 def _record(trust: AppTrust, fab_hash: str | None, message: str) -> None:
-    from shared.fileio import atomic_write, locked_dir
-
-    from .flower_internals import current_run_id
-
     run_id = current_run_id()  # set by Flower when it pulled the task
     with locked_dir(Path(trust.data_dir) / GATE_DIR, mode=0o700) as gate:  # concurrent tasks take turns
         kept = refusals(trust.data_dir)[-(KEEP_REFUSALS - 1):]
@@ -247,8 +245,6 @@ def main() -> None:
     """`flwr-clientapp` with the trust check: argv = [-c, PROJECT_ROOT, POLICY, *flwr-clientapp args]."""
     policy_path = sys.argv[2]
     sys.argv = [GATE_COMMAND, *sys.argv[3:]]
-    from .flower_internals import clientapp_with_install_hook
-
     # Flower's ClientApp process pulls its task, then hands the bundle's bytes to install_from_fab
     # before it unpacks or imports anything of it: the one place to check them. On a Flower
     # these hooks were not written for, nothing runs (fail closed).

@@ -17,8 +17,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from shared.privacy import clip_update
 from shared.protocol import (ARRAYS, CHUNK, CONFIG, DATA, METRICS, REPLY, ChunkHeader, ClientError, ProtocolError,
                              RoundConfig)
+
+from . import rounds  # a module reference: the handlers look up rounds.train etc. when called
 
 log = logging.getLogger("oppu.client")
 
@@ -62,9 +65,7 @@ app = ClientApp(mods=[contain_errors])
 
 
 def _node(context: Context):  # type: ignore[no-untyped-def]
-    from client.rounds import node_from
-
-    return node_from(context.run_config, context.node_config)
+    return rounds.node_from(context.run_config, context.node_config)
 
 
 @app.query("identify")
@@ -72,18 +73,14 @@ def identify(msg: Message, context: Context) -> Message:
     # A simulated user's node id is random per run; its partition id is what the coordinator
     # samples by, so a rerun trains the same users (coordinator/sampling.py). A deployed client
     # (its own data directory) says nothing about itself.
-    from client.rounds import partition_of
-
-    pid = partition_of(context.node_config)
+    pid = rounds.partition_of(context.node_config)
     mine = {"partition": pid} if pid is not None else {}
     return Message(RecordDict({REPLY: ConfigRecord(mine)}), reply_to=msg)
 
 
 @app.query("inventory")
 def inventory(msg: Message, context: Context) -> Message:
-    from client.rounds import inventory as held
-
-    return Message(RecordDict({REPLY: ConfigRecord({"held": held(_node(context))})}), reply_to=msg)
+    return Message(RecordDict({REPLY: ConfigRecord({"held": rounds.inventory(_node(context))})}), reply_to=msg)
 
 
 def _record(msg: Message, kind: str, key: str):  # type: ignore[no-untyped-def]
@@ -119,15 +116,13 @@ def artifact(msg: Message, context: Context) -> Message:
 
 @app.train(mods=[secagg_when_asked, clip_when_private])
 def train(msg: Message, context: Context) -> Message:
-    from client.rounds import reply_metrics, train as train_round
-
     if LEGACY_FITINS in msg.content.config_records:
         return _train_secagg(msg, context)
     cfg = RoundConfig.from_record(_record(msg, "config", CONFIG))
     arrays = _arrays(msg)
     node = _node(context)
-    update, metrics = train_round(node, cfg, arrays)
-    content = RecordDict({METRICS: MetricRecord(reply_metrics(node, metrics))})
+    update, metrics = rounds.train(node, cfg, arrays)
+    content = RecordDict({METRICS: MetricRecord(rounds.reply_metrics(node, metrics))})
     if update is not None:
         content[ARRAYS] = ArrayRecord({k: Array(update[k]) for k in arrays})  # same keys, same order
     return Message(content, reply_to=msg)
@@ -135,13 +130,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from client.rounds import evaluate as evaluate_round, reply_metrics
-
     cfg = RoundConfig.from_record(_record(msg, "config", CONFIG))
     arrays = _arrays(msg)
     node = _node(context)
-    metrics = evaluate_round(node, cfg, arrays)
-    return Message(RecordDict({METRICS: MetricRecord(reply_metrics(node, metrics))}), reply_to=msg)
+    metrics = rounds.evaluate(node, cfg, arrays)
+    return Message(RecordDict({METRICS: MetricRecord(rounds.reply_metrics(node, metrics))}), reply_to=msg)
 
 
 LEGACY_FITINS = "fitins.config"  # SecAgg+ speaks Flower's legacy FitIns/FitRes records
@@ -153,16 +146,13 @@ def _train_secagg(msg: Message, context: Context) -> Message:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from client.rounds import reply_metrics, train as train_round
-    from shared.privacy import clip_update
-
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     keys = str(fitins.config["oppu-keys"]).split(",")
     arrays = dict(zip(keys, parameters_to_ndarrays(fitins.parameters)))
     cfg = RoundConfig.from_record(fitins.config)
     node = _node(context)
-    update, metrics = train_round(node, cfg, arrays)
-    metrics = reply_metrics(node, metrics)
+    update, metrics = rounds.train(node, cfg, arrays)
+    metrics = rounds.reply_metrics(node, metrics)
     if update is None:
         raise ClientError("a SecAgg+ round needs privacy.federate_base_adapter = true")
     if CLIPPING_NORM_KEY in fitins.config:

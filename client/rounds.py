@@ -30,14 +30,21 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from shared.adapters import AdapterManifest
 from shared.config import BaseModelSpec, FederatedSpec, from_run_config
-from shared.model import cache_root
-from shared.personalize import base_examples, ensure_profile
+from shared.dpsgd import DPSGD
 from shared.fileio import atomic_write
+from shared.model import cache_root
+from shared.personalize import (METHOD_AUGMENTATION, PERSONAL_METHODS, Context, base_examples, ensure_profile,
+                                history_examples, prompt_for)
+from shared.privacy import RDPAccountant
 from shared.protocol import ClientError, ProtocolError, RoundConfig, is_lora_b
+from shared.retrieval import make_retriever
 from shared.selection import train_and_select
+from shared.tasks import get_task
 
 from .artifacts import ArtifactCache
+from .personal import PersonalAdapters, new_manifest
 from .settings import ARTIFACTS_DIR, DEFAULT_ARTIFACT_QUOTA_MB
 from .userdir import UserDir
 
@@ -159,7 +166,7 @@ def engine_for(node: Node, model_id: str) -> Any:
     key = (model_id, e.base_model, e.base_adapter, e.personal_adapter, e.personal_train.seed)
     with RUNTIME.lock:
         if key not in RUNTIME.engines:
-            from shared.engine import Engine
+            from shared.engine import Engine  # torch: a round's inventory and artifact messages need no model
 
             path = node.cache.path(model_id)
             spec: BaseModelSpec = dataclasses.replace(e.base_model, path=str(path))
@@ -202,8 +209,6 @@ def inventory(node: Node) -> list[str]:
 
 
 def task_for(node: Node, cfg: RoundConfig) -> Any:
-    from shared.tasks import get_task
-
     mine = node.user.task_name()
     if mine and mine != cfg.task:
         raise ClientError(f"this user's data is for task {mine!r}, the run is {cfg.task!r}")
@@ -211,17 +216,12 @@ def task_for(node: Node, cfg: RoundConfig) -> Any:
 
 
 def context_for(node: Node, task: Any, store: Any) -> Any:
-    from shared.personalize import Context
-    from shared.retrieval import make_retriever
-
     r = node.spec.experiment.retrieval
     profile = store.get_profile() or node.user.cached_profile()
     return Context(store, make_retriever(r.retriever, task.item_text), r, profile=profile)
 
 
 def _augmentations(methods: list[str]) -> list[str]:
-    from shared.personalize import METHOD_AUGMENTATION, PERSONAL_METHODS
-
     return sorted({METHOD_AUGMENTATION[m] for m in methods if m in PERSONAL_METHODS})
 
 
@@ -279,9 +279,6 @@ def _history_store(node: Node, task: Any) -> Iterator[Any]:
 
 def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str) -> float | None:
     """Train this user's personal adapter (first time) or refresh the published one; publish it."""
-    from client.personal import PersonalAdapters, new_manifest
-    from shared.personalize import history_examples
-
     spec = node.spec.experiment
     if aug == "pag":
         ensure_profile(engine, task, ctx, history, seed=node.spec.experiment.data.seed, keep=node.user.cache_profile)
@@ -335,8 +332,6 @@ def record_dp(node: Node, what: str, train: Any) -> Any:
     p = node.spec.experiment.privacy
     if p.record_level not in (what, "both"):
         return None
-    from shared.dpsgd import DPSGD
-
     return DPSGD(noise_multiplier=p.record_noise_multiplier, max_grad_norm=p.record_clipping_norm,
                  expected_batch_size=train.batch_size, seed=secrets.randbits(63))  # sampling must be secret
 
@@ -345,9 +340,6 @@ def account_record_dp(node: Node, what: str, dp: Any) -> dict[str, float]:
     """Compose a DP-SGD run into this user's ledger for `what` (kept in DIR/federation/)."""
     if dp is None:
         return {}
-    from shared.fileio import atomic_write
-    from shared.privacy import RDPAccountant
-
     f = node.user.path / "federation" / f"record-privacy-{what}.json"
     acc = RDPAccountant.from_state_dict(json.loads(f.read_text())) if f.is_file() else RDPAccountant()
     dp.account(acc)
@@ -358,9 +350,6 @@ def account_record_dp(node: Node, what: str, dp: Any) -> dict[str, float]:
 
 def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Score this user's held-out queries per method; predictions stay in the user's directory."""
-    from shared.adapters import AdapterManifest
-    from shared.personalize import METHOD_AUGMENTATION, PERSONAL_METHODS, prompt_for
-
     engine = engine_for(node, cfg.model)
     task = task_for(node, cfg)
     queries = node.user.queries()
@@ -398,8 +387,6 @@ def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> 
 def load_or_train_personal(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str) -> bool:
     """Put this user's adopted personal adapter in the slot; False when none was adopted
     (shared.selection), and the method then answers as its non-personal counterpart."""
-    from client.personal import PersonalAdapters
-
     published, _ = PersonalAdapters(node.user.personal_root(aug)).resolve(base_model_hash=engine.model_hash)
     if published is None or published.manifest.task != task.name:
         if _not_adopted(node, engine, task, aug):

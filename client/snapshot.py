@@ -27,6 +27,8 @@ from shared.fileio import atomic_file
 from shared.records import HistoryItem
 from shared.retrieval import InMemoryHistoryStore, TextOf
 
+from .embedder import MiniLMEmbedder
+
 SNAPSHOT_FILE = "history.snapshot.jsonl"
 FORMAT = "oppu-history-snapshot"
 VERSION = 1
@@ -92,8 +94,6 @@ def snapshot_store(snapshot: Snapshot, text_of: TextOf, *, retriever: str) -> In
     use, when the retriever is dense or hybrid; none for BM25). Changes to it stay in memory."""
     embed = None
     if retriever != "bm25":
-        from client.embedder import MiniLMEmbedder
-
         embed = MiniLMEmbedder()
     store = InMemoryHistoryStore(text_of, embed)
     store.add(snapshot.items)
