@@ -34,6 +34,7 @@ from .data.sources import REAL_TASKS, SYNTHETIC_TASKS, load_dataset
 from .fileio import locked_dir
 from .model import cache_root
 from .personalize import population_base_examples
+from .tasks import get_task
 from .training import Example
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,6 @@ def experiment_spec(task: str, spec: BuiltinBaseSpec, *, base_model: BaseModelSp
 def build_recipe(task: str, spec: BuiltinBaseSpec, *, model_hash: str, base_model: BaseModelSpec,
                  base_adapter: AdapterSpec, retrieval: RetrievalSpec) -> Recipe:
     """Load the task's base users and build the training examples; NoBaseUsers when there are none."""
-    from .tasks import get_task
-
     why = has_base_users(task, spec)
     if why:
         raise NoBaseUsers(why)
