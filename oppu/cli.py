@@ -1,6 +1,7 @@
 """The `oppu` command: argument parsing only; each subcommand calls into simulations/, client/,
-coordinator/ or shared/. It sits above all of them (DESIGN.md). Subcommands import their
-packages lazily so `oppu --help` is instant."""
+coordinator/ or shared/. It sits above all of them (DESIGN.md). Each subcommand imports its
+packages inside its function, unlike the rest of the project: `oppu --help` stays instant and the
+light commands (tasks, import, client) never load torch, chromadb or Flower."""
 
 from __future__ import annotations
 
