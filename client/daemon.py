@@ -267,12 +267,12 @@ def run(data_dir: Path, spec: DaemonSpec, *, verbose: bool = False) -> int:
         serving["server"], serving["on"], serving["served"] = server, True, True
         print(f"oppu client daemon: serving {spec.task} for {data_dir} on http://{host}:{port} (pid {os.getpid()})",
               file=sys.stderr, flush=True)
-        if service.base_job_id:
+        if service.base.job_id:
             print(f"oppu client daemon: no base adapter for {spec.task} on this machine yet: training it now (job "
-                  f"{service.base_job_id}; `oppu client status` shows its progress, `oppu client ask` waits for it)",
+                  f"{service.base.job_id}; `oppu client status` shows its progress, `oppu client ask` waits for it)",
                   file=sys.stderr, flush=True)
-        elif service.untrained_why:
-            print(f"oppu client daemon: WARNING: the base adapter is untrained: {service.untrained_why}",
+        elif service.base.untrained_why:
+            print(f"oppu client daemon: WARNING: the base adapter is untrained: {service.base.untrained_why}",
                   file=sys.stderr, flush=True)
         server.run(sockets=[sock])
         log.info("shutting down")

@@ -3,7 +3,8 @@
 `ClientService` owns the user's Chroma history store (the only process that opens it: the
 ClientApp reads the snapshot kept here, client/snapshot.py), their versioned personal adapters
 (client.personal), the model host (client.host: the Engine shared by answering and training,
-answering first), the job runner (client.jobs) and, with a coordinator, the SuperNode supervisor
+answering first; which base adapter answers), the built-in base adapter when no other is given
+(client.basechoice), the job runner (client.jobs) and, with a coordinator, the SuperNode supervisor
 (client.supernode). The API (client/api.py) is a thin layer over its methods; tests drive it
 directly too.
 
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from shared import adapters, builtin_base
+from shared import adapters
 from shared.adapters import FRAMEWORK_VERSION, AdapterManifest
 from shared.config import TrainSpec
 from client.settings import AUGMENTATION_METHOD, DaemonSpec
@@ -40,6 +41,7 @@ from .archive import Archive, ArchiveError, read_archive, write_archive
 from .appgate import app_trust, trust_status
 from .artifacts import ArtifactCache
 from .supernode import read_privacy, supernode_supervisor, transport_name
+from .basechoice import BuiltinBase, Preparing
 from .host import UNTRAINED, ModelHost
 from .items import parse_items
 from .jobs import JobBusy, JobControl, JobRegistry
@@ -60,14 +62,6 @@ class Conflict(ValueError):
 
 class Busy(RuntimeError):
     """Another operation that needs exclusive use is under way."""
-
-
-class Preparing(RuntimeError):
-    """The base adapter is being prepared (its job is running): asking waits for it."""
-
-    def __init__(self, message: str, job: Any) -> None:
-        super().__init__(message)
-        self.job = job
 
 
 class NotFound(KeyError):
@@ -128,51 +122,13 @@ class ClientService:
         self._maintenance = threading.Lock()
         self._auto_attempt_count = 0
         self._closing = False
-        self.untrained_why: str | None = None  # why the base adapter answering is untrained
-        self._base_recipe: builtin_base.Recipe | None = None  # to train at start (builtin_base.when_missing)
-        self.base_job_id: str | None = None
         self.retrain_note: str | None = None  # why a stale personal adapter is not being retrained
         named = Path(spec.base_adapter_dir).expanduser() if spec.base_adapter_dir else None
         self.host = ModelHost(engine, self.personal, task=self.task.name, named_dir=named,
                               received_dir=self.dir / RECEIVED_BASE)
+        self.base = BuiltinBase(spec, self.dir, engine, self.host, self.jobs)
         if self.host.base_info["source"] == UNTRAINED:
-            self._choose_builtin_base()
-
-    def _choose_builtin_base(self) -> None:
-        """No base adapter named or received: the cached built-in one for this task, model and
-        recipe (shared.builtin_base), else what builtin_base.when_missing says."""
-        spec, bb = self.spec, self.spec.builtin_base
-        try:
-            recipe = builtin_base.build_recipe(self.task.name, bb, model_hash=self.engine.model_hash,
-                                               base_model=spec.base_model, base_adapter=spec.base_adapter,
-                                               retrieval=spec.retrieval)
-        except builtin_base.NoBaseUsers as e:
-            if bb.when_missing == "refuse":
-                raise ValueError(f"no base adapter for {self.task.name}: {e}") from None
-            self._set_untrained(str(e))
-            return
-        root = builtin_base.cache_dir(spec.base_model)
-        found, why = builtin_base.find_cached(root, recipe)
-        if found is not None:
-            self.host.builtin_dir = found
-            self.host.load_base_adapter()
-            return
-        prepare = (f"`oppu prepare-base-adapter --data-dir {self.dir}` trains and caches it "
-                   f"({recipe.describe()})")
-        if spec.coordinator:
-            self._set_untrained(f"the coordinator has not sent its base adapter yet, and {why}; {prepare}")
-        elif bb.when_missing == "refuse":
-            raise ValueError(f"{why}, and builtin_base.when_missing = \"refuse\": {prepare}, or set "
-                             "builtin_base.when_missing = \"train\" to train it when the daemon starts")
-        elif bb.when_missing == "untrained":
-            self._set_untrained(f"builtin_base.when_missing = \"untrained\" and {why}; {prepare}")
-        else:
-            self._base_recipe = recipe
-            self._set_untrained(f"{why}; it is trained when the daemon starts ({recipe.describe()})", expected=True)
-
-    def _set_untrained(self, why: str, *, expected: bool = False) -> None:
-        self.untrained_why = why
-        log.log(logging.INFO if expected else logging.WARNING, "base adapter untrained: %s", why)
+            self.base.choose()
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -228,59 +184,14 @@ class ClientService:
         (builtin_base.when_missing = "train"), a personal adapter's retraining on a new base."""
         if self.supervisor is not None:
             self.supervisor.start()
-        if self._base_recipe is not None:
-            self._start_base_job()
-        else:
+        if not self.base.start(then=self._after_base_job):
             self._retrain_for_base("start")
 
+    def _after_base_job(self) -> None:
+        if not self._closing:
+            self._retrain_for_base("the base adapter changed")
+
     # -- the base adapter ----------------------------------------------------------------------
-
-    def _start_base_job(self) -> None:
-        recipe = self._base_recipe
-        job = self.jobs.submit("base-adapter", lambda ctl: self._base_job(ctl, recipe), trigger="first start",
-                               params={"task": recipe.task, "examples": len(recipe.examples), "users": recipe.users,
-                                       "epochs": recipe.train.epochs, "lr": recipe.train.lr})
-        self.base_job_id = job.id
-        log.info("preparing the built-in base adapter: job %s (%s)", job.id, recipe.describe())
-
-        def after() -> None:  # a job cannot start the next one from inside itself (one at a time)
-            done = self.jobs.wait(job.id)
-            if done is not None and done.state == "failed":
-                self.untrained_why = (f"preparing the built-in base adapter failed (job {job.id}: {done.error}); "
-                                      f"DIR/logs/daemon.log says more; restart the daemon to try again")
-            elif not self._closing:
-                self._retrain_for_base("the base adapter changed")
-
-        threading.Thread(target=after, name="oppu-after-base-job", daemon=True).start()
-
-    def _base_job(self, ctl: JobControl, recipe: builtin_base.Recipe) -> dict[str, Any]:
-        ctl.set_phase(f"preparing the {recipe.task} base adapter ({recipe.describe()})")
-        path = builtin_base.prepare(self.engine, recipe, builtin_base.cache_dir(self.spec.base_model),
-                                    on_phase=ctl.set_phase, on_step=ctl.progress, should_stop=ctl.cancelled)
-        if path is None:
-            self.untrained_why = (f"preparing the built-in base adapter was cancelled (job {ctl.job.id}); restart the "
-                                  f"daemon or run `oppu prepare-base-adapter --data-dir {self.dir}`")
-            return {"cancelled": True}
-        self.host.builtin_dir = path
-        self.host.load_base_adapter()
-        if self.host.base_info["source"] != UNTRAINED:
-            self.untrained_why = None
-        self._base_recipe = None
-        return {"base_adapter": self.host.base_info["version"], "path": str(path), "examples": len(recipe.examples),
-                "users": recipe.users}
-
-    def _preparing(self) -> Any:
-        """The base adapter's job while it runs, else None."""
-        job = self.jobs.active()
-        return job if job is not None and job.id == self.base_job_id else None
-
-    def _base_status(self) -> dict[str, Any]:
-        info = dict(self.host.base_info)
-        if info["source"] == UNTRAINED:
-            job = self._preparing()
-            info["untrained_because"] = self.untrained_why
-            info["preparing_job"] = job.id if job is not None else None
-        return info
 
     def _retrain_for_base(self, trigger: str) -> Any:
         """A published personal adapter trained on another base adapter does not answer
@@ -394,7 +305,7 @@ class ClientService:
 
     def ask(self, query_input: str, *, personal: bool = True, max_new_tokens: int | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        job = self._preparing()
+        job = self.base.preparing()
         if job is not None:
             raise Preparing(f"the {self.task.name} base adapter is being prepared (job {job.id}: "
                             f"{job.phase or job.state}, step {job.steps_done}/{job.steps_total or '?'}); ask again "
@@ -411,7 +322,7 @@ class ClientService:
         prediction = self.task.parse_answer(text)
         warnings = []
         if base["source"] == UNTRAINED:
-            warnings.append(f"the base adapter is untrained, so answers do not know the task yet: {self.untrained_why}")
+            warnings.append(f"the base adapter is untrained, so answers do not know the task yet: {self.base.untrained_why}")
         if personal and self.host.stale:
             warnings.append(self.host.stale + (f"; {self.retrain_note}" if self.retrain_note else ""))
         if prediction is None:
@@ -540,7 +451,7 @@ class ClientService:
             "base_model": {"hash": self.engine.model_hash, "path": str(base.directory),
                            "quantization": base.quantization, "device": base.device, "dtype": str(base.dtype),
                            "threads": _torch_threads()},
-            "base_adapter": self._base_status(),
+            "base_adapter": self.base.status(),
             "personal_adapter": {**pub.info(), "path": str(pub.path), "answers": not self.host.stale,
                                  "not_answering_because": self.host.stale, "retraining": self.retrain_note}
             if pub else None,
@@ -557,8 +468,8 @@ class ClientService:
 
     def _problems(self) -> list[str]:
         out = list(self.host.problems)
-        if self.host.base_info["source"] == UNTRAINED and not self._preparing():
-            out.append(f"base adapter untrained: {self.untrained_why}")
+        if self.host.base_info["source"] == UNTRAINED and not self.base.preparing():
+            out.append(f"base adapter untrained: {self.base.untrained_why}")
         if self.host.stale and self.retrain_note:
             out.append(self.retrain_note)
         return out
@@ -697,7 +608,7 @@ class ClientService:
         What stays under DIR/history: owner.lock (this daemon's pid and command line, nothing of the
         history) and the snapshot, rewritten with no items and no profile."""
         with self._exclusive("forget"):
-            preparing = self._preparing()
+            preparing = self.base.preparing()
             if preparing is not None:  # not derived from the history: cancelling it would only cost a restart
                 raise Busy(f"the base adapter is being prepared (job {preparing.id}, not derived from your history); "
                            "forget when it is done")

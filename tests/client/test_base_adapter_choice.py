@@ -62,7 +62,7 @@ def test_a_fresh_daemon_trains_caches_and_then_reuses_the_builtin_base_adapter(u
         if before["prediction"] is None:
             assert "no prediction: the answer is not a whole rating 1-5" in before["warnings"], before
         svc.start()  # first start: the built-in base adapter is a job
-        job = svc.jobs.get(svc.base_job_id)
+        job = svc.jobs.get(svc.base.job_id)
         assert job.kind == "base-adapter" and job.trigger == "first start"
         try:
             ask_rating(svc)
@@ -90,7 +90,7 @@ def test_a_fresh_daemon_trains_caches_and_then_reuses_the_builtin_base_adapter(u
     svc = ClientService(spec, tmp_path / "b", engine=untrained)
     try:
         svc.start()
-        assert svc.base_job_id is None and svc.jobs.active() is None
+        assert svc.base.job_id is None and svc.jobs.active() is None
         assert svc.host.base_info["source"] == "builtin" and svc.host.base_info["version"] == base["version"]
     finally:
         svc.close()
@@ -117,7 +117,7 @@ def test_a_stale_cache_entry_is_rejected(untrained, tiny_model_dir, tmp_path):
     svc = ClientService(dataclasses.replace(spec, builtin_base=dataclasses.replace(other_lr, when_missing="untrained")),
                         tmp_path / "d", engine=untrained)
     try:
-        assert svc.host.base_info["source"] == "untrained" and "another recipe" in svc.untrained_why
+        assert svc.host.base_info["source"] == "untrained" and "another recipe" in svc.base.untrained_why
     finally:
         svc.close()
 
@@ -131,7 +131,7 @@ def test_refuse_untrained_and_tasks_without_base_users(untrained, tiny_model_dir
     svc = ClientService(daemon_spec(tiny_model_dir, cache, task="commit-title"), tmp_path / "c", engine=untrained)
     try:
         svc.start()
-        assert svc.base_job_id is None
+        assert svc.base.job_id is None
         answer = svc.ask("Write the subject line of this commit: fix the tokenizer's padding side")
         assert answer["base_adapter_source"] == "untrained"
         assert any("no base users" in w and "base_adapter_dir" in w for w in answer["warnings"])
