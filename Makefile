@@ -60,6 +60,11 @@ quality: prepare
 sweep: prepare
 	$(BIN)/oppu sweep simulations/configs/sweep-amazon-rating.toml
 	$(BIN)/oppu sweep simulations/configs/sweep-amazon-title.toml
+	$(BIN)/oppu sweep simulations/configs/sweep-retrieval-nomodel-amazon-rating.toml
+	$(BIN)/oppu sweep simulations/configs/sweep-retrieval-nomodel-amazon-title.toml
+	$(BIN)/oppu sweep simulations/configs/sweep-retrieval-amazon-rating.toml
+	$(BIN)/oppu sweep simulations/configs/sweep-retrieval-amazon-title.toml
+	$(BIN)/oppu sweep simulations/configs/sweep-decoding-amazon-title.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -447,8 +447,9 @@ def cmd_train(api: Api, args: argparse.Namespace) -> int:
         done = f"{r['examples']} examples, {r['steps']} steps, {loss}{r['seconds']:.1f}s"
         if r.get("version") is not None:
             print(f"personal adapter v{r['version']} published: {done}")
-        else:  # validation kept the adapter in use: say why
-            print(f"no new personal adapter ({done}): {r.get('selection', 'not adopted')}")
+        else:
+            print(f"no new personal adapter ({done})")
+        print(r.get("decision") or r.get("selection", ""))  # why it was or was not adopted, on which numbers
         return 0
     print(f"job {job['id']} {job['state']}" + (f": {job['error']}" if job.get("error") else ""), file=sys.stderr)
     return 1
@@ -497,6 +498,8 @@ def cmd_status(api: Api, args: argparse.Namespace) -> int:
                               + ("" if p.get("answers", True) else ", NOT ANSWERING (trained on another base adapter)")
                               if p else "none yet (oppu client train)"),
         f"history         {h['count']} items, {h['new_since_training']} new since training",
+        f"auto-training   {s['auto_train']['message']}",
+        "last training   " + (s["last_training"]["decision"] if s.get("last_training") else "none yet"),
         f"privacy spent   {priv['rounds']} federated rounds"
         + (f", epsilon {priv['epsilon']:.3g} at delta {priv['delta']:.1g}" if priv.get("epsilon") is not None else ""),
     ]

@@ -171,7 +171,8 @@ def engine_for(node: Node, model_id: str) -> Any:
             path = node.cache.path(model_id)
             spec: BaseModelSpec = dataclasses.replace(e.base_model, path=str(path))
             t0 = time.perf_counter()
-            RUNTIME.engines[key] = Engine(spec, e.base_adapter, e.personal_adapter, seed=e.personal_train.seed)
+            RUNTIME.engines[key] = Engine(spec, e.base_adapter, e.personal_adapter, seed=e.personal_train.seed,
+                                          decoding=e.decoding)
             log.info("base model %s loaded in %.1f s (once per process)", model_id[:12], time.perf_counter() - t0)
         return RUNTIME.engines[key]
 
@@ -375,7 +376,7 @@ def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> 
                 personal = method in PERSONAL_METHODS
                 if personal:
                     personal = load_or_train_personal(engine, node, task, ctx, history, aug)
-                answers = engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=personal)
+                answers = engine.answer(prompts, max_new_tokens=engine.answer_tokens(task, history), personal=personal)
                 preds = [task.parse_output(a) for a in answers]
                 predictions[method] = {q.id: p for q, p in zip(queries, preds)}
                 for name, value in task.score(preds, golds).items():

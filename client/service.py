@@ -34,7 +34,7 @@ from shared.fileio import atomic_write, fsync_dir
 from shared.personalize import Context, ensure_profile, history_examples, prompt_for, retrieve_for
 from shared.records import HistoryItem
 from shared.retrieval import make_retriever, new_items
-from shared.selection import validation_size
+from shared.selection import history_needed, validation_size
 from shared.tasks import get_task
 
 from .archive import Archive, ArchiveError, read_archive, write_archive
@@ -118,6 +118,7 @@ class ClientService:
         # Downloads in flight died with the previous daemon's SuperNode (reaped before this runs).
         ArtifactCache(spec.artifact_root(self.dir)).discard_partial()
         self.jobs = JobRegistry(self.dir / "jobs", nice=spec.train_nice)
+        engine.decoding = spec.decoding  # answers decoded as the experiments decode them
         self.engine = engine
         self._maintenance = threading.Lock()
         self._auto_attempt_count = 0
@@ -316,8 +317,10 @@ class ClientService:
         with self.store_lock:
             prompt = prompt_for(self.task, ctx, query_input, aug)
             retrieved = [it.id for it in retrieve_for(self.task, ctx, query_input, None)] if aug != "plain" else []
-        text, published, waited = self.host.answer(prompt, personal=personal,
-                                                    max_new_tokens=max_new_tokens or self.task.max_new_tokens)
+            if max_new_tokens is None:
+                history = self.store.items() if self.spec.decoding.length_from_history > 0 else []
+                max_new_tokens = self.engine.answer_tokens(self.task, history)
+        text, published, waited = self.host.answer(prompt, personal=personal, max_new_tokens=max_new_tokens)
         base = self.host.base_info
         prediction = self.task.parse_answer(text)
         warnings = []
@@ -362,17 +365,44 @@ class ClientService:
         pub = self.host.published
         return int(pub.manifest.data.get("history_items", 0)) if pub else 0
 
-    def _maybe_auto_train(self, count: int):
+    def auto_train_at(self) -> int:
+        """The history size the next automatic training waits for: `retrain_after` new items since
+        the adapter in use (or the last automatic attempt), and never below what per-user
+        selection needs to train and validate (shared.selection.history_needed). 0: off."""
         n = self.spec.retrain_after
-        if not n or count - max(self._trained_on(), self._auto_attempt_count) < n or self.jobs.active():
+        if not n:
+            return 0
+        return max(max(self._trained_on(), self._auto_attempt_count) + n, history_needed(self.spec.selection))
+
+    def _auto_train_status(self, count: int) -> dict[str, Any]:
+        at = self.auto_train_at()
+        if not at:
+            message = "automatic training is off (retrain_after = 0); start one with `oppu client train`"
+        elif self.host.published is None and not self._auto_attempt_count:
+            message = f"auto-training starts at {at} items; you have {count}"
+        else:
+            message = f"next automatic training at {at} items ({self.spec.retrain_after} new); you have {count}"
+        return {"at": at or None, "history_needed": history_needed(self.spec.selection), "message": message}
+
+    def _last_training(self) -> dict[str, Any] | None:
+        """The newest finished training's decision, in words (the job's `decision`)."""
+        done = next((j for j in self.jobs.list() if j.kind == "train" and "decision" in j.result), None)
+        if done is None:
+            return None
+        return {"job": done.id, "finished": done.finished, "adopted": done.result.get("adopted"),
+                "decision": done.result["decision"]}
+
+    def _maybe_auto_train(self, count: int):
+        at = self.auto_train_at()
+        if not at or count < at or self.jobs.active():
             return None
         try:
             job = self.train(trigger="auto")
         except (JobBusy, Busy):
             return None
         self._auto_attempt_count = count
-        log.info("automatic retraining: %d new history items since the adapter in use (threshold %d): job %s",
-                 count - self._trained_on(), n, job.id)
+        log.info("automatic training: %d history items (%d new since the adapter in use; starts at %d): job %s",
+                 count, count - self._trained_on(), at, job.id)
         return job
 
     def _train_job(self, ctl: JobControl, spec: TrainSpec) -> dict[str, Any]:
@@ -423,13 +453,16 @@ class ClientService:
                                                 cancelled=ctl.cancelled, manifest=manifest)
         log.info("training job %s: %s", ctl.job.id, sel.summary())
         if version is not None:
-            log.info("training job %s: personal adapter %s adopted and answering", ctl.job.id, version_name(version))
-        elif not result.cancelled:
+            decision = sel.verdict(version_name(version))
+        elif result.cancelled:
+            decision = "not adopted: training cancelled"
+        else:
             pub = self.host.published
-            log.info("training job %s: nothing adopted; %s", ctl.job.id,
-                     f"{version_name(pub.version)} keeps answering" if pub else "answers stay without a personal adapter")
+            decision = sel.verdict() + (f"; {version_name(pub.version)} keeps answering" if pub
+                                        else "; answers stay without a personal adapter")
+        log.info("training job %s: %s", ctl.job.id, decision)
         out = {**summary(result), "history_items": len(history), "adopted": sel.adopted,
-               "selection": sel.summary()}
+               "selection": sel.summary(), "decision": decision}
         if result.cancelled:
             return {**out, "cancelled": True}
         return out if version is None else {**out, "version": version}
@@ -459,6 +492,8 @@ class ClientService:
             "history": {"count": count, "new_since_training": max(0, count - self._trained_on()),
                         "retrain_after": self.spec.retrain_after,
                         "derived_files": derived_from_history(self.dir)},  # none after forget
+            "auto_train": self._auto_train_status(count),
+            "last_training": self._last_training(),
             "privacy": read_privacy(self.dir),
             "federation": self._federation_status(),
             "jobs": {"active": active.public() if active else None,

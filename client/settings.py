@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import (
-    AUGMENTATIONS, METHOD_AUGMENTATION, PERSONAL_METHODS, AdapterSpec, BaseModelSpec, BuiltinBaseSpec, RetrievalSpec, SelectionSpec,
+    AUGMENTATIONS, METHOD_AUGMENTATION, PERSONAL_METHODS, AdapterSpec, BaseModelSpec, BuiltinBaseSpec, DecodingSpec,
+    RetrievalSpec, SelectionSpec,
     TaskSpec, TrainSpec, from_dict, parse_config_file, register_specs,
 )
 from shared.config.specs import _choice, _positive
@@ -92,6 +93,7 @@ class DaemonSpec:
     selection: SelectionSpec = field(default_factory=SelectionSpec)
     retrieval: RetrievalSpec = field(default_factory=RetrievalSpec)
     builtin_base: BuiltinBaseSpec = field(default_factory=BuiltinBaseSpec)
+    decoding: DecodingSpec = field(default_factory=DecodingSpec)
 
     def __post_init__(self) -> None:
         import ipaddress

@@ -112,7 +112,7 @@ class Coordinator:
         identity = read_or_make_manifest(model_dir)["model_hash"]
         self.model = Artifact.from_dir(model_dir, KIND_MODEL, identity)
         self.engine = Engine(dataclasses.replace(e.base_model, path=str(model_dir)), e.base_adapter,
-                             e.personal_adapter, seed=e.personal_train.seed)
+                             e.personal_adapter, seed=e.personal_train.seed, decoding=e.decoding)
         log.info("base model artifact %s (%s, %.1f MB), hash %s", self.model.id[:12], e.base_model.quantization,
                  self.model.manifest.total_bytes / 1e6, self.engine.model_hash[:12])
         self.inner = build_strategy(self.spec)

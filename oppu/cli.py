@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for audit.json and audit.md (default: runs/<time>-audit-privacy)")
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("sweep", help="choose the personal-training recipe on users' validation items only")
+    p = sub.add_parser("sweep", help="choose the personal-training recipe, or retrieval and decoding "
+                       "(mode = \"inference\"), on users' validation items only")
     p.add_argument("config", help="sweep TOML (e.g. simulations/configs/sweep-amazon-rating.toml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep setting, e.g. users=4")
     p.add_argument("--run-dir", help="write into this directory instead of a new one under the sweep's out_dir")

@@ -15,8 +15,8 @@ import torch
 
 from . import adapters, soft_prompt
 from .adapters import BASE, PERSONAL, AdapterManifest
-from .config import AdapterSpec, BaseModelSpec, TrainSpec
-from .inference import generate
+from .config import AdapterSpec, BaseModelSpec, DecodingSpec, TrainSpec
+from .inference import answer_tokens, generate
 from .model import LoadedBase, load_base_model
 from .group_training import GroupLoRA, train_group
 from .training import Example, TrainResult, answer_loss, collate, encode_examples, train_adapter
@@ -30,6 +30,7 @@ class Engine:
         personal_adapter: AdapterSpec = AdapterSpec(),
         *,
         seed: int = 0,
+        decoding: DecodingSpec = DecodingSpec(),
     ) -> None:
         self.base = base_model if isinstance(base_model, LoadedBase) else load_base_model(base_model)
         self.tokenizer = self.base.tokenizer
@@ -46,6 +47,8 @@ class Engine:
         else:
             self._personal_init = adapters.add_slot(self.model, PERSONAL, personal_adapter, seed=seed)
         self.personal_loaded: str | None = None  # what the personal slot currently holds
+        # How every answer is decoded: the experiment's, the daemon's or the federation's spec.
+        self.decoding = decoding
         # Users served together in one mixed batch: user -> PEFT slot holding base ⊕ personal.
         self._served: dict[str, str] = {}
         self._slots_made = 0
@@ -301,7 +304,7 @@ class Engine:
         with self.lock:
             adapters.activate(self.model, [BASE])
             return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, progress=progress, adapter_names=names)
+                            decoding=self.decoding, batch_size=batch_size, progress=progress, adapter_names=names)
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -322,11 +325,20 @@ class Engine:
             self._alone_slot = self._fill_stacked_slot(self._alone_slot, self.personal_state())
             return self._alone_slot
 
+    def answer_tokens(self, task: Any, history: Sequence[Any]) -> int:
+        """The answer budget for a user with this history (HistoryItems, or training Examples),
+        shared.inference.answer_tokens under the engine's decoding spec: what every caller
+        passes as max_new_tokens."""
+        if self.decoding.length_from_history <= 0:
+            return task.max_new_tokens
+        targets = [h.target if isinstance(h, Example) else task.item_to_example(h)[1] for h in history]
+        return answer_tokens(self.tokenizer, targets, task.max_new_tokens, self.decoding)
+
     def answer(
         self,
         prompts: Sequence[str],
         *,
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         personal: bool,
         raw: bool = False,
         batch_size: int = 8,
@@ -339,9 +351,10 @@ class Engine:
         """
         kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
         with self.lock:
-            if raw:
+            if raw:  # free text (a profile of several sentences): plain greedy decoding
                 with self.model.disable_adapter():
                     return generate(self.model, self.tokenizer, prompts, **kw)
+            kw["decoding"] = self.decoding
             slot = self.answer_slot(personal)
             if slot is not None:
                 kw["adapter_names"] = [slot] * len(prompts)

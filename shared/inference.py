@@ -1,14 +1,48 @@
 """THE inference path: batched greedy generation with the KV cache, prompts encoded exactly as
-training encodes them (shared.prompting), answers cut at the end-of-turn marker. Many users'
-personal adapters can share one batch (per-row `adapter_names`, see Engine.answer_users)."""
+training encodes them (shared.prompting), answers cut at the end-of-turn marker, decoded as a
+DecodingSpec says (first line only, repetition penalty, no repeated n-grams, an answer length
+from the user's own history). Many users' personal adapters can share one batch (per-row
+`adapter_names`, see Engine.answer_users)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
+from .config import DecodingSpec
 from .model import dense_4bit_weights, release_memory
-from .prompting import answer_end_ids, encode_prompt, fit_prompt
+from .prompting import answer_end_ids, encode_prompt, first_line, fit_prompt
 from .soft_prompt import prepend
+
+
+def line_ended(text: str) -> bool:
+    """Whether generated text already holds a whole non-empty first line (leading blank lines do
+    not count: a model that opens with a newline has not answered yet)."""
+    return "\n" in text.lstrip()
+
+
+def answer_tokens(tokenizer: Any, targets: Sequence[str], cap: int, spec: DecodingSpec) -> int:
+    """The answer budget for one user: `cap` (the task's max_new_tokens), or with
+    spec.length_from_history > 0 that many times the longest of the user's own history answers in
+    tokens (+1 for a closing token), at least 1 and never above `cap`. No history: `cap`."""
+    if spec.length_from_history <= 0 or not targets:
+        return cap
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets)
+    return max(1, min(cap, math.ceil(spec.length_from_history * longest) + 1))
+
+
+class _FirstLineStop:
+    """A StoppingCriteria: a row is done once its new tokens hold a whole non-empty line."""
+
+    def __init__(self, tokenizer: Any, start: int) -> None:
+        self.tokenizer, self.start = tokenizer, start
+
+    def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+        import torch
+
+        done = [line_ended(self.tokenizer.decode(row[self.start:].tolist(), skip_special_tokens=True))
+                for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def generate(
@@ -16,7 +50,8 @@ def generate(
     tokenizer: Any,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
+    decoding: DecodingSpec = DecodingSpec(),
     batch_size: int = 8,
     max_prompt_tokens: int = 1024,
     progress: bool | str = False,
@@ -26,12 +61,17 @@ def generate(
     """Greedy answers for `prompts` with whatever adapters are active on `model`
     (and a personal soft prompt in front of each prompt when given). With `adapter_names`, prompt
     i is answered by PEFT adapter `adapter_names[i]` alone, rows of one batch by different
-    adapters in the same forward pass (mixed-batch serving, see Engine.answer_users)."""
+    adapters in the same forward pass (mixed-batch serving, see Engine.answer_users).
+    `max_new_tokens` is one budget for all prompts, or one per prompt (answer_tokens)."""
     import torch
     from tqdm.auto import tqdm
+    from transformers import StoppingCriteriaList
 
     if not prompts:
         return []
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(budgets)} max_new_tokens")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = answer_end_ids(tokenizer) + [tokenizer.eos_token_id]
@@ -65,9 +105,15 @@ def generate(
                 start = 0  # generate() returns only new tokens when given embeddings
             if adapter_names is not None:
                 inputs["adapter_names"] = [adapter_names[i] for i in idx]
+            if decoding.repetition_penalty != 1.0:
+                inputs["repetition_penalty"] = decoding.repetition_penalty
+            if decoding.no_repeat_ngram_size:
+                inputs["no_repeat_ngram_size"] = decoding.no_repeat_ngram_size
+            if decoding.stop_at_newline:
+                inputs["stopping_criteria"] = StoppingCriteriaList([_FirstLineStop(tokenizer, start)])
             out = model.generate(
                 **inputs,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=max(budgets[i] for i in idx),
                 do_sample=False,
                 num_beams=1,
                 use_cache=True,
@@ -78,9 +124,10 @@ def generate(
                 top_k=None,
             )
             for row, i in enumerate(idx):
-                new = out[row, start:].tolist()
+                new = out[row, start:].tolist()[: budgets[i]]  # a row's own budget in a shared batch
                 cut = next((j for j, t in enumerate(new) if t in stops), len(new))
-                answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+                text = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+                answers[i] = first_line(text) if decoding.stop_at_newline else text
     if was_training:
         model.train()
     release_memory()  # the call's dense weights, KV cache and activations, back to the OS

@@ -12,6 +12,12 @@ from typing import Any, Sequence
 from .records import HistoryItem
 
 
+def first_line(text: str) -> str:
+    """The first non-empty line of an answer, stripped: what every task's answer is read as."""
+    text = text.strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
 def clip_words(text: str, max_words: int) -> str:
     words = text.split()
     return text if len(words) <= max_words else " ".join(words[:max_words]) + " ..."

@@ -55,6 +55,23 @@ class Selection:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def verdict(self, kept: str | None = None) -> str:
+        """The decision in words for a person, on the validation numbers it was made on:
+        "kept v000002: validation mae 0.500 vs base 0.750 on 3 held-out items" or
+        "not adopted: ...". `kept` names the version the adopted adapter was published as."""
+        if self.base is None:  # nothing was validated: too little history, or selection off
+            return f"{('kept ' + kept) if kept else 'adopted' if self.adopted else 'not adopted'}: {self.reason}"
+        on = f"on {self.validation_items} held-out items"
+        if self.adopted and self.best is not None:
+            return (f"{('kept ' + kept) if kept else 'adopted'}: validation {self.metric} {self.best.metric:.3f} vs "
+                    f"base {self.base.metric:.3f} {on} (answer loss {self.best.loss:.3f} vs {self.base.loss:.3f})")
+        sign = 1.0 if METRIC_DIRECTION.get(self.metric, "higher") == "higher" else -1.0
+        if not self.checks:
+            return f"not adopted: validation {self.metric} of base {self.base.metric:.3f} {on}; {self.reason}"
+        top = max(self.checks, key=lambda c: (sign * c["metric"], -c["loss"]))
+        return (f"not adopted: validation {self.metric} {top['metric']:.3f} at best vs base {self.base.metric:.3f} "
+                f"{on} (answer loss {top['loss']:.3f} vs {self.base.loss:.3f}); {self.reason}")
+
     def summary(self) -> str:
         """One line for logs and for a person: what was decided on which numbers."""
         if self.base is None:
@@ -70,6 +87,18 @@ def validation_size(n_history: int, spec: SelectionSpec) -> int:
     if not spec.enabled:
         return 0
     return max(spec.min_validation, math.ceil(n_history * spec.validation_fraction))
+
+
+def history_needed(spec: SelectionSpec) -> int:
+    """The smallest history selection can decide on: min_train items left for training after the
+    hold-out (validation_size). Below it no adapter is trained, so nothing should start training
+    (the daemon's automatic training waits for it). With selection off: one item."""
+    if not spec.enabled:
+        return 1
+    n = spec.min_train
+    while n - validation_size(n, spec) < spec.min_train:  # training items never fall as n grows
+        n += 1
+    return n
 
 
 def beats(candidate: ValScore, base: ValScore, metric: str) -> bool:
@@ -95,8 +124,9 @@ def _better(a: ValScore, b: ValScore, metric: str) -> bool:
 
 
 def score(engine: Any, task: Any, examples: Sequence[Example], *, personal: bool, max_length: int,
-          pause: Callable[[], Any] | None = None, chunk: int = 4) -> ValScore:
-    """Loss and primary metric of base + base adapter (+ the personal slot) on `examples`.
+          pause: Callable[[], Any] | None = None, chunk: int = 4, max_new_tokens: int | None = None) -> ValScore:
+    """Loss and primary metric of base + base adapter (+ the personal slot) on `examples`,
+    answered within `max_new_tokens` (default: the task's).
 
     `pause()` runs between chunks of `chunk` items: a daemon serves the answers waiting
     meanwhile, so a validation checkpoint delays them by one chunk, not the whole set.
@@ -109,7 +139,8 @@ def score(engine: Any, task: Any, examples: Sequence[Example], *, personal: bool
         if pause is not None:
             pause()
         losses += engine.example_losses(part, personal=personal, max_length=max_length)
-        answers += engine.answer([e.prompt for e in part], max_new_tokens=task.max_new_tokens, personal=personal)
+        answers += engine.answer([e.prompt for e in part], max_new_tokens=max_new_tokens or task.max_new_tokens,
+                                 personal=personal)
     value = task.score([task.parse_output(a) for a in answers], [e.target for e in examples])[metric]
     return ValScore(loss=float(sum(losses) / len(losses)), metric=float(value), item_losses=tuple(losses))
 
@@ -130,15 +161,16 @@ class _Checkpoints:
     """One user's checkpoints during training: the best that beats base, and its state."""
 
     def __init__(self, engine: Any, task: Any, val_ex: Sequence[Example], sel: Selection, max_length: int,
-                 pause: Callable[[], Any] | None) -> None:
+                 pause: Callable[[], Any] | None, budget: int) -> None:
         self.engine, self.task, self.val_ex, self.sel = engine, task, val_ex, sel
-        self.max_length, self.pause = max_length, pause
+        self.max_length, self.pause, self.budget = max_length, pause, budget
         self.best_state: dict[str, Any] | None = None
 
     def consider(self, step: int, total: int) -> None:
         """Score the personal slot's current weights on validation; keep them if best so far."""
         sel, base = self.sel, self.sel.base
-        s = score(self.engine, self.task, self.val_ex, personal=True, max_length=self.max_length, pause=self.pause)
+        s = score(self.engine, self.task, self.val_ex, personal=True, max_length=self.max_length, pause=self.pause,
+                  max_new_tokens=self.budget)
         sel.checks.append({"step": step, "loss": s.loss, "metric": s.metric,
                            "items_improved": sum(c < b for c, b in zip(s.item_losses, base.item_losses))})
         sel.total_steps = total
@@ -166,13 +198,15 @@ def _prepare(engine: Any, task: Any, examples: Sequence[Example], train: TrainSp
     metric = task.metric_names[0]
     n_val = validation_size(len(examples), spec)
     n_train = len(examples) - n_val
-    if n_train < spec.min_train:
+    if len(examples) < history_needed(spec):
         return [], [], Selection(
             adopted=False, metric=metric, train_items=max(0, n_train), validation_items=n_val,
-            reason=f"too little history: {len(examples)} items, needs {spec.min_train} to train besides "
-                   f"{n_val} to validate"), False
+            reason=f"too little history: {len(examples)} items; selection needs {history_needed(spec)} "
+                   f"({spec.min_train} to train besides the newest held out to validate)"), False
     train_ex, val_ex = list(examples[:n_train]), list(examples[n_train:])
-    base = score(engine, task, val_ex, personal=False, max_length=train.max_length, pause=pause)
+    # The answer budget from the training items only: the held-out answers' lengths are unseen.
+    base = score(engine, task, val_ex, personal=False, max_length=train.max_length, pause=pause,
+                 max_new_tokens=engine.answer_tokens(task, train_ex))
     sel = Selection(adopted=False, reason="", metric=metric, train_items=n_train, validation_items=n_val, base=base)
     if metric in METRIC_BEST and abs(base.metric - METRIC_BEST[metric]) <= 1e-12:
         # Adoption needs a better metric, and none is better than this: training could not
@@ -212,7 +246,7 @@ def train_and_select(
         if not worth:
             engine.reset_personal()
             return TrainResult(0, len(train_ex), train.epochs, 0, 0), sel
-        checks = _Checkpoints(engine, task, val_ex, sel, train.max_length, pause)
+        checks = _Checkpoints(engine, task, val_ex, sel, train.max_length, pause, engine.answer_tokens(task, train_ex))
 
         def consider(step: int, total: int) -> None:
             checks.consider(step, total)
@@ -255,7 +289,8 @@ def train_and_select_group(
     with engine.lock, _dense_weights(engine):
         prepared = [_prepare(engine, task, ex, train, spec, pause) for ex in users]
         group = [i for i, (_, _, _, worth) in enumerate(prepared) if worth]
-        checks = {i: _Checkpoints(engine, task, prepared[i][1], prepared[i][2], train.max_length, pause)
+        checks = {i: _Checkpoints(engine, task, prepared[i][1], prepared[i][2], train.max_length, pause,
+                                  engine.answer_tokens(task, prepared[i][0]))
                   for i in group}
         results: dict[int, TrainResult] = {}
         if group:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal, Mapping, Sequence
 
 from . import metrics
+from .prompting import first_line
 from .records import HistoryItem
 
 Kind = Literal["classification", "regression", "generation"]
@@ -48,11 +49,6 @@ _ANSWER_PREFIX = re.compile(
 )
 _QUOTE_PAIRS = {'"': '"', "'": "'", "`": "`", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb"}
 _WHOLE_NUMBER = re.compile(r"(?<!\d)(?:0|[1-9]\d*)(?!\d)")  # "05" is not a rating
-
-
-def _first_line(text: str) -> str:
-    text = text.strip()
-    return text.splitlines()[0].strip() if text else ""
 
 
 def _unquote(text: str) -> str:
@@ -166,12 +162,12 @@ class Task:
         label, no rating on the scale) the raw first line, which the metric scores as wrong or as
         the worst rating."""
         answer = self.parse_answer(text)
-        return answer if answer is not None else _first_line(text)
+        return answer if answer is not None else first_line(text)
 
     def parse_answer(self, text: str) -> str | None:
         """The answer in a model's generated text: a label, a whole rating on the scale, a text;
         None when the text holds none (what a person is shown instead of a made-up prediction)."""
-        line = _first_line(text)
+        line = first_line(text)
         if self.kind == "classification":
             return self._parse_label(line)
         if self.kind == "regression":

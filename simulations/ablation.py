@@ -103,7 +103,8 @@ class _Model:
 
     def __init__(self, spec: AblationSpec, base_model: Any, task: Any, base_users: list[Any]) -> None:
         e = spec.run.experiment
-        self.engine = Engine(base_model, e.base_adapter, e.personal_adapter, seed=e.personal_train.seed)
+        self.engine = Engine(base_model, e.base_adapter, e.personal_adapter, seed=e.personal_train.seed,
+                             decoding=e.decoding)
         if spec.run.federation.base_init == "train" and base_users:
             self.engine.train_base(population_base_examples(task, e, base_users), e.base_train, progress=False)
         self.initial = {k: v.detach().clone() for k, v in self.engine.base_state().items()}
@@ -246,7 +247,7 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
     preds, golds = [], []
     for u in population:
         answers = engine.answer([prompt_for(task, None, q.input, "plain") for q in u.queries],
-                                max_new_tokens=task.max_new_tokens, personal=False)
+                                max_new_tokens=engine.answer_tokens(task, u.history), personal=False)
         preds += [task.parse_output(a) for a in answers]
         golds += [q.target for q in u.queries]
     utility = task.score(preds, golds)

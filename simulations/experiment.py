@@ -96,7 +96,8 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
     log.info("task %s from %s: %d evaluated users, %d base users", dataset.task, dataset.source,
              len(dataset.eval_users), len(dataset.base_users))
 
-    engine = Engine(spec.base_model, spec.base_adapter, spec.personal_adapter, seed=spec.personal_train.seed)
+    engine = Engine(spec.base_model, spec.base_adapter, spec.personal_adapter, seed=spec.personal_train.seed,
+                    decoding=spec.decoding)
     log.info("base model %s (%s, %s on %s), hash %s", engine.base.directory, engine.base.quantization,
              engine.base.dtype, engine.base.device, engine.model_hash[:12])
 
@@ -179,7 +180,8 @@ def _prepare_user(spec: ExperimentSpec, engine: Engine, task: Any, retriever: An
 def _answer_without_personal(engine: Engine, task: Any, run: _UserRun, aug: str) -> dict[str, str]:
     """Base + base adapter's answers for one augmentation (computed once per user)."""
     if aug not in run.non_personal:
-        answers = engine.answer(run.prompts[aug], max_new_tokens=task.max_new_tokens, personal=False)
+        answers = engine.answer(run.prompts[aug], max_new_tokens=engine.answer_tokens(task, run.user.history),
+                                personal=False)
         run.non_personal[aug] = {q.id: task.parse_output(a) for q, a in zip(run.user.queries, answers)}
     return run.non_personal[aug]
 
@@ -235,7 +237,8 @@ def _train_personal(spec: ExperimentSpec, engine: Engine, task: Any, runs: list[
                       "validation_items": sel.validation_items},
                 train=res.train[aug],
             ))
-            answers = engine.answer(run.prompts[aug], max_new_tokens=task.max_new_tokens, personal=True)
+            answers = engine.answer(run.prompts[aug], max_new_tokens=engine.answer_tokens(task, run.user.history),
+                                    personal=True)
             chosen = {q.id: task.parse_output(a) for q, a in zip(run.user.queries, answers)}
         else:  # not adopted: the method answers as its non-personal counterpart
             chosen = _answer_without_personal(engine, task, run, aug)

@@ -230,7 +230,7 @@ def centralized_baseline(spec: FederatedSpec, task: Any, users: list[Any], run_d
     e = spec.experiment
     model_dir = export_quantized_model(e.base_model)
     engine = Engine(dataclasses.replace(e.base_model, path=str(model_dir)), e.base_adapter, e.personal_adapter,
-                    seed=e.personal_train.seed)
+                    seed=e.personal_train.seed, decoding=e.decoding)
     engine.load_base(run_dir / "base_adapter")
     log.info("centralized baseline: one adapter on the pooled histories of %d users", len(users))
     return run_centralized(engine, task, e, users, run_dir / "centralized_adapter")

@@ -1,4 +1,6 @@
-"""`oppu sweep`: choose the personal-training recipe on validation data only.
+"""`oppu sweep`: choose the personal-training recipe on validation data only (mode "personal",
+below); retrieval and decoding are chosen the same way by modes "inference" and "retrieval"
+(simulations/inference_sweep.py).
 
 Each variant (a set of `--set` overrides on one experiment config) trains every sweep user's
 personal adapter through THE selection path (shared.selection.train_and_select_users), which holds
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from shared.tables import markdown_table
 from shared.tasks import get_task
 
 from .experiment import open_store
+from .inference_sweep import run_inference_sweep
 from .reports.run_outputs import signed4
 
 
@@ -52,19 +55,44 @@ class Variant:
     set: tuple[str, ...] = field(default=(), metadata={"help": "section.key=value overrides of the experiment."})
 
 
+SWEEP_MODES = ("personal", "inference", "retrieval")
+# What an inference sweep may vary: everything else is the one base + base adapter it scores.
+INFERENCE_SECTIONS = ("retrieval", "decoding")
+INFERENCE_METHODS = ("non-personalized", "RAG")
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     """One sweep: an experiment config, the method whose personal adapter is swept, the variants."""
 
     experiment: str = field(metadata={"help": "Experiment TOML the variants start from (relative to the sweep file)."})
-    method: str = field(default="OPPU+RAG", metadata={"help": "OPPU | OPPU+RAG | OPPU+PAG."})
+    mode: str = field(
+        default="personal",
+        metadata={"help": "personal: train and select each sweep user's personal adapter per variant | inference: "
+                  "score base + base adapter on the users' validation items per variant (no personal training; "
+                  "variants may vary only retrieval and decoding) | retrieval: no model, each validation item "
+                  "answered by what its retrieved items answered (simulations/inference_sweep.py)."},
+    )
+    method: str = field(default="OPPU+RAG", metadata={"help": "personal mode: OPPU | OPPU+RAG | OPPU+PAG; "
+                                                      "inference and retrieval modes: non-personalized | RAG."})
     users: int = field(default=8, metadata={"help": "Users swept (the experiment's first N evaluated users)."})
     variants: tuple[Variant, ...] = field(default=(), metadata={"help": "[[variants]] name, set."})
     out_dir: str = field(default="runs", metadata={"help": "Where the sweep directory is created."})
+    base_adapter_dir: str = field(
+        default="",
+        metadata={"help": "inference mode: a base adapter saved by an earlier sweep or experiment on the same "
+                  "experiment config (its base_adapter/ directory) to score instead of training one; empty: train "
+                  "it and save it into the sweep directory."},
+    )
 
     def __post_init__(self) -> None:
-        if self.method not in ("OPPU", "OPPU+RAG", "OPPU+PAG"):
-            raise ValueError(f"sweep.method={self.method!r} is not allowed; choose one of OPPU, OPPU+RAG, OPPU+PAG")
+        if self.mode not in SWEEP_MODES:
+            raise ValueError(f"sweep.mode={self.mode!r} is not allowed; choose one of {', '.join(SWEEP_MODES)}")
+        methods = {"personal": ("OPPU", "OPPU+RAG", "OPPU+PAG"), "inference": INFERENCE_METHODS,
+                   "retrieval": ("RAG",)}[self.mode]
+        if self.method not in methods:
+            raise ValueError(f"sweep.method={self.method!r} is not allowed in {self.mode} mode; choose one of "
+                             f"{', '.join(methods)}")
         if self.users <= 0:
             raise ValueError(f"sweep.users={self.users!r} must be > 0")
         if not self.variants:
@@ -85,13 +113,18 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
             specs.append(from_dict(ExperimentSpec, apply_overrides(to_dict(base), list(v.set))))
         except ValueError as e:
             raise ValueError(f"{path}: variant {v.name!r}: {e}") from None
-    fixed = ("data", "base_model", "base_adapter", "base_train")
+    if spec.mode != "personal":
+        fixed = tuple(f.name for f in fields(ExperimentSpec) if f.name not in INFERENCE_SECTIONS + ("out_dir",))
+        why = ("an inference sweep scores one base + base adapter without personal training, so only "
+               + " and ".join(INFERENCE_SECTIONS) + " may vary")
+    else:
+        fixed = ("data", "base_model", "base_adapter", "base_train")
+        why = ("a sweep compares personal recipes on one base adapter, so only personal_adapter, personal_train, "
+               "selection and retrieval may vary")
     for v, s in zip(spec.variants, specs):
         for section in fixed:
             if getattr(s, section) != getattr(base, section):
-                raise ValueError(f"{path}: variant {v.name!r} changes [{section}]; a sweep compares personal "
-                                 "recipes on one base adapter, so only personal_adapter, personal_train, "
-                                 "selection and retrieval may vary")
+                raise ValueError(f"{path}: variant {v.name!r} changes [{section}]; {why}")
     return spec, specs
 
 
@@ -107,6 +140,8 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Pat
     run_dir = Path(run_dir) if run_dir else new_run_dir(spec.out_dir, f"sweep-{dataset.task}")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.toml", Path(path).read_text() + "".join(f"# --set {o}\n" for o in overrides or []))
+    if spec.mode != "personal":
+        return run_inference_sweep(spec, variants, dataset, task, users, run_dir, progress=progress)
     started = time.time()
     base_state = None
     rows: dict[str, Any] = {}
@@ -125,6 +160,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Pat
                 base_state = {k: t.detach().clone() for k, t in engine.base_state().items()}
             else:
                 engine.set_base_state(base_state)
+        engine.decoding = exp.decoding
         aug = METHOD_AUGMENTATION[spec.method]
         retriever = make_retriever(exp.retrieval.retriever, task.item_text)
         per_user = []

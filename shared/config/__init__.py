@@ -1,7 +1,7 @@
 """Typed configuration, parsed once from TOML (or a flat dict such as a Flower run-config).
 
 specs       the specs every part shares (model, adapters, training, selection, retrieval,
-            privacy, data, experiment)
+            decoding, privacy, data, experiment)
 parsing     TOML / dicts / dotted overrides -> specs, field-naming errors; the TOML writer; presets
 federation  the federation settings and their Flower run-config form
 tasks       tasks a person defines ([[tasks]] tables) -> shared.tasks.Task, registered by name
@@ -18,12 +18,14 @@ from .parsing import PRESETS, apply_overrides, dump_toml, from_dict, load_experi
 from .tasks import KIND_METRICS, TASK_KINDS, TaskSpec, load_task_file, register_specs
 from .specs import (
     AUGMENTATIONS, METHOD_AUGMENTATION, PERSONAL_METHODS, BASELINES, DEVICES, DTYPES, EMBEDDED_MODEL, HISTORY_TOPICS, ITEM_FORMATS, METHODS, PEFT_TYPES, QUANTIZATIONS,
-    RECORD_LEVELS, RETRIEVERS, SELECTIONS, STORES, BASE_WHEN_MISSING, AdapterSpec, BaseModelSpec, BuiltinBaseSpec, DataSpec, ExperimentSpec, PrivacySpec,
+    RECORD_LEVELS, RETRIEVERS, SELECTIONS, STORES, BASE_WHEN_MISSING, AdapterSpec, BaseModelSpec, BuiltinBaseSpec, DataSpec,
+    DecodingSpec, ExperimentSpec, PrivacySpec,
     RetrievalSpec, SelectionSpec, TrainSpec,
 )
 
 __all__ = [
-    "AdapterSpec", "BaseModelSpec", "BuiltinBaseSpec", "BASE_WHEN_MISSING", "DataSpec", "ExperimentSpec", "PrivacySpec", "RetrievalSpec", "SelectionSpec",
+    "AdapterSpec", "BaseModelSpec", "BuiltinBaseSpec", "BASE_WHEN_MISSING", "DataSpec", "DecodingSpec", "ExperimentSpec",
+    "PrivacySpec", "RetrievalSpec", "SelectionSpec",
     "TrainSpec", "TaskSpec", "TASK_KINDS", "KIND_METRICS", "load_task_file", "register_specs",
     "FederationSpec", "FederatedSpec", "AUGMENTATIONS", "METHOD_AUGMENTATION", "PERSONAL_METHODS",
     "BASELINES", "BASE_INITS", "DEVICES", "DTYPES", "EMBEDDED_MODEL", "HISTORY_TOPICS", "ITEM_FORMATS", "METHODS",

@@ -201,6 +201,40 @@ class RetrievalSpec:
 
 
 @dataclass(frozen=True)
+class DecodingSpec:
+    """How answers are decoded (shared.inference.generate): greedy, with these additions.
+
+    Every answer of an experiment, the federation client and the daemon is decoded with the same
+    spec; the defaults were chosen on validation items (docs/quality.md, the recipe section).
+    """
+
+    stop_at_newline: bool = field(
+        default=True,
+        metadata={"help": "End an answer at the end of its first non-empty line (every task's answer is one line; "
+                  "the metric reads only the first line anyway, so this saves the tokens after it)."},
+    )
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={"help": "Divide the logits of tokens already in the prompt or answer by this (CTRL's penalty); "
+                  "1.0 = off."},
+    )
+    no_repeat_ngram_size: int = field(
+        default=0, metadata={"help": "Never repeat an n-gram of this many tokens within prompt + answer; 0 = off."}
+    )
+    length_from_history: float = field(
+        default=0.0,
+        metadata={"help": "Per user, at most this many times the longest answer (in tokens) of their own history "
+                  "items, and never more than the task's max_new_tokens; 0 = the task's max_new_tokens."},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.repetition_penalty >= 1.0:
+            raise ValueError(f"decoding.repetition_penalty={self.repetition_penalty!r} must be >= 1.0 (1.0 = off)")
+        _positive("decoding.no_repeat_ngram_size", self.no_repeat_ngram_size, allow_zero=True)
+        _positive("decoding.length_from_history", self.length_from_history, allow_zero=True)
+
+
+@dataclass(frozen=True)
 class PrivacySpec:
     """Differential privacy for federated base-adapter updates (used by the federation)."""
 
@@ -277,6 +311,7 @@ class ExperimentSpec:
     personal_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=2, lr=1e-4))
     selection: SelectionSpec = field(default_factory=SelectionSpec)
     retrieval: RetrievalSpec = field(default_factory=RetrievalSpec)
+    decoding: DecodingSpec = field(default_factory=DecodingSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "Methods compared."})
     out_dir: str = field(default="runs", metadata={"help": "Where run directories are created."})

@@ -153,10 +153,12 @@ def test_the_log_tells_each_jobs_start_steps_loss_validation_and_adoption(servic
     assert len(steps) <= 11  # every tenth of the way, not every step
     assert f"training job {job.id}: {done.result['selection']}" in lines  # Selection.summary(): validation
     assert done.result["selection"].startswith(("adopted on 4 validation items", "not adopted on 4 validation items"))
-    adoption = (f"training job {job.id}: personal adapter v{done.result['version']} adopted and answering"
-                if done.result["adopted"] else f"training job {job.id}: nothing adopted; answers stay without a "
-                "personal adapter")
-    assert adoption in lines and lines[-1] == f"job {job.id} succeeded", text
+    # The decision in words, as the job result and status carry it (Selection.verdict).
+    decision = done.result["decision"]
+    assert decision.startswith(f"kept v{done.result['version']:06d}: validation accuracy " if done.result["adopted"]
+                               else "not adopted: validation accuracy "), decision
+    assert "on 4 held-out items" in decision
+    assert f"training job {job.id}: {decision}" in lines and lines[-1] == f"job {job.id} succeeded", text
 
 
 def test_a_task_change_is_refused_with_commands_that_work(tiny_engine, tmp_path):

@@ -53,6 +53,9 @@ class ScriptedEngine:
     def example_losses(self, examples, *, personal, max_length):
         return [self.current.loss] * len(examples)
 
+    def answer_tokens(self, task, history):
+        return task.max_new_tokens
+
     def answer(self, prompts, *, max_new_tokens, personal):
         right = round(self.current.metric * self.n_val)
         return ["comedy" if int(p[1:]) - self.first_val < right else "classic" for p in prompts]

@@ -74,3 +74,58 @@ def test_a_variant_may_not_change_the_base_adapter(tmp_path, tiny_model_dir):
     path = _write(tmp_path, tiny_model_dir, '[[variants]]\nname = "x"\nset = ["base_train.lr=1e-2"]\n')
     with pytest.raises(ValueError, match="variant 'x' changes \\[base_train\\]"):
         load_sweep(path)
+
+
+def test_inference_sweep_scores_retrieval_variants_on_validation_only(tmp_path, tiny_model_dir, monkeypatch):
+    path = _write(tmp_path, tiny_model_dir, '''
+[[variants]]
+name = "bm25 k=1"
+set = ["retrieval.k=1"]
+[[variants]]
+name = "bm25 k=2"
+set = ["retrieval.k=2", "decoding.no_repeat_ngram_size=2"]
+''')
+    text = path.read_text().replace('users = 2\n', 'users = 2\nmode = "inference"\nmethod = "RAG"\n')
+    path.write_text(text)
+    from shared.engine import Engine
+
+    seen: list[str] = []
+    real_answer = Engine.answer
+
+    def spy(self, prompts, **kw):
+        seen.extend(prompts)
+        return real_answer(self, prompts, **kw)
+
+    monkeypatch.setattr(Engine, "answer", spy)
+    out = run_sweep(path, run_dir=tmp_path / "out", progress=False)
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["mode"] == "inference" and [r["variant"] for r in result["summary"]] == ["bm25 k=1", "bm25 k=2"]
+    assert result["choice"] in ("bm25 k=1", "bm25 k=2")
+    # 8 history items per user: the 2 newest are validation (shared.selection.validation_size).
+    assert result["validation_items"] == 4 and all(len(g) == 2 for g in result["golds"])
+    for name, k in (("bm25 k=1", 1), ("bm25 k=2", 2)):
+        retrieved = result["variants"][name]["retrieved"]
+        assert [len(r) for user in retrieved for r in user] == [k] * 4
+        assert len(result["variants"][name]["repeat"]) == 2  # each user: one pair of questions
+    spec, variants = load_sweep(path)
+    from shared.data import load_dataset
+
+    ds = load_dataset(variants[0].data)
+    queries = [q.input for u in ds.eval_users for q in u.queries]
+    assert seen and not any(q in p for p in seen for q in queries)
+    md = (out / "sweep.md").read_text()
+    assert "(chosen)" in md and "same top item" in md
+
+
+def test_repeat_rate_counts_questions_handed_the_same_top_item():
+    from simulations.inference_sweep import repeat_rates
+
+    rates = repeat_rates([[["a"], ["a"], ["b"]], [["x", "y"], ["y", "x"]], [["z"]]])
+    assert rates == [{"same_top": 1 / 3, "distinct": 2 / 3}, {"same_top": 0.0, "distinct": 0.5}]
+
+
+def test_an_inference_sweep_may_vary_only_retrieval_and_decoding(tmp_path, tiny_model_dir):
+    path = _write(tmp_path, tiny_model_dir, '[[variants]]\nname = "x"\nset = ["personal_train.lr=1e-2"]\n')
+    path.write_text(path.read_text().replace('users = 2\n', 'users = 2\nmode = "inference"\nmethod = "RAG"\n'))
+    with pytest.raises(ValueError, match=r"variant 'x' changes \[personal_train\]; an inference sweep"):
+        load_sweep(path)
