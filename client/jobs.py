@@ -11,10 +11,14 @@ A job says what it is doing from its first second (`phase`: reading the history,
 examples, scoring on validation, training), since the step count is known only when the first
 step is done. The log (DIR/logs/daemon.log) records each job's start, its phases, its step and
 loss at every tenth of the steps, and how it ended.
+
+A job reads as finished only once what it freed has been handed back to the operating system
+(give_back_memory): the daemon is back at its idle size after every job, and stays flat across jobs.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared.fileio import atomic_write
+from shared.model import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +205,7 @@ class JobRegistry:
             with self._lock:
                 job.state, job.error = "failed", f"{type(e).__name__}: {e}"
         finally:
+            give_back_memory()  # before the job reads as finished: finished means back to idle
             with self._lock:
                 job.finished = time.time()
                 self._active = None
@@ -246,6 +252,21 @@ class JobRegistry:
                 self._jobs.pop(j.id, None)
                 (self.dir / f"{j.id}.json").unlink(missing_ok=True)
             return len(gone)
+
+
+def give_back_memory() -> None:
+    """Return what a finished job freed to the operating system, so that the daemon is back at
+    its idle size after every job, not at what the job left behind until some later answer trims.
+
+    The training loop trims when it ends (shared.model.release_memory), but a job frees more
+    after that: the validation selection's dequantized weights, its examples, the optimizer.
+    Measured on SmolLM2-135M (a history of 39 Amazon reviews): 1070-1137 MB resident after each
+    job in bf16 and 1189 MB in fp32, against 845 and 769 MB once trimmed. A full collection first
+    frees whatever a job left in reference cycles (measured: nothing after a successful job, but
+    a failed or cancelled one may leave a traceback's frames); it takes about 0.1 s.
+    """
+    gc.collect()
+    release_memory()
 
 
 def lower_thread_priority(increment: int) -> bool:
