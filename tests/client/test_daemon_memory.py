@@ -83,13 +83,15 @@ def reviewer_history() -> tuple[list[dict], list[str]]:
 
 
 class RealModelDaemon(DaemonProcess):
-    """A daemon on the embedded model with the daemon's own defaults, one epoch per job, and its
-    training thread at normal priority (a shared test machine would starve a niced one)."""
+    """A daemon on the embedded model with the daemon's own defaults, except: one epoch per job,
+    its training thread at normal priority (a shared test machine would starve a niced one), and
+    no built-in base adapter trained at start when none is cached (that job takes many minutes;
+    a cached one is loaded as usual)."""
 
     def __init__(self, data_dir: Path) -> None:
         super().__init__(data_dir, Path("unused"))
         self.config.write_text('task = "amazon-rating"\nretrain_after = 0\ntrain_nice = 0\n'
-                               '[personal_train]\nepochs = 1\n')
+                               '[personal_train]\nepochs = 1\n[builtin_base]\nwhen_missing = "untrained"\n')
 
 
 @pytest.mark.realmodel
