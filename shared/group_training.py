@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 from .config import TrainSpec
 from .model import dense_4bit_weights, release_memory
 from .training import (PASS_TOKENS, Encoded, Example, TrainResult, answer_token_losses, checkpoint_steps, collate,
-                       encode_examples, make_optimizer, pass_parts, step_plan)
+                       collate_packed, encode_examples, make_optimizer, pack_rows, pass_parts, step_plan)
 
 
 @dataclass
@@ -104,22 +104,29 @@ class GroupLoRA:
 
 def group_backward(model: Any, group: GroupLoRA, encoded: list[Encoded], owner: list[int], idx: list[int],
                    answer_tokens: dict[int, int], pad_id: int, device: Any,
-                   max_tokens: int = PASS_TOKENS) -> dict[int, float]:
+                   max_tokens: int = PASS_TOKENS, packing: bool = False) -> dict[int, float]:
     """Forward and backward of one group step: rows `idx` of the pooled `encoded` examples, row
     i belonging to user owner[i]. Each user's loss is the mean over its own answer tokens of the
     step (`answer_tokens[user]`), and the step minimises the sum of those means, so each user's
     gradient is the one its own batch would give. The rows go through in parts of at most
-    `max_tokens` padded tokens (memory; see shared.training.PASS_TOKENS).
+    `max_tokens` padded tokens (memory; see shared.training.PASS_TOKENS); `packing` packs each
+    part's rows, one user's examples to a row (shared.training.pack_rows).
     Returns {user: loss}."""
     import torch
 
     losses: dict[int, float] = {u: 0.0 for u in answer_tokens}
     for part in pass_parts(encoded, idx, max_tokens):
-        ids, mask, labels = collate(encoded, part, pad_id, device)
-        users = torch.tensor([owner[i] for i in part], device=device)
+        if packing:
+            packed = pack_rows(encoded, part, owner)
+            ids, positions, labels = collate_packed(encoded, packed, pad_id, device)
+            mask, rows = None, [owner[row[0]] for row in packed]
+        else:
+            ids, mask, labels = collate(encoded, part, pad_id, device)
+            positions, rows = None, [owner[i] for i in part]
+        users = torch.tensor(rows, device=device)
         group.rows = users
         try:
-            token_losses, token_rows = answer_token_losses(model, ids, mask, labels)
+            token_losses, token_rows = answer_token_losses(model, ids, mask, labels, positions=positions)
         finally:
             group.rows = None
         token_users = users[token_rows]
@@ -198,7 +205,7 @@ def train_group(
             for u in active:
                 opts[u][0].zero_grad(set_to_none=True)
             losses = group_backward(model, group, encoded, owner, idx, answer_tokens, pad_id,
-                                                      device, pass_tokens)
+                                    device, pass_tokens, packing=spec.packing)
             for u in active:
                 value = losses[u]
                 if not math.isfinite(value):

@@ -72,8 +72,13 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], max_length: int
     return out
 
 
-def length_batches(encoded: list[Encoded], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Group examples of similar length, then shuffle the groups (less padding, still random)."""
+def length_batches(encoded: list[Encoded], batch_size: int, rng: random.Random,
+                   batch_tokens: int = 0) -> list[list[int]]:
+    """Group examples of similar length, then shuffle the groups (less padding, still random).
+
+    `batch_tokens` > 0: a batch is as many examples of the window as fit that many padded
+    tokens (rows x the longest row, at least one example), not `batch_size` of them: short
+    examples make wider steps, long ones narrower, and every step carries about as many tokens."""
     order = list(range(len(encoded)))
     rng.shuffle(order)
     # Sort within windows of a few batches so batches stay random across epochs.
@@ -81,7 +86,10 @@ def length_batches(encoded: list[Encoded], batch_size: int, rng: random.Random) 
     batches: list[list[int]] = []
     for s in range(0, len(order), window):
         chunk = sorted(order[s : s + window], key=lambda i: len(encoded[i].input_ids))
-        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+        if batch_tokens > 0:
+            batches += pass_parts(encoded, chunk, batch_tokens)
+        else:
+            batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -102,23 +110,86 @@ def collate(encoded: list[Encoded], idx: list[int], pad_id: int, device: Any):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def answer_loss(model: Any, ids: Any, mask: Any, labels: Any, soft_prompt: Any = None) -> Any:
+def pack_rows(encoded: list[Encoded], idx: list[int], owner: Sequence[int] | None = None) -> list[list[int]]:
+    """Sequence packing: the examples `idx` placed into as few rows as first-fit decreasing finds,
+    each row at most as long as the longest example (so a packed batch never holds more tokens
+    than the padded one). With `owner`, only examples of one owner share a row (multi-user
+    training: each row goes through its own user's adapter)."""
+    width = max(len(encoded[i].input_ids) for i in idx)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(idx, key=lambda i: (-len(encoded[i].input_ids), i)):
+        n = len(encoded[i].input_ids)
+        for r, free in enumerate(room):
+            if free >= n and (owner is None or owner[rows[r][0]] == owner[i]):
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(width - n)
+    return rows
+
+
+def collate_packed(encoded: list[Encoded], rows: list[list[int]], pad_id: int, device: Any):
+    """ids, position ids and labels of packed rows (pack_rows). Each example's positions start
+    at 0, which is how the model tells the examples of a row apart: its attention mask then lets
+    a token see only earlier tokens of its own example (transformers' packed-sequence masks, when
+    no 2D attention mask is given), so every example computes what it computes alone. A row's
+    padding tail is one more such sequence, with no loss."""
+    import torch
+
+    width = max(sum(len(encoded[i].input_ids) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            e = encoded[i]
+            n = len(e.input_ids)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            positions[r, at : at + n] = torch.arange(n)
+            labels[r, at + e.n_prompt : at + n] = ids[r, at + e.n_prompt : at + n]
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return ids.to(device), positions.to(device), labels.to(device)
+
+
+def collate_part(encoded: list[Encoded], part: list[int], pad_id: int, device: Any, *,
+                 packing: bool) -> tuple[Any, Any, Any, Any]:
+    """One pass's tensors (ids, mask, labels, positions): padded rows (positions None), or
+    packed rows (mask None; pack_rows, collate_packed)."""
+    if packing:
+        ids, positions, labels = collate_packed(encoded, pack_rows(encoded, part), pad_id, device)
+        return ids, None, labels, positions
+    return (*collate(encoded, part, pad_id, device), None)
+
+
+def answer_loss(model: Any, ids: Any, mask: Any, labels: Any, soft_prompt: Any = None, *,
+                positions: Any = None) -> Any:
     """Mean cross-entropy over answer tokens, computing the LM head only where it is needed.
 
     With a `soft_prompt` (personal prompt tuning) its vectors are prepended to the embeddings
-    and their positions dropped again before the head.
+    and their positions dropped again before the head. `positions`: packed rows (collate_packed).
     """
-    return answer_token_losses(model, ids, mask, labels, soft_prompt)[0].mean()
+    return answer_token_losses(model, ids, mask, labels, soft_prompt, positions=positions)[0].mean()
 
 
-def answer_token_losses(model: Any, ids: Any, mask: Any, labels: Any, soft_prompt: Any = None) -> tuple[Any, Any]:
-    """Cross-entropy (fp32) of every answer token, and the batch row each one belongs to."""
+def answer_token_losses(model: Any, ids: Any, mask: Any, labels: Any, soft_prompt: Any = None, *,
+                        positions: Any = None) -> tuple[Any, Any]:
+    """Cross-entropy (fp32) of every answer token, and the batch row each one belongs to.
+    `positions` (packed rows, collate_packed) replaces the padding `mask`."""
     import torch.nn.functional as F
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()
     head = base.get_output_embeddings()
-    if soft_prompt is None:
+    if positions is not None:
+        if soft_prompt is not None:
+            raise ValueError("sequence packing does not apply to a soft prompt (prompt tuning)")
+        hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    elif soft_prompt is None:
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     else:
         embeds, full_mask = prepend(base, soft_prompt, ids, mask)
@@ -157,30 +228,33 @@ def pass_parts(encoded: list[Encoded], idx: list[int], max_tokens: int, extra: i
 
 
 def batch_backward(model: Any, encoded: list[Encoded], idx: list[int], pad_id: int, device: Any,
-                   soft_prompt: Any = None, max_tokens: int = PASS_TOKENS) -> tuple[float, int, int]:
+                   soft_prompt: Any = None, max_tokens: int = PASS_TOKENS, packing: bool = False) -> tuple[float, int, int]:
     """Forward and backward of one batch's answer-token loss (gradients accumulate into .grad).
 
     The batch goes through in parts (pass_parts), each part's mean loss weighted by its share of
     the batch's answer tokens, so the gradients and the loss are the whole batch's mean (up to
-    rounding and dropout's draws) while the activations held are one part's.
+    rounding and dropout's draws) while the activations held are one part's. `packing`: each
+    part's examples packed into rows (pack_rows; not with a soft prompt).
     Returns (loss, non-padding tokens, answer tokens).
     """
     extra = int(soft_prompt.shape[0]) if soft_prompt is not None else 0
-    parts = [collate(encoded, part, pad_id, device) for part in pass_parts(encoded, idx, max_tokens, extra)]
+    splits = pass_parts(encoded, idx, max_tokens, extra)
+    parts = [collate_part(encoded, part, pad_id, device, packing=packing and soft_prompt is None) for part in splits]
+    useful = sum(len(encoded[i].input_ids) for i in idx)
     if len(parts) == 1:
-        ids, mask, labels = parts[0]
-        loss = answer_loss(model, ids, mask, labels, soft_prompt)
+        ids, mask, labels, positions = parts[0]
+        loss = answer_loss(model, ids, mask, labels, soft_prompt, positions=positions)
         loss.backward()
-        return loss.item(), int(mask.sum()), int((labels != -100).sum())
-    weights = [int((labels[:, 1:] != -100).sum()) for _, _, labels in parts]
+        return loss.item(), useful, int((labels != -100).sum())
+    weights = [int((labels[:, 1:] != -100).sum()) for _, _, labels, _ in parts]
     total = sum(weights)
-    value, useful, answered = 0.0, 0, 0
-    for (ids, mask, labels), n in zip(parts, weights):
-        useful, answered = useful + int(mask.sum()), answered + int((labels != -100).sum())
+    value, answered = 0.0, 0
+    for (ids, mask, labels, positions), n in zip(parts, weights):
+        answered += int((labels != -100).sum())
         if total and not n:
             continue  # no answer token in this part: it adds nothing to the loss
         share = n / total if total else 1.0  # no answer token anywhere: the loss is NaN, as unsplit
-        loss = answer_loss(model, ids, mask, labels, soft_prompt)
+        loss = answer_loss(model, ids, mask, labels, soft_prompt, positions=positions)
         (loss * share).backward()
         value += loss.item() * share
     return value, useful, answered
@@ -195,14 +269,15 @@ def checkpoint_steps(total: int, n: int) -> set[int]:
 
 def step_plan(encoded: list[Encoded], spec: TrainSpec, rng: random.Random) -> list[list[int]]:
     """Which examples each step trains on: spec.epochs shuffled passes of length-grouped batches
-    (a fractional epoch: the first part of one more pass)."""
+    of spec.batch_size examples or spec.batch_tokens padded tokens (a fractional epoch: the first
+    part of one more pass)."""
     full_epochs = int(spec.epochs)
     plan: list[list[int]] = []
     for _ in range(full_epochs):
-        plan += length_batches(encoded, spec.batch_size, rng)
+        plan += length_batches(encoded, spec.batch_size, rng, spec.batch_tokens)
     frac = spec.epochs - full_epochs
     if frac > 0:
-        extra = length_batches(encoded, spec.batch_size, rng)
+        extra = length_batches(encoded, spec.batch_size, rng, spec.batch_tokens)
         plan += extra[: max(1, round(len(extra) * frac))]
     return plan
 
@@ -288,7 +363,7 @@ def train_adapter(
             else:
                 opt.zero_grad(set_to_none=True)
                 value, useful, answered = batch_backward(model, encoded, idx, pad_id, device, soft_prompt,
-                                                         pass_tokens)
+                                                         pass_tokens, packing=spec.packing)
             if value is not None and not math.isfinite(value):
                 raise FloatingPointError(f"training loss became {value} at step {step}; lower train.lr")
             if dp_sgd is None and spec.max_grad_norm:

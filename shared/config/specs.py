@@ -113,6 +113,17 @@ class TrainSpec:
     epochs: float = field(default=2, metadata={"help": "Passes over the examples (paper: 2 for personal)."})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)."})
     batch_size: int = field(default=4, metadata={"help": "Examples per optimizer step."})
+    batch_tokens: int = field(
+        default=0,
+        metadata={"help": "0: batch_size examples per step. N > 0: each step takes as many length-sorted examples as "
+                  "fit N padded tokens (rows x longest row; at least one), so short examples make wider steps. "
+                  "Record-level DP-SGD keeps its Poisson batches."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack a step's examples into rows no longer than its longest example, each example "
+                  "attending only to itself (same loss as unpacked; less padding). Not with prompt tuning."},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_length: int = field(default=512, metadata={"help": "Prompt+answer tokens kept (prompt cut from the left)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 disables."})
@@ -130,6 +141,7 @@ class TrainSpec:
         _positive("train.users_per_pass", self.users_per_pass)
         _positive("train.lr", self.lr)
         _positive("train.batch_size", self.batch_size)
+        _positive("train.batch_tokens", self.batch_tokens, allow_zero=True)
         _positive("train.max_length", self.max_length)
         _positive("train.max_grad_norm", self.max_grad_norm, allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:

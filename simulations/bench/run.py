@@ -20,7 +20,8 @@ def one(job: str, args: argparse.Namespace) -> dict:
         from . import training
 
         config, procedure = rest
-        return training.run(config, procedure, args.users, args.task, args.epochs, args.model)
+        return training.run(config, procedure, args.users, args.task, args.epochs, args.model,
+                            batch_tokens=args.batch_tokens, packing=args.packing == "on")
     if kind == "serving":
         from . import serving
 
@@ -67,7 +68,8 @@ def jobs(sections: list[str], args: argparse.Namespace) -> list[str]:
 
 def child(job: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "simulations.bench", "--one", job]
-    for k in ("users", "task", "epochs", "model", "serve_users", "repeats", "out", "costmodel_config"):
+    for k in ("users", "task", "epochs", "model", "serve_users", "repeats", "out", "costmodel_config", "batch_tokens",
+              "packing"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (progress) passes through
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=2, help="users trained per procedure and configuration")
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--procedures", default="ours,group,reference", help="training procedures to run")
+    p.add_argument("--batch-tokens", type=int, default=0,
+                   help="training, ours and group: train.batch_tokens (0: batch 4 examples per step)")
+    p.add_argument("--packing", choices=["on", "off"], default="off", help="training, ours and group: train.packing")
     p.add_argument("--task", default="amazon-rating")
     p.add_argument("--serve-users", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1, help="serving: timed rounds per mode (best kept)")

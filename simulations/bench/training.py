@@ -64,7 +64,8 @@ def _losses(model: Any, tokenizer: Any, examples: list, max_length: int, device:
     return sum(vals) / len(vals)
 
 
-def run(config: str, procedure: str, users: int, task: str, epochs: float, model: str = "") -> dict:
+def run(config: str, procedure: str, users: int, task: str, epochs: float, model: str = "", *,
+        batch_tokens: int = 0, packing: bool = False) -> dict:
     import torch
 
     from shared.adapters import get_state
@@ -75,7 +76,8 @@ def run(config: str, procedure: str, users: int, task: str, epochs: float, model
     from .flops import Shape, training_flops
 
     spec = base_spec(config, model)
-    train = TrainSpec(epochs=epochs, lr=1e-4, batch_size=4)
+    # batch_tokens / packing: ours only (the reference is the published procedure, as it is)
+    train = TrainSpec(epochs=epochs, lr=1e-4, batch_size=4, batch_tokens=batch_tokens, packing=packing)
     personal = AdapterSpec()
     ds, data = bench_users(users, task)
     from shared.engine import Engine
@@ -148,6 +150,7 @@ def run(config: str, procedure: str, users: int, task: str, epochs: float, model
     secs = sum(r["seconds"] for r in rows)
     out = {
         "config": config, "procedure": procedure, "quantization": loaded.quantization,
+        "batch_tokens": batch_tokens, "packing": packing,
         "dtype": str(loaded.dtype).replace("torch.", ""), "device": device, "task": ds.task,
         "data_source": ds.source, "epochs": epochs, "batch_size": train.batch_size, "load_seconds": load_s,
         "model_resident_bytes": int(loaded.model.get_memory_footprint()), "peak_rss_bytes": machine.peak_rss(),
