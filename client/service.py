@@ -200,7 +200,7 @@ class ClientService:
         self.retrain_note = None
         if not self.host.stale:
             return None
-        count, need = self.count(), min_history_to_train(self.spec.selection)
+        count, need = self.count(), history_needed(self.spec.selection)
         if count < need:
             self.retrain_note = (f"not retrained: training needs at least {need} history items "
                                  f"(selection.min_train + the held-out ones), {count} stored; add more")
@@ -685,11 +685,3 @@ def _torch_threads() -> int:
 
     return torch.get_num_threads()
 
-
-def min_history_to_train(selection: Any) -> int:
-    """The fewest history items a training job trains on (shared.selection holds out the newest
-    validation_size of them and needs selection.min_train left)."""
-    n = 1
-    while n - validation_size(n, selection) < (selection.min_train if selection.enabled else 1):
-        n += 1
-    return n
