@@ -109,11 +109,12 @@ def render(runs: list[tuple[Path, Mapping[str, Any], float]], total: float, who:
     sweeps = sorted((ROOT / "docs").glob("sweep-*.md"))
     lines += ["## The recipe behind the defaults", ""]
     if sweeps:
-        lines += ["`oppu sweep` compared personal recipes on the sweep users' held-out history items; the "
-                  "defaults in shared/config/specs.py are the choice (the paper's recipe stays available as "
-                  "`--preset paper`).", ""]
-        for s in sweeps:
-            lines += [s.read_text().replace("# Recipe sweep", "### Recipe sweep", 1), ""]
+        lines += ["`oppu sweep` compared personal recipes, retrievers and decoding on the sweep users' held-out "
+                  "history items; the defaults in shared/config/specs.py are the choice (the paper's recipe stays "
+                  "available as `--preset paper`).", ""]
+        for s in sweeps:  # each page's title becomes a subsection here
+            text = s.read_text()
+            lines += ["##" + text if text.startswith("# ") else text, ""]
     else:
         lines += ["No sweep results in docs/ (run `make sweep`).", ""]
     return "\n".join(lines)

@@ -190,8 +190,10 @@ class SelectionSpec:
 class RetrievalSpec:
     """Retrieval over the user's history store, added to prompts."""
 
-    retriever: str = field(default="bm25", metadata={"help": "bm25 (as OPPU) | dense | hybrid."})
-    k: int = field(default=1, metadata={"help": "Items retrieved per prompt."})
+    retriever: str = field(
+        default="bm25", metadata={"help": "bm25 (as OPPU) | dense | hybrid (reciprocal-rank fusion of the two). "
+                                  "Default chosen on validation items (docs/quality.md, retrieval sweeps)."})
+    k: int = field(default=1, metadata={"help": "Items retrieved per prompt (chosen as the retriever was)."})
     store: str = field(default="chroma", metadata={"help": "chroma (persistent) | memory (tests)."})
     item_max_words: int = field(default=60, metadata={"help": "Words kept of each retrieved item."})
     item_format: str = field(
