@@ -498,7 +498,8 @@ def cmd_status(api: Api, args: argparse.Namespace) -> int:
                               + ("" if p.get("answers", True) else ", NOT ANSWERING (trained on another base adapter)")
                               if p else "none yet (oppu client train)"),
         f"history         {h['count']} items, {h['new_since_training']} new since training",
-        f"auto-training   {s['auto_train']['message']}",
+        # .get: a daemon of an earlier version sends no auto_train section.
+        f"auto-training   {(s.get('auto_train') or {}).get('message', 'not reported by this daemon')}",
         "last training   " + (s["last_training"]["decision"] if s.get("last_training") else "none yet"),
         f"privacy spent   {priv['rounds']} federated rounds"
         + (f", epsilon {priv['epsilon']:.3g} at delta {priv['delta']:.1g}" if priv.get("epsilon") is not None else ""),

@@ -195,19 +195,22 @@ class JobRegistry:
         self._persist(job)
         log.info("job %s started (%s, trigger %s%s)", job.id, job.kind, job.trigger,
                  "".join(f", {k} {v}" for k, v in job.params.items()))
+        # The outcome is published together with `finished`, after give_back_memory: a job that
+        # reads as succeeded (or failed, or cancelled) is one whose memory is already back.
+        result: dict[str, Any] = {}
+        state, error = "interrupted", None  # stays so only if the thread is torn down mid-job
         try:
-            result = fn(ctl)
-            with self._lock:
-                job.result = result or {}
-                job.state = "cancelled" if ctl.cancelled() or job.result.get("cancelled") else "succeeded"
+            result = fn(ctl) or {}
+            state = "cancelled" if ctl.cancelled() or result.get("cancelled") else "succeeded"
         except Exception as e:  # noqa: BLE001 - a failed job is reported, the daemon lives on
             log.exception("job %s failed", job.id)
-            with self._lock:
-                job.state, job.error = "failed", f"{type(e).__name__}: {e}"
+            state, error = "failed", f"{type(e).__name__}: {e}"
         finally:
-            give_back_memory()  # before the job reads as finished: finished means back to idle
+            give_back_memory()
             with self._lock:
-                job.finished = time.time()
+                job.result, job.state, job.finished = result, state, time.time()
+                if error is not None:
+                    job.error = error
                 self._active = None
                 self._persist(job)
                 self._prune()
