@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from shared import adapters
 from shared.adapters import ADAPTER_MANIFEST
+from shared.selection import train_and_select
 
 from .personal import PersonalAdapters, Published, version_name
 
@@ -282,8 +283,6 @@ class ModelHost:
         slot, yielding to answers between steps; publishes the adapter when it is adopted (not
         cancelled, beat the base on validation). Returns (TrainResult, Selection, version or
         None). `manifest(result, selection)` builds the AdapterManifest to save with it."""
-        from shared.selection import train_and_select
-
         def should_stop() -> bool:
             if not cancelled():
                 self._yield_to_answers()

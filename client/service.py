@@ -94,7 +94,7 @@ class ClientService:
             raise
 
     def _set_up(self, engine: Any, lock_fd: int | None) -> None:
-        from shared.engine import Engine
+        from shared.engine import Engine  # torch loads when a daemon starts, not when the API module is imported
 
         spec = self.spec
         self.supervisor = self.trust = None

@@ -13,6 +13,7 @@ from shared.config import (
     TaskSpec, TrainSpec, from_dict, parse_config_file, register_specs,
 )
 from shared.config.specs import _choice, _positive
+from shared.tasks import TASKS
 
 from client.appgate import check_hashes
 
@@ -97,8 +98,6 @@ class DaemonSpec:
 
     def __post_init__(self) -> None:
         import ipaddress
-
-        from shared.tasks import TASKS
 
         register_specs(self.tasks, "the daemon's [[tasks]]")  # get_task finds them from here on
         _choice("daemon.task", self.task, tuple(TASKS))

@@ -34,10 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client.embedder import MiniLMEmbedder
+from client.personal import PersonalAdapters
+from client.settings import load_daemon
 from client.snapshot import SNAPSHOT_FILE, read_snapshot, snapshot_path, snapshot_store
 from shared.fileio import atomic_write, fsync_dir
 from shared.protocol import ClientError
 from shared.records import HistoryItem, Query
+from shared.retrieval import InMemoryHistoryStore
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +118,6 @@ def forget_derived(root: str | Path) -> list[str]:
     """Delete every file derived from the history (HISTORY_DERIVED) and empty the live logs;
     returns the relative paths removed. Adapter directories are emptied under their publish lock
     (client.personal) so a process publishing into one cannot interleave."""
-    from client.personal import PersonalAdapters
-
     root = Path(root)
     removed = derived_from_history(root)
     for adapters in sorted(root.glob("personal-*")):
@@ -149,8 +151,6 @@ class UserDir:
         """The daemon's settings (daemon.toml), parsed once per UserDir; None where none."""
         if not hasattr(self, "_daemon_spec"):
             f = self.path / "daemon.toml"
-            from client.settings import load_daemon
-
             self._daemon_spec = load_daemon(f) if f.is_file() else None
         return self._daemon_spec
 
@@ -189,9 +189,6 @@ class UserDir:
         f = self.path / "history.json"
         if not f.is_file():
             raise ClientError("the user data directory holds no history store (history/ or history.json)")
-        from client.embedder import MiniLMEmbedder
-        from shared.retrieval import InMemoryHistoryStore
-
         mem = InMemoryHistoryStore(task.item_text, MiniLMEmbedder() if retriever != "bm25" else None)
         mem.add([HistoryItem(d["id"], d["fields"], int(d.get("time", 0))) for d in json.loads(f.read_text())])
         return mem

@@ -76,11 +76,9 @@ LAZY_PROJECT_IMPORTS: dict[str, tuple[frozenset[str] | str, str]] = {
         "neither)"),
     "simulations/reports/run_outputs.py": (frozenset({"simulations.reports.page"}),
                                            "cycle: simulations/reports/page.py imports this module"),
-    "client/host.py": (ANY, PENDING),
-    "client/jobs.py": (ANY, PENDING),
-    "client/service.py": (ANY, PENDING),
-    "client/settings.py": (ANY, PENDING),
-    "client/userdir.py": (ANY, PENDING),
+    "client/service.py": (frozenset({"client.store", "shared.engine"}),
+                          "chromadb and torch load when a daemon starts, not when client/api.py is imported"),
+    "client/userdir.py": (frozenset({"client.store"}), "chromadb: only for a user's own history/ store"),
     "simulations/bench/": (ANY, PENDING),
 }
 
