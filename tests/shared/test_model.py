@@ -118,5 +118,10 @@ def test_freed_large_allocations_go_back_to_the_os(monkeypatch):
         return float(out.stdout)
 
     # glibc's own behaviour, so that the check below can tell a difference: the freed blocks stay.
-    assert retained("0") > 150
+    # Whether they do depends on the process's address-space layout (measured: 200 MiB kept from one
+    # checkout's venv, 8 MiB from another's on the same machine, when the heap cannot grow in place
+    # and glibc maps the blocks instead); with no difference to show, the check below proves nothing.
+    kept_by_default = max(retained("0") for _ in range(3))
+    if kept_by_default <= 150:
+        pytest.skip(f"glibc returned the freed blocks by itself here ({kept_by_default:.0f} MiB kept)")
     assert retained("1") < 20
