@@ -7,6 +7,12 @@ artifact (coordinator/distribution.py), sent once per client in chunks.
 
 from __future__ import annotations
 
+from coordinator.distribution import Artifact, export_quantized_model
+from shared.config import AdapterSpec, BaseModelSpec
+from shared.engine import Engine
+from shared.model import resolve_model_dir
+from shared.protocol import KIND_MODEL, is_lora_b
+
 
 def _record_bytes(arrays: dict) -> int:
     from flwr.app import Array, ArrayRecord
@@ -16,12 +22,6 @@ def _record_bytes(arrays: dict) -> int:
 
 
 def run(model: str = "") -> dict:
-    from coordinator.distribution import Artifact, export_quantized_model
-    from shared.config import AdapterSpec, BaseModelSpec
-    from shared.engine import Engine
-    from shared.model import resolve_model_dir
-    from shared.protocol import KIND_MODEL, is_lora_b
-
     spec = BaseModelSpec(quantization="nf4", **({"path": model} if model else {}))
     engine = Engine(spec, AdapterSpec())
     state = {k: v.detach().float().cpu().numpy() for k, v in engine.base_state().items()}

@@ -16,6 +16,7 @@ the model counts for them (calls, steps or rows, padded or prompt tokens).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +26,20 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from client.userdir import UserDir
+from coordinator.distribution import export_quantized_model
+from shared.adapters import AdapterManifest
+from shared.config import TrainSpec
+from shared.data import load_dataset
+from shared.personalize import Context, history_examples, prompt_for
+from shared.retrieval import InMemoryHistoryStore, make_retriever
+from shared.selection import _dense_weights, score
+from shared.tasks import get_task
+from simulations.simulate import prepare_users
+
+from . import machine
+from .costmodel import Coefficients, load_spec, predict, prompt_rows, train_work, workload
 
 MEASURE_USERS = 2  # users of the config's data whose examples and prompts are timed
 
@@ -49,8 +64,6 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def _spec(config: str | None):
-    from .costmodel import load_spec
-
     return load_spec(config, MEASURE_USERS, None, [])
 
 
@@ -59,20 +72,9 @@ def measure(config: str | None, role: str) -> dict[str, Any]:
     start = time.perf_counter()
     # Imported here on purpose: a worker's import of torch, transformers and the client is part
     # of the model load the simulation pays in each worker process (load_s).
-    import dataclasses
-
     import torch
 
-    from coordinator.distribution import export_quantized_model
-    from shared.config import TrainSpec
-    from shared.data import load_dataset
     from shared.engine import Engine
-    from shared.personalize import Context, history_examples, prompt_for
-    from shared.retrieval import InMemoryHistoryStore, make_retriever
-    from shared.selection import _dense_weights, score
-    from shared.tasks import get_task
-
-    from .costmodel import prompt_rows, train_work
 
     if role == "worker":
         import client.rounds  # noqa: F401  (what a worker imports before its first message)
@@ -153,10 +155,6 @@ def measure(config: str | None, role: str) -> dict[str, Any]:
 def user_task_seconds(spec: Any, engine: Any, task: Any) -> float:
     """Per user and message: open the user's history store, read it, close it, and write an
     adapter into the user's directory (what client.rounds does around the model's work)."""
-    from client.userdir import UserDir
-    from shared.adapters import AdapterManifest
-    from simulations.simulate import prepare_users
-
     r = spec.experiment.retrieval
     with tempfile.TemporaryDirectory(prefix="oppu-costmodel-") as tmp:
         _, names = prepare_users(spec, Path(tmp))
@@ -186,8 +184,6 @@ def driver_extras(config: str | None, cores: int) -> dict[str, float]:
     """Per-user data preparation (simulate.prepare_users) and Ray's start and stop."""
     import ray
 
-    from simulations.simulate import prepare_users
-
     spec = _spec(config)
     with tempfile.TemporaryDirectory(prefix="oppu-costmodel-") as tmp:
         t = timed(lambda: prepare_users(spec, Path(tmp)))
@@ -203,9 +199,6 @@ def driver_extras(config: str | None, cores: int) -> dict[str, float]:
 
 def run(config: str | None = None) -> dict[str, Any]:
     """The bench section: the coordinator's costs here, then W worker processes at once."""
-    from . import machine
-    from .costmodel import Coefficients, load_spec, predict, workload
-
     spec = load_spec(config, None, None, [])
     cores = os.cpu_count() or 1
     workers = max(1, int(cores // spec.federation.sim_client_cpus))

@@ -15,6 +15,7 @@ first (memory must stay flat in the number of users), or RSS after a user more t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -22,10 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.config import load_experiment
+from shared.data import load_dataset
+from shared.engine import Engine
+from shared.personalize import Context, history_examples, population_base_examples, prompt_for
+from shared.retrieval import make_retriever
+from shared.tasks import get_task
+from simulations.experiment import open_store
 
-# What `--check` and the bench hold a process to (MiB): a 135M-parameter model's process must fit
-# a small machine, and memory must not grow with the number of users it has served.
-LIMITS_MB = {"peak": 3072.0, "growth": 48.0, "idle": 400.0}
+from .summary import FOOTPRINT_LIMITS_MB
 
 
 def rss_mb() -> tuple[float, float]:
@@ -41,16 +47,6 @@ def rss_mb() -> tuple[float, float]:
 
 def run(users: int = 4, *, dtype: str = "auto", long: bool = False, model: str = "", store: str = "chroma",
         history: int = 8, queries: int = 2, base_examples: int = 8) -> dict[str, Any]:
-    import gc
-
-    from shared.config import load_experiment
-    from shared.engine import Engine
-    from shared.personalize import Context, history_examples, population_base_examples, prompt_for
-    from shared.retrieval import make_retriever
-    from shared.tasks import get_task
-    from shared.data import load_dataset
-    from simulations.experiment import open_store
-
     overrides = [f"data.users={users}", "data.base_users=8", f"data.base_examples={base_examples}",
                  f"data.queries={queries}", f"data.min_history={history}", f"data.max_history={history}",
                  f'base_model.dtype="{dtype}"', "base_train.epochs=1", "personal_train.epochs=1",
@@ -112,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default="chroma", help="history store: chroma (as deployed) | memory")
     p.add_argument("--history", type=int, default=8, help="history items (training examples) per user")
     p.add_argument("--check", action="store_true", help="exit 1 when a limit below is broken")
-    p.add_argument("--max-peak-mb", type=float, default=LIMITS_MB["peak"])
-    p.add_argument("--max-growth-mb", type=float, default=LIMITS_MB["growth"])
-    p.add_argument("--max-idle-mb", type=float, default=LIMITS_MB["idle"])
+    p.add_argument("--max-peak-mb", type=float, default=FOOTPRINT_LIMITS_MB["peak"])
+    p.add_argument("--max-growth-mb", type=float, default=FOOTPRINT_LIMITS_MB["growth"])
+    p.add_argument("--max-idle-mb", type=float, default=FOOTPRINT_LIMITS_MB["idle"])
     args = p.parse_args(argv)
     result = run(args.users, dtype=args.dtype, long=args.long, model=args.model, store=args.store,
                  history=args.history)

@@ -9,11 +9,11 @@ import statistics
 import time
 from pathlib import Path
 
+from shared.model import bf16_support, cpu_bf16_support
+
 
 def describe() -> dict:
     import torch
-
-    from shared.model import bf16_support, cpu_bf16_support
 
     cpu = platform.processor() or platform.machine()
     flags: set[str] = set()

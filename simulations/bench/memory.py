@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import gc
 
+from shared.config import BaseModelSpec
+from shared.model import load_base_model, resident_bytes
+
 
 def run(model: str = "") -> dict:
-    from shared.config import BaseModelSpec
-    from shared.model import load_base_model, resident_bytes
-
     out = {}
     for name, quant, dtype, emb in (("nf4", "nf4", "auto", True), ("nf4_embeddings_unquantized", "nf4", "auto", False),
                                     ("bf16", "none", "bfloat16", True)):

@@ -14,6 +14,9 @@ import tempfile
 import time
 from typing import Any, Sequence
 
+from shared.adapters import peft_config
+from shared.model import prepare_quantized_for_training
+from shared.prompting import encode_answer, encode_prompt, fit_prompt
 from shared.training import Example
 
 
@@ -31,8 +34,6 @@ class ListDataset:
 def tokenize_user(tokenizer: Any, examples: Sequence[Example], max_length: int) -> list[dict]:
     """As a Trainer user tokenizes a user's data: prompt + answer ids, labels -100 on the prompt.
     (The same token sequences as ours, so losses and token counts compare.)"""
-    from shared.prompting import encode_answer, encode_prompt, fit_prompt
-
     rows = []
     for ex in examples:
         answer = encode_answer(tokenizer, ex.target)[: max_length // 2]
@@ -46,9 +47,6 @@ def merged_base(base_model: Any, base_spec: Any, base_state: dict) -> Any:
     """The task (base) adapter merged into the base weights, as the script does before users."""
     import torch
     from peft import get_peft_model, set_peft_model_state_dict
-
-    from shared.adapters import peft_config
-    from shared.model import prepare_quantized_for_training
 
     torch.manual_seed(0)
     pm = get_peft_model(base_model, peft_config(base_spec))
@@ -67,8 +65,6 @@ def train_user(merged: Any, tokenizer: Any, examples: Sequence[Example], persona
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
-
-    from shared.adapters import peft_config
 
     hf_logging.set_verbosity_error()
     start = time.perf_counter()

@@ -10,6 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+from shared.fileio import atomic_write
+
+from . import machine, summary
+
 SECTIONS = ("memory", "footprint", "comms", "costmodel", "training", "serving", "scaling")
 
 
@@ -104,10 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render", metavar="RESULTS_JSON", help="only (re)write summary.md from a results.json")
     args = p.parse_args(argv)
     if args.render:
-        from shared.fileio import atomic_write
-
-        from . import summary
-
         text = summary.render(json.loads(Path(args.render).read_text()))
         atomic_write(Path(args.render).with_name("summary.md"), text)
         print(text)
@@ -115,10 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print("BENCH_JSON " + json.dumps(one(args.one, args)), flush=True)
         return 0
-    from shared.fileio import atomic_write
-
-    from . import machine, summary
-
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = sorted(set(sections) - set(SECTIONS))
     if bad:

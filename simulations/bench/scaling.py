@@ -15,6 +15,9 @@ import threading
 import time
 from pathlib import Path
 
+from shared.config import load_federated
+from simulations.simulate import simulate
+
 ROUNDS = 2
 PER_USER = ("4 synthetic history items, personal LoRA 1 epoch (batch 4), 1 held-out query, "
             "methods OPPU, base adapter not federated")
@@ -51,9 +54,6 @@ class TreeMemory:
 
 
 def run(users: int, model: str, out: Path) -> dict:
-    from shared.config import load_federated
-    from simulations.simulate import simulate
-
     work = (out / "work" / f"scaling-{users}").resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

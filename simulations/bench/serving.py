@@ -16,19 +16,19 @@ import sys
 import time
 from typing import Any
 
+import torch
+
+from shared.adapters import PERSONAL, get_state
+from shared.config import DataSpec
+from shared.data import load_dataset
+from shared.engine import Engine
+from shared.personalize import prompt_for
+from shared.tasks import get_task
+
+from .training import base_spec, seeded_base_state
+
 
 def run(users: int, task: str, repeats: int, model: str = "") -> dict:
-    import torch
-
-    from shared.adapters import PERSONAL, get_state
-    from shared.config import DataSpec
-    from shared.engine import Engine
-    from shared.personalize import prompt_for
-    from shared.tasks import get_task
-    from shared.data import load_dataset
-
-    from .training import base_spec, seeded_base_state
-
     spec = base_spec("nf4", model)
     engine = Engine(spec)
     engine.set_base_state(seeded_base_state(engine.base_state()))

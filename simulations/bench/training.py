@@ -11,6 +11,21 @@ import sys
 import time
 from typing import Any
 
+import torch
+
+from shared.adapters import get_state, peft_config
+from shared.config import AdapterSpec, BaseModelSpec, DataSpec, TrainSpec
+from shared.data import load_dataset
+from shared.engine import Engine
+from shared.model import bf16_support, load_base_model, pick_device
+from shared.personalize import history_examples
+from shared.tasks import get_task
+from shared.training import answer_loss, collate, encode_examples
+
+from . import machine
+from .flops import Shape, training_flops
+from .reference import merged_base, train_user
+
 # name -> (quantization, preferred compute dtype); a dtype the hardware lacks falls back (below)
 CONFIGS = {"nf4": ("nf4", "bfloat16"), "bf16": ("none", "bfloat16"), "fp32": ("none", "float32")}
 # The reviewers with the most history, each cut to their 12 latest reviews (of at most 120 words):
@@ -22,9 +37,6 @@ USERS_SPEC = dict(min_history=12, max_history=12, max_words=120, queries=1)
 def base_spec(config: str, model: str = ""):
     """BaseModelSpec for a configuration, with the compute dtype this hardware actually runs fast:
     bf16 only where it is computed in hardware; otherwise fp32 (noted in the results)."""
-    from shared.config import BaseModelSpec
-    from shared.model import bf16_support, pick_device
-
     quant, dtype = CONFIGS[config]
     spec = BaseModelSpec(quantization=quant, **({"path": model} if model else {}))
     device = pick_device(spec)
@@ -34,11 +46,6 @@ def base_spec(config: str, model: str = ""):
 
 
 def bench_users(users: int, task: str) -> tuple[Any, list[tuple[str, list[Any]]]]:
-    from shared.config import DataSpec
-    from shared.personalize import history_examples
-    from shared.tasks import get_task
-    from shared.data import load_dataset
-
     ds = load_dataset(DataSpec(task=task, users=users, base_users=0, **USERS_SPEC))
     t = get_task(ds.task)
     return ds, [(u.user_id, history_examples(t, u.history, None, "plain")) for u in ds.eval_users]
@@ -46,17 +53,11 @@ def bench_users(users: int, task: str) -> tuple[Any, list[tuple[str, list[Any]]]
 
 def seeded_base_state(state: dict, seed: int = 7, scale: float = 0.02) -> dict:
     """A fixed, non-zero base adapter (stands in for a trained one; same in both procedures)."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     return {k: (torch.randn(v.shape, generator=g) * scale).to(v.dtype) for k, v in sorted(state.items())}
 
 
 def _losses(model: Any, tokenizer: Any, examples: list, max_length: int, device: str) -> float:
-    import torch
-
-    from shared.training import answer_loss, collate, encode_examples
-
     enc = encode_examples(tokenizer, examples, max_length)
     model.eval()
     with torch.no_grad():
@@ -66,22 +67,11 @@ def _losses(model: Any, tokenizer: Any, examples: list, max_length: int, device:
 
 def run(config: str, procedure: str, users: int, task: str, epochs: float, model: str = "", *,
         batch_tokens: int = 0, packing: bool = False) -> dict:
-    import torch
-
-    from shared.adapters import get_state
-    from shared.config import AdapterSpec, TrainSpec
-    from shared.training import encode_examples
-
-    from . import machine
-    from .flops import Shape, training_flops
-
     spec = base_spec(config, model)
     # batch_tokens / packing: ours only (the reference is the published procedure, as it is)
     train = TrainSpec(epochs=epochs, lr=1e-4, batch_size=4, batch_tokens=batch_tokens, packing=packing)
     personal = AdapterSpec()
     ds, data = bench_users(users, task)
-    from shared.engine import Engine
-    from shared.model import load_base_model
 
     t0 = time.perf_counter()
     loaded = load_base_model(spec)
@@ -120,12 +110,8 @@ def run(config: str, procedure: str, users: int, task: str, epochs: float, model
             rows.append(_row(user, examples, share, sum(losses) / len(losses), r.steps))
         engine.reset_personal()
     else:
-        from .reference import merged_base, train_user
-
         torch.manual_seed(0)
         from peft import get_peft_model
-
-        from shared.adapters import peft_config
 
         probe = get_peft_model(loaded.model, peft_config(AdapterSpec()))
         state = seeded_base_state(get_state(probe, "default"))

@@ -1,5 +1,8 @@
 """The benchmark's own arithmetic: the FLOP count it reports and the targets it states."""
 
+import subprocess
+import sys
+
 import torch
 
 from simulations.bench.flops import Shape, training_flops
@@ -72,3 +75,13 @@ def test_summary_states_each_target_with_met_or_not():
     assert "25.0 min" in rows["whole benchmark wall time (`make bench`, model already prepared)"]
     assert "**met**" in rows["whole benchmark wall time (`make bench`, model already prepared)"]
     assert "2 users (12/12 history items of amazon-rating)" in text
+
+
+def test_a_section_process_loads_torch_only_when_its_section_runs():
+    """Every section's process imports the driver first; costcoeffs then times a worker's import of
+    torch, the engine and the client as part of its model load (load_s). So neither the driver nor
+    costcoeffs may load them at import."""
+    probe = ("import sys, simulations.bench.run, simulations.bench.costcoeffs; "
+             "print(sorted(m for m in ('torch', 'transformers', 'shared.engine', 'client.rounds') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
