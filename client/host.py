@@ -24,7 +24,9 @@ Which base adapter answers, first found wins (`base_info["source"]` says which):
     builtin            the cached built-in one for the task (shared.builtin_base), set by the service
     untrained          none of these: a fresh, untrained adapter; the service says why in every answer
 
-A personal adapter knows the base adapter it was trained on (its manifest's train.base_adapter).
+A personal adapter knows the base adapter it was trained on (its manifest's train.base_adapter,
+the version `shared.adapters.adapter_version` names), whether the daemon or a federated round's
+ClientApp trained it.
 Stacked on another one it would add corrections learned for weights that are no longer there, so
 while they differ it does not answer (`stale` says why) until a new one is trained on this base.
 """
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from shared import adapters
-from shared.adapters import ADAPTER_MANIFEST
+from shared.adapters import ADAPTER_MANIFEST, TRAINED_ON, adapter_version
 from shared.selection import train_and_select
 
 from .personal import PersonalAdapters, Published, version_name
@@ -172,7 +174,7 @@ class ModelHost:
                 manifest = self.engine.load_base(directory)
         except (OSError, ValueError) as e:
             return f"base adapter {directory} not loaded: {e}"
-        self.base_info = {"version": manifest.files.get("adapter_model.safetensors", "")[:12] or "unknown",
+        self.base_info = {"version": adapter_version(manifest),
                           "source": source, "path": str(directory), "created": manifest.created,
                           "task": manifest.task, "data": dict(manifest.data)}
         log.info("base adapter %s (%s) loaded from %s", self.base_info["version"], source, directory)
@@ -180,10 +182,11 @@ class ModelHost:
 
     def _check_stale(self) -> None:
         """Whether the published personal adapter was trained on another base adapter than the
-        one loaded (then it does not answer). Adapters whose manifest does not record their base
-        (published by a federated round's ClientApp) are used as they are."""
+        one loaded (then it does not answer). Every adapter the daemon or a federated round trains
+        records its base; one that does not (published by an older version of oppu) cannot be
+        checked and is used as it is."""
         pub, was = self.published, self.stale
-        trained_on = pub.manifest.train.get("base_adapter") if pub is not None else None
+        trained_on = pub.manifest.train.get(TRAINED_ON) if pub is not None else None
         now = self.base_info["version"]
         if trained_on is None or trained_on == now:
             self.stale = None

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from shared.adapters import ADAPTER_MANIFEST, AdapterManifest, read_manifest, verify_adapter_dir
+from shared.adapters import ADAPTER_MANIFEST, TRAINED_ON, AdapterManifest, read_manifest, verify_adapter_dir
 from shared.fileio import atomic_write, fsync_dir, locked_dir
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Published:
             "peft_type": m.peft_type,
             "data": dict(m.data),
             "train": dict(m.train),
-            "base_adapter": m.train.get("base_adapter"),
+            "base_adapter": m.train.get(TRAINED_ON),
         }
 
 

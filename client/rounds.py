@@ -2,9 +2,10 @@
 
 - inventory / artifact: report the cached artifact ids; receive, verify and cache chunks.
 - train: take the global base adapter; train (first time) or refresh the personal adapters on the
-  local history store and publish them on the user's disk; when the run federates the base
-  adapter, train it locally (FedProx's proximal term, FFA-LoRA's frozen A) and return only the
-  updated base-adapter tensors plus numbers.
+  local history store and publish them on the user's disk, each recording the base adapter it
+  was trained on (written to DIR/base_adapter first, where a daemon reads it); when the run
+  federates the base adapter, train it locally (FedProx's proximal term, FFA-LoRA's frozen A)
+  and return only the updated base-adapter tensors plus numbers.
 - evaluate: answer this user's held-out queries (when the directory has any) for each method and
   return only the scores.
 
@@ -30,7 +31,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from shared.adapters import AdapterManifest
+from shared.adapters import TRAINED_ON, AdapterManifest, adapter_version, read_manifest
 from shared.config import BaseModelSpec, FederatedSpec, from_run_config
 from shared.dpsgd import DPSGD
 from shared.fileio import atomic_write
@@ -239,7 +240,7 @@ def train(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> tup
             set_global_base(engine, node, cfg, arrays)
             # (a) Personal adapters, stacked on the global base adapter, kept on this disk.
             for aug in _augmentations(cfg.method_list):
-                loss = personalize(engine, node, task, ctx, history, aug)
+                loss = personalize(engine, node, task, ctx, history, aug, cfg)
                 if loss is not None:
                     metrics[f"personal-{aug}-loss"] = loss
             # (b) The base adapter's local update: the only tensors that may leave.
@@ -278,8 +279,10 @@ def _history_store(node: Node, task: Any) -> Iterator[Any]:
             close()
 
 
-def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str) -> float | None:
-    """Train this user's personal adapter (first time) or refresh the published one; publish it."""
+def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str,
+                cfg: RoundConfig) -> float | None:
+    """Train this user's personal adapter (first time) or refresh the published one, on the
+    round's base adapter (in the engine's base slot); publish it, recording that base adapter."""
     spec = node.spec.experiment
     if aug == "pag":
         ensure_profile(engine, task, ctx, history, seed=node.spec.experiment.data.seed, keep=node.user.cache_profile)
@@ -304,14 +307,27 @@ def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any]
     atomic_write(_selection_file(node, aug), json.dumps({"base_model_hash": engine.model_hash, "task": task.name,
                                                          **sel.to_dict()}, indent=2))
     if sel.adopted:
+        # The base it was trained on goes to disk first: a daemon never sees this adapter without
+        # it, and checks the version recorded here against the base adapter answering (client.host).
+        trained_on = save_round_base(engine, node, task, cfg)
         manifest = new_manifest(base_model_hash=engine.model_hash, task=task.name,
                                 peft_type=spec.personal_adapter.peft_type,
                                 data={"history_items": len(history), "examples": sel.train_items,
                                       "validation_items": sel.validation_items},
                                 train={"steps": tr.steps, "final_loss": tr.final_loss, "augmentation": aug,
-                                       "refreshed": bool(usable), "selection": sel.summary()}, privacy=privacy)
+                                       "refreshed": bool(usable), "selection": sel.summary(),
+                                       TRAINED_ON: trained_on}, privacy=privacy)
         adapters.publish(lambda target: engine.save_personal(target, manifest))
     return tr.final_loss if tr.losses else None
+
+
+def save_round_base(engine: Any, node: Node, task: Any, cfg: RoundConfig) -> str:
+    """Write the round's base adapter (the engine's base slot) to DIR/base_adapter, where a daemon
+    answers with it; returns its version (shared.adapters.adapter_version)."""
+    target = engine.save_base(node.user.path / "base_adapter", AdapterManifest(
+        role="base", base_model_hash=engine.model_hash, task=task.name,
+        peft_type=node.spec.experiment.base_adapter.peft_type, train={"round": cfg.server_round}))
+    return adapter_version(read_manifest(target))
 
 
 def _selection_file(node: Node, aug: str) -> Path:
@@ -356,9 +372,7 @@ def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> 
     queries = node.user.queries()
     with engine.lock:
         set_global_base(engine, node, cfg, arrays)
-        engine.save_base(node.user.path / "base_adapter", AdapterManifest(
-            role="base", base_model_hash=engine.model_hash, task=task.name,
-            peft_type=node.spec.experiment.base_adapter.peft_type, train={"round": cfg.server_round}))
+        save_round_base(engine, node, task, cfg)
         metrics: dict[str, float] = {"num-queries": float(len(queries))}
         if not queries:
             return metrics
@@ -375,7 +389,7 @@ def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> 
                 prompts = [prompt_for(task, ctx, q.input, aug) for q in queries]
                 personal = method in PERSONAL_METHODS
                 if personal:
-                    personal = load_or_train_personal(engine, node, task, ctx, history, aug)
+                    personal = load_or_train_personal(engine, node, task, ctx, history, aug, cfg)
                 answers = engine.answer(prompts, max_new_tokens=engine.answer_tokens(task, history), personal=personal)
                 preds = [task.parse_output(a) for a in answers]
                 predictions[method] = {q.id: p for q, p in zip(queries, preds)}
@@ -385,14 +399,15 @@ def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> 
     return metrics
 
 
-def load_or_train_personal(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str) -> bool:
+def load_or_train_personal(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str,
+                           cfg: RoundConfig) -> bool:
     """Put this user's adopted personal adapter in the slot; False when none was adopted
     (shared.selection), and the method then answers as its non-personal counterpart."""
     published, _ = PersonalAdapters(node.user.personal_root(aug)).resolve(base_model_hash=engine.model_hash)
     if published is None or published.manifest.task != task.name:
         if _not_adopted(node, engine, task, aug):
             return False
-        personalize(engine, node, task, ctx, history, aug)  # a user never sampled for training
+        personalize(engine, node, task, ctx, history, aug, cfg)  # a user never sampled for training
         published, _ = PersonalAdapters(node.user.personal_root(aug)).resolve(base_model_hash=engine.model_hash)
         if published is None:
             return False

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from shared import adapters
-from shared.adapters import FRAMEWORK_VERSION, AdapterManifest
+from shared.adapters import FRAMEWORK_VERSION, TRAINED_ON, AdapterManifest
 from shared.config import TrainSpec
 from client.settings import AUGMENTATION_METHOD, DaemonSpec
 from shared.fileio import atomic_write, fsync_dir
@@ -445,7 +445,7 @@ class ClientService:
                 data={"history_items": len(history), "examples": sel.train_items,
                       "validation_items": sel.validation_items},
                 train={**summary(result), "epochs": spec.epochs, "lr": spec.lr, "augmentation": self.spec.augmentation,
-                       "job": ctl.job.id, "base_adapter": self.host.base_info["version"],
+                       "job": ctl.job.id, TRAINED_ON: self.host.base_info["version"],
                        "selection": sel.summary()},
             )
 

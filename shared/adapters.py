@@ -27,6 +27,8 @@ from .model import sha256_file
 BASE = "base"
 PERSONAL = "personal"
 ADAPTER_MANIFEST = "oppu_adapter.json"
+WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's name for an adapter's weights
+TRAINED_ON = "base_adapter"  # a personal adapter's manifest: train[TRAINED_ON] = the base adapter's version
 FRAMEWORK_VERSION = "0.1.0"
 
 
@@ -197,6 +199,14 @@ class AdapterManifest:
     files: dict[str, str] = field(default_factory=dict)
 
 
+def adapter_version(manifest: AdapterManifest) -> str:
+    """A saved adapter's version: the sha256 of its weights file, 12 hex digits ("unknown" when its
+    manifest lists none). The daemon names the base adapter that answers by it, and every personal
+    adapter records the one it was trained on under it (train[TRAINED_ON]), whichever process
+    trained it (the daemon, a federated round's ClientApp): equal weights, equal version."""
+    return manifest.files.get(WEIGHTS_FILE, "")[:12] or "unknown"
+
+
 def save_adapter(pm: Any, name: str, target: Path, manifest: AdapterManifest) -> Path:
     """Write PEFT adapter `name` to `target` atomically, in PEFT's own format plus our manifest."""
 
@@ -256,7 +266,7 @@ def load_adapter(pm: Any, name: str, directory: Path, *, base_model_hash: str | 
     from safetensors.torch import load_file
 
     manifest = verify_adapter_dir(directory, base_model_hash=base_model_hash)
-    weights = Path(directory) / "adapter_model.safetensors"
+    weights = Path(directory) / WEIGHTS_FILE
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing (only safetensors adapters are loaded)")
     try:

@@ -11,7 +11,10 @@ import pytest
 import client.rounds as rounds
 import inprocess_federation as fedkit
 from client.artifacts import ArtifactCache
+from client.host import ModelHost
+from client.personal import PersonalAdapters
 from client.userdir import UserDir
+from shared.adapters import adapter_version, read_manifest
 from shared.data import make_synthetic
 from shared.protocol import KIND_MODEL, ClientError, ProtocolError, RoundConfig, manifest_for_dir
 
@@ -71,6 +74,41 @@ def test_a_federated_train_round_returns_only_the_updated_base_adapter(tmp_path,
     personal = node.user.personal_root("plain")
     assert (personal / "CURRENT").read_text().strip() == "v000001"
     assert json.loads((node.user.path / "federation.json").read_text())["rounds"] == 1
+
+
+def test_a_personal_adapter_a_round_publishes_records_its_base_adapter_and_goes_stale_when_it_changes(
+        tmp_path, tiny_model_dir, runtime):
+    """Issue 17 item 3 for adapters trained by a federated round's ClientApp: the daemon's check
+    (client.host.ModelHost, on the same directory) covers them as it covers its own."""
+    node, model_id, _ = _node(tmp_path, tiny_model_dir)
+    first = _global_state(node, model_id)
+    rng = np.random.default_rng(7)
+    second = {k: v + (0.05 * rng.standard_normal(v.shape)).astype(v.dtype) if ".lora_B." in k else v
+              for k, v in first.items()}  # the next round's aggregate: other weights, another version
+    rounds.train(node, _config(model_id, federate=False, methods="OPPU"), first)
+
+    personal = PersonalAdapters(node.user.personal_root("plain"))
+    published, _ = personal.resolve()
+    assert "base_adapter" in published.manifest.train, published.manifest.train
+    received = node.user.path / "base_adapter"  # the round's base adapter, on disk for the daemon
+    base_v1 = adapter_version(read_manifest(received))
+    assert published.manifest.train["base_adapter"] == base_v1
+    host = ModelHost(rounds.engine_for(node, model_id), personal, task=TASK, received_dir=received)
+    assert host.base_info == {**host.base_info, "version": base_v1, "source": "coordinator"}
+    assert host.stale is None and host.published.version == 1
+
+    # The next round's evaluation delivers another base adapter: the daemon no longer answers with it.
+    rounds.evaluate(node, _config(model_id, methods=""), second)
+    base_v2 = adapter_version(read_manifest(received))
+    assert base_v2 != base_v1 and host.refresh()
+    assert host.stale is not None and f"trained on base adapter {base_v1}" in host.stale and base_v2 in host.stale
+
+    # The round after refreshes it on that base and records so: it answers again.
+    rounds.train(node, _config(model_id, federate=False, methods="OPPU"), second)
+    assert adapter_version(read_manifest(received)) == base_v2  # equal weights, equal version
+    host.refresh()
+    assert host.published.version == 2 and host.published.manifest.train["refreshed"] is True
+    assert host.published.manifest.train["base_adapter"] == base_v2 and host.stale is None
 
 
 def test_a_train_round_without_federation_sends_no_tensors(tmp_path, tiny_model_dir, runtime):
