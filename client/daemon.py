@@ -72,7 +72,11 @@ class DaemonLocked(RuntimeError):
     """Another daemon holds the data directory."""
 
 
-def default_data_dir() -> Path:
+def resolve_data_dir(given: str | None) -> Path:
+    """The data directory a command names (--data-dir), else $OPPU_CLIENT_DIR, else
+    $XDG_DATA_HOME/oppu/client (~/.local/share/oppu/client)."""
+    if given:
+        return Path(given).expanduser()
     env = os.environ.get("OPPU_CLIENT_DIR")
     if env:
         return Path(env).expanduser()

@@ -110,9 +110,9 @@ def cmd_prepare_base_adapter(args: argparse.Namespace) -> int:
 
 
 def _client_dir(args: argparse.Namespace) -> Path:
-    from client.daemon import default_data_dir
+    from client.daemon import resolve_data_dir
 
-    return Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+    return resolve_data_dir(args.data_dir)
 
 
 def load_own_tasks(args: argparse.Namespace) -> None:

@@ -58,11 +58,12 @@ ANY = "*"
 LAZY_PROJECT_IMPORTS: dict[str, tuple[frozenset[str] | str, str]] = {
     "oppu/cli.py": (ANY, "the command: each subcommand imports its package when it runs, so `oppu --help` is "
                          "instant and light commands (tasks, import, client) never load torch, chromadb or Flower"),
-    "client/cli.py": (ANY, "part of the command's parser (built for every `oppu --help`): the daemon loads when a "
-                           "subcommand runs"),
+    "client/cli.py": (frozenset({"client.commands"}),
+                      "the client's parser (built for every `oppu --help`): a command's code (the daemon, httpx) loads "
+                      "when it runs"),
     "client/daemon.py": (frozenset({"client.api", "client.service"}),
-                         "client/cli.py imports this module for its paths; fastapi and the model host load when the "
-                         "daemon starts"),
+                         "the commands and the daemon's HTTP client import this module for its paths and identity "
+                         "proof; fastapi and the model host load when the daemon starts"),
     "client/rounds.py": (frozenset({"shared.engine"}), "torch: a round's inventory and artifact messages need no model"),
     "coordinator/run.py": (frozenset({"shared.engine"}),
                            "torch: `oppu simulate --prepare-only` imports this module for federation_run_dir"),

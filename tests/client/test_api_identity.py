@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from client.api import create_app, loopback_host
-from client.cli import Api, ApiError
+from client.daemon_client import Api, ApiError
 from client.daemon import identity_proof
 from client.service import ClientService
 from client.settings import DaemonSpec

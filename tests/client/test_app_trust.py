@@ -360,7 +360,7 @@ def test_only_trusted_bundles_run_on_real_flower_processes(tmp_path, monkeypatch
 def test_cli_status_shows_the_transport_and_the_refusals(monkeypatch, capsys):
     import argparse
 
-    from client import cli
+    from client import commands
 
     message = AppTrust(COORD, "/u").refusal(FAB)
     status = {
@@ -381,13 +381,13 @@ def test_cli_status_shows_the_transport_and_the_refusals(monkeypatch, capsys):
             assert (method, path) == ("GET", "/v1/status")
             return status
 
-    monkeypatch.setattr(cli, "Api", FakeApi)
-    assert cli.cmd_status(argparse.Namespace(json=False)) == 0
+    monkeypatch.setattr(commands, "Api", FakeApi)
+    assert commands.cmd_status(argparse.Namespace(json=False)) == 0
     out = capsys.readouterr().out
     assert f"federation      {COORD} over INSECURE (unencrypted, opted in): running" in out
     assert "app bundles     none trusted" in out and f"refused         {message}" in out
     status["federation"].update(transport="tls", app_trust={"trusted_app_hashes": [FAB_HASH],
                                                            "trusted_entities": "/k.yaml", "messages": []})
-    cli.cmd_status(argparse.Namespace(json=False))
+    commands.cmd_status(argparse.Namespace(json=False))
     out = capsys.readouterr().out
     assert f"{COORD} over TLS: running" in out and "1 pinned hash(es) and signed by a key in /k.yaml" in out

@@ -16,7 +16,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from client import cli
+from client import commands
 from client.api import create_app
 from client.daemon import run
 from client.service import ClientService
@@ -49,14 +49,14 @@ def run_cli(service, monkeypatch, capsys):
     """`oppu client ...` in-process; its requests go to the app under test, and are recorded."""
     client = TestClient(create_app(service, TOKEN), base_url="http://127.0.0.1",
                         headers={"Authorization": f"Bearer {TOKEN}"})
-    check, sent = cli.Api._check, []
+    check, sent = commands.Api._check, []
 
     class _Api:
         def call(self, method, path, **kw):
             sent.append(f"{method} {path}")
             return check(client.request(method, path, **kw))
 
-    monkeypatch.setattr(cli, "Api", lambda args: _Api())
+    monkeypatch.setattr(commands, "Api", lambda args: _Api())
 
     def run_(*argv: str) -> tuple[int, str, str]:
         args = build_parser().parse_args(["client", *argv])
@@ -126,7 +126,7 @@ def test_the_progress_bar_shows_the_job_from_its_first_second(capsys):
         def call(self, method, path, **kw):
             return next(polls)
 
-    final = cli._watch(_Api(), job("queued"))
+    final = commands._watch(_Api(), job("queued"))
     err = capsys.readouterr().err
     assert final["state"] == "succeeded"
     assert not re.search(r"(?<![.\d])0step", err) and "?step/s" not in err, err  # "0step [00:03, ?step/s]"

@@ -11,7 +11,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from client import cli
+from client import commands
 from client.api import create_app
 from client.items import ItemError, parse_items
 from client.service import ClientService
@@ -94,13 +94,13 @@ def api(service):
 def run_cli(api, monkeypatch, capsys):
     """`oppu client ...` in-process, its requests going to the app under test."""
 
-    check = cli.Api._check
+    check = commands.Api._check
 
     class _Api:
         def call(self, method, path, **kw):
             return check(api.request(method, path, **kw))
 
-    monkeypatch.setattr(cli, "Api", lambda args: _Api())
+    monkeypatch.setattr(commands, "Api", lambda args: _Api())
 
     def run(*argv: str) -> tuple[int, str, str]:
         args = build_parser().parse_args(["client", *argv])

@@ -139,7 +139,7 @@ def test_lamp_reader_refuses_bytes_that_are_not_json(tmp_path_factory, data):
 @FUZZ
 @given(lines=st.lists(json_value, max_size=5), jsonl=st.booleans())
 def test_history_file_reader_names_item_and_field(tmp_path_factory, lines, jsonl):
-    from client.cli import read_items
+    from client.input_files import read_items
 
     f = tmp_path_factory.mktemp("hist") / "h.jsonl"
     f.write_text("\n".join(json.dumps(x) for x in lines) if jsonl else json.dumps(lines))
@@ -161,7 +161,7 @@ def test_history_file_reader_names_item_and_field(tmp_path_factory, lines, jsonl
 
 
 def test_history_file_reader_fixed_cases(tmp_path):
-    from client.cli import read_items
+    from client.input_files import read_items
 
     f = tmp_path / "h.jsonl"
     f.write_text('{"description": "x", "tag": "comedy", "date": "2014-03-01"}\n')

@@ -22,8 +22,8 @@ RATING, COMMITS = get_task("amazon-rating"), get_task("commit-title")
 
 
 def _daemon_reads(path: Path, task) -> list:
-    """What `oppu client add` sends and the daemon stores (client/cli.py, client/items.py)."""
-    from client.cli import read_items
+    """What `oppu client add` sends and the daemon stores (client/input_files.py, client/items.py)."""
+    from client.input_files import read_items
     from client.items import parse_items
 
     return parse_items(read_items(str(path)), task, max_field_chars=20000)
