@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from client.api import create_app, loopback_host
+from client.api import create_app
+from client.api_middleware import loopback_host
 from client.daemon_client import Api, ApiError
 from client.daemon import identity_proof
 from client.service import ClientService

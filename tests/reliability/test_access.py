@@ -72,7 +72,7 @@ def test_token_compared_in_constant_time(tiny_engine, tmp_path, monkeypatch, fig
         calls.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(api.hmac, "compare_digest", counting)
+    monkeypatch.setattr(hmac, "compare_digest", counting)
     svc = ClientService(DaemonSpec(task="synthetic-tag"), tmp_path / "d", engine=tiny_engine)
     try:
         token = "k" * 43
