@@ -38,10 +38,11 @@ import tempfile
 import time
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from shared.adapters import ADAPTER_MANIFEST, FRAMEWORK_VERSION, AdapterManifest, read_manifest
 from shared.fileio import atomic_file
+from shared.jsonl import json_lines
 from shared.records import HistoryItem
 
 from .tarstream import MAX_HEADER_BYTES, TarReader, TarStreamError
@@ -314,21 +315,23 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _read_history(path: Path) -> list[Any]:
-    history = []
     with open(path, encoding="utf-8", errors="strict") as fh:
         try:
-            for lineno, line in enumerate(iter(lambda: fh.readline(MAX_LINE_CHARS + 1), ""), 1):
-                if len(line) > MAX_LINE_CHARS:
-                    raise ArchiveError(f"{HISTORY} line {lineno} is longer than {MAX_LINE_CHARS} characters")
-                if not line.strip():
-                    continue
-                try:
-                    history.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ArchiveError(f"{HISTORY} line {lineno}: not valid JSON ({e})") from None
+            return [value for _, value in json_lines(_bounded_lines(fh), HISTORY)]
         except UnicodeDecodeError as e:
             raise ArchiveError(f"{HISTORY} is not UTF-8 text: {e}") from None
-    return history
+        except ArchiveError:
+            raise
+        except ValueError as e:  # a line that is not JSON
+            raise ArchiveError(str(e)) from None
+
+
+def _bounded_lines(fh: Any) -> Iterator[str]:
+    """The file's lines, none read past MAX_LINE_CHARS (a huge line is refused, not held in memory)."""
+    for lineno, line in enumerate(iter(lambda: fh.readline(MAX_LINE_CHARS + 1), ""), 1):
+        if len(line) > MAX_LINE_CHARS:
+            raise ArchiveError(f"{HISTORY} line {lineno} is longer than {MAX_LINE_CHARS} characters")
+        yield line
 
 
 def _verify(directory: Path, files: dict[str, Path], task: str) -> Archive:

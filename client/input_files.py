@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.data.lamp import parse_date
+from shared.jsonl import json_lines
 from shared.records import field_text
 
 
@@ -37,14 +38,8 @@ def read_items(path: str) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}: 'items' must be a list of item objects")
             lines = [None] * len(raw)
         else:
-            raw, lines = [], []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        raw.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
-                    lines.append(n)
+            numbered = list(json_lines(text.splitlines(), path))
+            lines, raw = [n for n, _ in numbered], [value for _, value in numbered]
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
     out = []

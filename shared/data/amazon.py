@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import random
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
+from ..jsonl import json_lines
 from ..records import HistoryItem, Query, TaskDataset, UserData
 from ..tasks import get_task
 from .selection import activity_levels, choose_users
@@ -58,14 +58,8 @@ def _load_reviews(path: str, mtime_ns: int, size: int) -> tuple[Review, ...]:
     # Keyed by mtime and size so an edited file is re-read; in memory only.
     out = []
     with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+        for n, rec in json_lines(fh, path):
             where = f"{path}: line {n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON: {e.msg}") from None
             try:
                 out.append(Review(n, str(rec["reviewerID"]), str(rec["asin"]), str(rec.get("reviewText") or ""),
                                   float(rec["overall"]), str(rec.get("summary") or ""), int(rec["unixReviewTime"])))

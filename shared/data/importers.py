@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..fileio import atomic_write
+from ..jsonl import json_lines
 from ..records import HistoryItem, field_text
 from ..tasks import Task
 from .lamp import parse_date
@@ -152,14 +153,8 @@ def import_jsonl(path: str | Path, task: Task, mapping: Mapping[str, str] = {}, 
     records = _Records(task, mapping, ignore)
 
     def rows() -> Iterable[tuple[Mapping[str, Any], str]]:
-        for n, line in enumerate(_read_text(path).splitlines(), 1):
-            if not line.strip():
-                continue
+        for n, obj in json_lines(_read_text(path).splitlines(), path):
             where = f"{path}: line {n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: not a JSON object")
             if isinstance(obj.get("fields"), dict):

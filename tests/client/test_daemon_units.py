@@ -222,6 +222,16 @@ def test_archive_import_refusals(tmp_path, case):
     assert list(work.iterdir()) == []  # nothing left behind
 
 
+
+def test_archive_history_line_that_is_not_json_is_named(tmp_path):
+    """The export's history is read by shared.jsonl.json_lines: the member, the line and the column."""
+    bad = HIST + b'{"id": "b", "fields": \n'
+    path = _tar(tmp_path / "a.tar.gz", [_file("oppu-export.json", _manifest({"history.jsonl": bad}, history_items=2)),
+                                         _file("history.jsonl", bad)])
+    with pytest.raises(arc.ArchiveError, match=r"^history\.jsonl: line 2: not valid JSON \(Expecting value, column 23\)$"):
+        arc.read_archive(path, tmp_path / "work", max_bytes=1 << 20, task="synthetic-tag")
+
+
 # ------------------------------------------------------------------------------- federation membership
 
 
