@@ -81,8 +81,9 @@ class TarReader:
 
     # -- the decompressed stream ---------------------------------------------------------------
 
-    def _read(self, n: int) -> bytes:
-        """Exactly `n` decompressed bytes (n is bounded by the callers), or an error."""
+    def _inflate(self, n: int) -> bytes:
+        """At most `n` decompressed bytes (fewer at the end of the stream; n is bounded by the
+        callers), counted against the stream's cap; damaged gzip data is an error."""
         if self._consumed + n > self._max:
             raise TarStreamError(f"the archive decompresses to more than {self._max} bytes")
         try:
@@ -90,6 +91,11 @@ class TarReader:
         except (OSError, EOFError, zlib.error) as e:
             raise TarStreamError(f"damaged gzip data: {e}") from None
         self._consumed += len(data)
+        return data
+
+    def _read(self, n: int) -> bytes:
+        """Exactly `n` decompressed bytes, or an error."""
+        data = self._inflate(n)
         if len(data) != n:
             raise TarStreamError("the archive is truncated (the tar stream ends inside a member)")
         return data
@@ -162,13 +168,7 @@ class TarReader:
         return block
 
     def _read_block_or_eof(self) -> bytes | None:
-        if self._consumed + BLOCK > self._max:
-            raise TarStreamError(f"the archive decompresses to more than {self._max} bytes")
-        try:
-            data = self._gz.read(BLOCK)
-        except (OSError, EOFError, zlib.error) as e:
-            raise TarStreamError(f"damaged gzip data: {e}") from None
-        self._consumed += len(data)
+        data = self._inflate(BLOCK)
         if not data:
             return None
         if len(data) != BLOCK:

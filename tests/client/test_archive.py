@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from client import archive as arc
+from client.tarstream import TarReader, TarStreamError
 BLOCK, MAX_HEADER_BYTES = 512, 65536
 from shared.adapters import AdapterManifest
 
@@ -189,6 +190,18 @@ def test_truncated_and_corrupt_streams_are_refused(tmp_path):
     path.write_bytes(gzip.compress(bytes(bad)))
     with pytest.raises(arc.ArchiveError, match="checksum"):
         _read(path, tmp_path)
+
+
+
+@pytest.mark.parametrize("cap", [700, 1100])
+def test_the_decompressed_stream_is_capped_in_headers_and_in_data(cap):
+    """One bounded read serves both: the cap is hit in a member's data (700: inside the first
+    member, after its 512-byte header) and at a header (1100: the second header)."""
+    data = _tar_bytes([("a", b"x" * 300), ("b", b"y")])
+    with TarReader(io.BytesIO(gzip.compress(data)), max_stream_bytes=cap) as reader:
+        with pytest.raises(TarStreamError, match=f"the archive decompresses to more than {cap} bytes"):
+            while reader.next() is not None:
+                b"".join(reader.chunks())
 
 
 # ------------------------------------------------------------------------------- manifests
