@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from waiting import wait_for
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -121,8 +123,6 @@ class Deployment:
     def summary(self, timeout: float = 60) -> dict[str, Any]:
         """The coordinator's federation.json, once the ServerApp has written it."""
         path = self.run_dir / "federation.json"
-        deadline = time.time() + timeout
-        while not path.exists() and time.time() < deadline:
-            time.sleep(0.5)
-        assert path.exists(), self.log("flwr-run", 4000) + self.log("superlink")
+        wait_for(path.exists, timeout, lambda: f"{path}: " + self.log("flwr-run", 4000) + self.log("superlink"),
+                 every=0.5)
         return json.loads(path.read_text())

@@ -15,19 +15,11 @@ from pathlib import Path
 import pytest
 
 from test_daemon_process import REPO, DaemonProcess, free_port, synthetic_items  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def fed_refusals(status: dict) -> list:
@@ -60,7 +52,8 @@ def test_daemon_with_coordinator_joins_loopback_superlink_and_takes_part_in_a_ro
     try:
         d.start()
         d.ok("post", "/v1/history", json={"items": synthetic_items(40, seed=4)})
-        _wait_for(lambda: "Activated node_id" in link_log.read_text(errors="replace"), 90, "the node to register")
+        wait_for(lambda: "Activated node_id" in link_log.read_text(errors="replace"), 90, "the node to register",
+                 every=0.5)
         time.sleep(5)
         fed = d.ok("get", "/v1/status")["federation"]
         assert fed["state"] == "running" and fed["starts"] == 1 and fed["last_error"] is None, fed

@@ -25,6 +25,7 @@ from shared.adapters import AdapterManifest, verify_adapter_dir
 from client.settings import DaemonSpec, load_daemon
 from shared.records import HistoryItem
 from shared.tasks import get_task
+from waiting import wait_for
 
 # ------------------------------------------------------------------------------- settings
 
@@ -263,9 +264,7 @@ def test_supervisor_restarts_a_failing_child_with_backoff_without_blocking(tmp_p
     t0 = time.monotonic()
     sup.start()
     assert time.monotonic() - t0 < 0.5  # start() returns at once
-    deadline = time.monotonic() + 20
-    while sup.starts < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: sup.starts >= 4, 20, "four starts")
     sup.stop()
     st = sup.status()
     assert sup.starts >= 4 and st["last_error"] == "exited with code 3" and st["state"] == "stopped"
@@ -278,9 +277,7 @@ def test_supervisor_stop_kills_a_running_child(tmp_path):
     sup = Supervisor(lambda: [sys.executable, "-c", "import time; time.sleep(60)"], name="sleeper",
                      log_path=tmp_path / "s.log", initial=0.05, maximum=0.1)
     sup.start()
-    deadline = time.monotonic() + 10
-    while sup.status()["pid"] is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: sup.status()["pid"] is not None, 10, "the child to start")
     pid = sup.status()["pid"]
     t0 = time.monotonic()
     sup.stop(timeout=5)

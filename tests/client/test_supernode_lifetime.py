@@ -19,6 +19,7 @@ import pytest
 from client.daemon import DaemonLocked, acquire_lock, lock_data_dir, release_lock
 from client.lifetime import MARKER_FILE, reap_orphans, start_time
 from client.supernode import Supervisor
+from waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc: Linux")
@@ -44,14 +45,6 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] not in "ZX"
-
-
-def wait_until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {what}")
-        time.sleep(0.05)
 
 
 def kill(*pids: int) -> None:
@@ -91,13 +84,13 @@ def test_supernode_dies_with_a_killed_parent_and_its_group_is_reaped(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     pids: list[tuple[int, int]] = []
     try:
-        wait_until(lambda: node_pids(script) and (data / MARKER_FILE).exists(), 30, "the node started")
+        wait_for(lambda: node_pids(script) and (data / MARKER_FILE).exists(), 30, "the node started")
         [(node, child)] = pids = node_pids(script)
         marker = json.loads((data / MARKER_FILE).read_text())
         assert marker["pgid"] == node and marker["daemon_pid"] == parent.pid
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
-        wait_until(lambda: not running(node), 5, f"SuperNode {node} died with its parent")
+        wait_for(lambda: not running(node), 5, f"SuperNode {node} died with its parent")
         assert running(child)  # an orphan of the node's group, still in the data directory's business
         assert child in reap_orphans(data)
         assert not running(child) and not (data / MARKER_FILE).exists()
@@ -114,7 +107,7 @@ def test_supernode_holds_the_data_dir_lock_while_it_runs(tmp_path):
                      log_path=tmp_path / "n.log", pass_fds=(fd,), marker_dir=data)
     try:
         sup.start()
-        wait_until(lambda: sup.status()["pid"] is not None, 20, "the node started")
+        wait_for(lambda: sup.status()["pid"] is not None, 20, "the node started")
         os.close(fd)  # as if the daemon were gone: the node's copy of the descriptor keeps the lock
         with pytest.raises(DaemonLocked):
             release_lock(acquire_lock(data))
@@ -161,7 +154,7 @@ def test_reaping_spares_a_live_daemons_node_and_a_reused_pid(tmp_path):
     daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
     try:
-        wait_until(lambda: start_time(daemon.pid) is not None, 5, "started")
+        wait_for(lambda: start_time(daemon.pid) is not None, 5, "started")
         _marker(data, node, daemon.pid, start_time(daemon.pid))  # its daemon runs: not an orphan
         assert reap_orphans(data) == [] and running(node.pid) and (data / MARKER_FILE).exists()
         _marker(data, node, 999_999_999, 1, leader_start=start_time(node.pid) - 1)  # PID since reused
@@ -202,15 +195,15 @@ def test_sigkilled_daemon_leaves_no_supernode_and_a_restart_runs_exactly_one(tin
     seen: list[tuple[int, int]] = []
     try:
         d.start()
-        wait_until(lambda: node_pids(script), 30, "the daemon started its SuperNode")
+        wait_for(lambda: node_pids(script), 30, "the daemon started its SuperNode")
         [(node, child)] = seen = node_pids(script)
         os.kill(d.proc.pid, signal.SIGKILL)
         d.proc.wait(10)
-        wait_until(lambda: not running(node), 5, f"SuperNode {node} died with the daemon")
+        wait_for(lambda: not running(node), 5, f"SuperNode {node} died with the daemon")
         assert _supernodes(script) == []
 
         d.start()  # stops the old node's leftover child, then starts one node of its own
-        wait_until(lambda: len(node_pids(script)) == 2, 30, "the restarted daemon started its SuperNode")
+        wait_for(lambda: len(node_pids(script)) == 2, 30, "the restarted daemon started its SuperNode")
         seen = node_pids(script)
         assert not running(child)
         time.sleep(1.0)  # a second node would have been started by now

@@ -38,6 +38,7 @@ sys.path.insert(0, str(TESTS / "client"))
 sys.path.insert(0, str(TESTS))
 
 from test_daemon_process import QUESTIONS, REPO, DaemonProcess, synthetic_items  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 # The daemon, started through a wrapper that can make one adapter save hang half-written (only
 # while DIR/hang-save exists) and says so in DIR/saving: the test's SIGKILL then lands mid-save.
@@ -136,15 +137,6 @@ class Writers:
         self.stop.set()
         for t in self.threads:
             t.join(30)
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_daemon_killed_during_training_adapter_save_and_history_writes(tiny_model_dir, tmp_path, figures):

@@ -27,6 +27,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
 
 from test_daemon_process import QUESTIONS, DaemonProcess, synthetic_items  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 POOL = synthetic_items(400, seed=77)
 
@@ -126,15 +127,6 @@ FAKE_SUPERNODE = textwrap.dedent("""
 """)
 
 
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_api_under_concurrent_clients_while_the_coordinator_is_unreachable(tiny_model_dir, tmp_path, figures):
     seconds = float(os.environ.get("OPPU_LOAD_SECONDS", "60"))
     fake = tmp_path / "fake_supernode.py"
@@ -160,8 +152,10 @@ def test_api_under_concurrent_clients_while_the_coordinator_is_unreachable(tiny_
         link.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         link.bind(("127.0.0.1", port))
         link.listen(8)
-        assert wait_for(lambda: "connected" in (d.dir / "logs" / "supernode.log").read_text(), 30)
-        assert wait_for(lambda: d.ok("get", "/v1/status")["federation"]["state"] == "running", 10)
+        wait_for(lambda: "connected" in (d.dir / "logs" / "supernode.log").read_text(), 30,
+                 "the SuperNode to connect", every=0.2)
+        wait_for(lambda: d.ok("get", "/v1/status")["federation"]["state"] == "running", 10,
+                 "the federation state 'running'", every=0.2)
         lost = len(res["acked"] - set(stored_ids(d)))
         figures.fault("coordinator unreachable", how=f"no SuperLink for the {res['seconds']:.0f} s of the load test "
                       f"(back-off 0.2 s doubling to 1 s stands in for minutes): {fed['starts']} SuperNode starts while "

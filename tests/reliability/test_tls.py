@@ -14,6 +14,7 @@ import pytest
 
 from certs import make_ca, make_server_cert, sh
 from flower_deployment import BIN, free_port, stop
+from waiting import wait_for
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
@@ -30,15 +31,6 @@ def make_credentials(d: Path) -> None:
 def start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def test_superlink_with_tls_admits_only_registered_nodes(tmp_path, figures):
@@ -63,7 +55,8 @@ def test_superlink_with_tls_admits_only_registered_nodes(tmp_path, figures):
                                env=env, capture_output=True, text=True, timeout=60)
             return r.returncode == 0
 
-        assert wait_for(registered, 60), link_log.read_text(errors="replace")[-2000:]
+        wait_for(registered, 60, lambda: "the node's key to register: " + link_log.read_text(errors="replace")[-2000:],
+                 every=0.5)
 
         def node(name: str, *transport: str) -> tuple[subprocess.Popen, Path]:
             log = tmp_path / f"{name}.log"
@@ -84,14 +77,15 @@ def test_superlink_with_tls_admits_only_registered_nodes(tmp_path, figures):
                                text=True, timeout=60)
             return "online" in r.stdout
 
-        assert wait_for(online, 90), ok_log.read_text(errors="replace")[-2000:]
+        wait_for(online, 90, lambda: "the node to be online: " + ok_log.read_text(errors="replace")[-2000:], every=0.5)
         time.sleep(10)
         listing = subprocess.run([str(BIN / "flwr"), "supernode", "list", "fed", "--verbose"], env=env,
                                  capture_output=True, text=True, timeout=60).stdout
         assert listing.count("online") == 1, listing
         assert ok.poll() is None  # still connected
         for p, log in ((bad, bad_log), (plain, plain_log)):
-            assert wait_for(lambda p=p: p.poll() is not None, 90), log.read_text(errors="replace")[-2000:]
+            wait_for(lambda p=p: p.poll() is not None, 90,
+                     lambda log=log: "the node to be refused: " + log.read_text(errors="replace")[-2000:], every=0.5)
             assert p.returncode != 0
     finally:
         for p in reversed(procs):
