@@ -258,8 +258,10 @@ class ModelHost:
 
     # -- answering -----------------------------------------------------------------------------
 
-    def answer(self, prompt: str, *, personal: bool, max_new_tokens: int) -> tuple[str, Published | None, float]:
-        """(text, the version that answered or None, seconds waited for the model)."""
+    def answer(self, prompt: str, *, personal: bool, max_new_tokens: int,
+               task: Any = None) -> tuple[str, Published | None, float]:
+        """(text, the version that answered or None, seconds waited for the model); `task`: as
+        Engine.answer's (a closed answer set lets decoding.label_choice pick a label)."""
         import time
 
         t0 = time.perf_counter()
@@ -270,11 +272,12 @@ class ModelHost:
                 stash = _clone(self.engine.personal_state())
                 self.engine.set_personal_state(self._published_state, label=str(published.path))
                 try:
-                    text = self.engine.answer([prompt], max_new_tokens=max_new_tokens, personal=True)[0]
+                    text = self.engine.answer([prompt], max_new_tokens=max_new_tokens, personal=True, task=task)[0]
                 finally:
                     self.engine.set_personal_state(stash, label="training")
             else:
-                text = self.engine.answer([prompt], max_new_tokens=max_new_tokens, personal=published is not None)[0]
+                text = self.engine.answer([prompt], max_new_tokens=max_new_tokens, personal=published is not None,
+                                         task=task)[0]
         return text, published, waited
 
     # -- training ------------------------------------------------------------------------------

@@ -390,7 +390,8 @@ def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> 
                 personal = method in PERSONAL_METHODS
                 if personal:
                     personal = load_or_train_personal(engine, node, task, ctx, history, aug, cfg)
-                answers = engine.answer(prompts, max_new_tokens=engine.answer_tokens(task, history), personal=personal)
+                answers = engine.answer(prompts, max_new_tokens=engine.answer_tokens(task, history), personal=personal,
+                                        task=task)
                 preds = [task.parse_output(a) for a in answers]
                 predictions[method] = {q.id: p for q, p in zip(queries, preds)}
                 for name, value in task.score(preds, golds).items():

@@ -320,7 +320,8 @@ class ClientService:
             if max_new_tokens is None:
                 history = self.store.items() if self.spec.decoding.length_from_history > 0 else []
                 max_new_tokens = self.engine.answer_tokens(self.task, history)
-        text, published, waited = self.host.answer(prompt, personal=personal, max_new_tokens=max_new_tokens)
+        text, published, waited = self.host.answer(prompt, personal=personal, max_new_tokens=max_new_tokens,
+                                                    task=self.task)
         base = self.host.base_info
         prediction = self.task.parse_answer(text)
         warnings = []

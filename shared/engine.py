@@ -22,6 +22,15 @@ from .group_training import GroupLoRA, train_group
 from .training import Example, TrainResult, answer_loss, collate, encode_examples, train_adapter
 
 
+def answer_set(task: Any) -> dict[str, Any]:
+    """generate()'s `labels` and `ordinal` for a task: its closed answer set (labels; a rating
+    scale is ordinal), or nothing for free text and for no task."""
+    labels = getattr(task, "labels", None)
+    if not labels:
+        return {}
+    return {"labels": tuple(labels), "ordinal": task.kind == "regression"}
+
+
 class Engine:
     def __init__(
         self,
@@ -292,7 +301,7 @@ class Engine:
             adapters.activate(self.model, [BASE])
 
     def answer_users(self, prompts: Sequence[str], users: Sequence[str | None], *, max_new_tokens: int,
-                     batch_size: int = 16, progress: bool | str = False) -> list[str]:
+                     batch_size: int = 16, progress: bool | str = False, task: Any = None) -> list[str]:
         """Answer a mixed batch: prompt i with base + the personal adapter of `users[i]` (None:
         base adapter only), all users in one forward pass per batch, no adapter swapping."""
         if len(prompts) != len(users):
@@ -304,7 +313,8 @@ class Engine:
         with self.lock:
             adapters.activate(self.model, [BASE])
             return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                            decoding=self.decoding, batch_size=batch_size, progress=progress, adapter_names=names)
+                            decoding=self.decoding, batch_size=batch_size, progress=progress, adapter_names=names,
+                            **answer_set(task))
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -343,8 +353,12 @@ class Engine:
         raw: bool = False,
         batch_size: int = 8,
         progress: bool | str = False,
+        task: Any = None,
     ) -> list[str]:
         """Generate with base + base adapter (+ the personal adapter when `personal`).
+
+        `task`: the task the prompts ask; where it has a closed answer set (labels, ratings) the
+        decoding spec's label_choice may pick the answer from the labels instead of generating.
 
         `raw` answers with the bare base model (no adapter at all), e.g. to write PAG profiles
         in free text rather than in the task's answer format the base adapter has learned.
@@ -355,6 +369,7 @@ class Engine:
                 with self.model.disable_adapter():
                     return generate(self.model, self.tokenizer, prompts, **kw)
             kw["decoding"] = self.decoding
+            kw.update(answer_set(task))
             slot = self.answer_slot(personal)
             if slot is not None:
                 kw["adapter_names"] = [slot] * len(prompts)

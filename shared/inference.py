@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from .config import DecodingSpec
 from .model import dense_4bit_weights, release_memory
-from .prompting import answer_end_ids, encode_prompt, first_line, fit_prompt
+from .prompting import answer_end_ids, encode_answer, encode_prompt, first_line, fit_prompt
 from .soft_prompt import prepend
 
 
@@ -45,6 +45,85 @@ class _FirstLineStop:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+def label_distribution(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_prompt_tokens: int = 1024,
+    soft_prompt: Any = None,
+    adapter_names: Sequence[str] | None = None,
+) -> list[list[float]]:
+    """Per prompt, the model's probability of each label as the whole answer (its tokens and the
+    end-of-answer token, encoded exactly as training encodes a target), normalised over `labels`.
+
+    Rows are left-padded with position ids from the mask, as generate() pads them, so a label's
+    score is computed as greedy decoding would compute it; only the last tokens' logits are
+    materialised. `adapter_names`: per prompt, as in generate()."""
+    import torch
+
+    label_ids = [encode_answer(tokenizer, label) for label in labels]
+    tail = max(len(ids) for ids in label_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    rows = [(p, li) for p in range(len(prompts)) for li in range(len(labels))]
+    encoded = [fit_prompt(encode_prompt(tokenizer, p), max_prompt_tokens) for p in prompts]
+    logp = torch.zeros(len(prompts), len(labels), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), dense_4bit_weights(model, enabled=device.type == "cpu"):
+        for s in range(0, len(rows), batch_size):
+            part = rows[s : s + batch_size]
+            seqs = [encoded[p] + label_ids[li] for p, li in part]
+            width = max(len(q) for q in seqs)
+            ids = torch.full((len(part), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(part), width), dtype=torch.long)
+            for r, q in enumerate(seqs):
+                ids[r, width - len(q):] = torch.tensor(q)
+                mask[r, width - len(q):] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            if soft_prompt is None:
+                inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+            else:
+                base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                embeds, mask = prepend(base, soft_prompt, ids, mask)
+                inputs = {"inputs_embeds": embeds, "attention_mask": mask}
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            if adapter_names is not None:
+                inputs["adapter_names"] = [adapter_names[p] for p, _ in part]
+            # Position t predicts token t+1: the last `tail` + 1 positions cover every label token.
+            logits = model(**inputs, use_cache=False, logits_to_keep=tail + 1).logits.float()
+            lsm = torch.log_softmax(logits, dim=-1)
+            for r, (p, li) in enumerate(part):
+                n = len(label_ids[li])
+                pred = lsm[r, -(n + 1):-1]  # the positions predicting the label's n tokens
+                target = torch.tensor(label_ids[li], device=pred.device)
+                logp[p, li] = pred.gather(1, target[:, None]).sum().double().cpu()
+    if was_training:
+        model.train()
+    return torch.softmax(logp, dim=-1).tolist()
+
+
+def choose_label(probs: Sequence[float], labels: Sequence[str], rule: str, ordinal: bool) -> str:
+    """The answer a label_choice rule picks from a distribution over `labels`. 'median' and
+    'mean' need an ordered numeric scale (`ordinal`, labels in scale order); without one they
+    pick the most likely label, as 'most_likely' does. Ties go to the earlier label."""
+    if rule == "median" and ordinal:
+        total = 0.0
+        for label, q in zip(labels, probs):
+            total += q
+            if total >= 0.5 - 1e-12:
+                return label
+        return labels[-1]
+    if rule == "mean" and ordinal:
+        values = [float(v) for v in labels]
+        mean = sum(v * q for v, q in zip(values, probs))
+        return labels[min(range(len(values)), key=lambda i: (abs(values[i] - mean), i))]
+    return labels[max(range(len(labels)), key=lambda i: (probs[i], -i))]
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -57,18 +136,29 @@ def generate(
     progress: bool | str = False,
     soft_prompt: Any = None,
     adapter_names: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    ordinal: bool = False,
 ) -> list[str]:
     """Greedy answers for `prompts` with whatever adapters are active on `model`
     (and a personal soft prompt in front of each prompt when given). With `adapter_names`, prompt
     i is answered by PEFT adapter `adapter_names[i]` alone, rows of one batch by different
     adapters in the same forward pass (mixed-batch serving, see Engine.answer_users).
-    `max_new_tokens` is one budget for all prompts, or one per prompt (answer_tokens)."""
+    `max_new_tokens` is one budget for all prompts, or one per prompt (answer_tokens).
+    `labels`: the task's closed answer set (`ordinal`: a rating scale in order); unless
+    decoding.label_choice is 'generate', each answer is then the label that rule picks from
+    label_distribution instead of generated text."""
     import torch
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
 
     if not prompts:
         return []
+    if labels and decoding.label_choice != "generate":
+        dist = label_distribution(model, tokenizer, prompts, labels, batch_size=batch_size,
+                                  max_prompt_tokens=max_prompt_tokens, soft_prompt=soft_prompt,
+                                  adapter_names=adapter_names)
+        release_memory()
+        return [choose_label(p, labels, decoding.label_choice, ordinal) for p in dist]
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(budgets)} max_new_tokens")

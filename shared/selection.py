@@ -140,7 +140,7 @@ def score(engine: Any, task: Any, examples: Sequence[Example], *, personal: bool
             pause()
         losses += engine.example_losses(part, personal=personal, max_length=max_length)
         answers += engine.answer([e.prompt for e in part], max_new_tokens=max_new_tokens or task.max_new_tokens,
-                                 personal=personal)
+                                 personal=personal, task=task)
     value = task.score([task.parse_output(a) for a in answers], [e.target for e in examples])[metric]
     return ValScore(loss=float(sum(losses) / len(losses)), metric=float(value), item_losses=tuple(losses))
 

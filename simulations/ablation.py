@@ -247,7 +247,7 @@ def run_cell(spec: AblationSpec, cell: dict[str, Any], model: _Model, task: Any,
     preds, golds = [], []
     for u in population:
         answers = engine.answer([prompt_for(task, None, q.input, "plain") for q in u.queries],
-                                max_new_tokens=engine.answer_tokens(task, u.history), personal=False)
+                                max_new_tokens=engine.answer_tokens(task, u.history), personal=False, task=task)
         preds += [task.parse_output(a) for a in answers]
         golds += [q.target for q in u.queries]
     utility = task.score(preds, golds)

@@ -46,7 +46,8 @@ def run_centralized(engine: Any, task: Any, spec: ExperimentSpec, users: Sequenc
                                    "tokens_per_second": tr.tokens_per_second})
     for u in users:
         prompts = [prompt_for(task, None, q.input, "plain") for q in u.queries]
-        answers = engine.answer(prompts, max_new_tokens=engine.answer_tokens(task, u.history), personal=True)
+        answers = engine.answer(prompts, max_new_tokens=engine.answer_tokens(task, u.history), personal=True,
+                                task=task)
         out.predictions[u.user_id] = {q.id: task.parse_output(a) for q, a in zip(u.queries, answers)}
     if save_to is not None:
         engine.save_personal(save_to, AdapterManifest(

@@ -181,7 +181,7 @@ def _answer_without_personal(engine: Engine, task: Any, run: _UserRun, aug: str)
     """Base + base adapter's answers for one augmentation (computed once per user)."""
     if aug not in run.non_personal:
         answers = engine.answer(run.prompts[aug], max_new_tokens=engine.answer_tokens(task, run.user.history),
-                                personal=False)
+                                personal=False, task=task)
         run.non_personal[aug] = {q.id: task.parse_output(a) for q, a in zip(run.user.queries, answers)}
     return run.non_personal[aug]
 
@@ -238,7 +238,7 @@ def _train_personal(spec: ExperimentSpec, engine: Engine, task: Any, runs: list[
                 train=res.train[aug],
             ))
             answers = engine.answer(run.prompts[aug], max_new_tokens=engine.answer_tokens(task, run.user.history),
-                                    personal=True)
+                                    personal=True, task=task)
             chosen = {q.id: task.parse_output(a) for q, a in zip(run.user.queries, answers)}
         else:  # not adopted: the method answers as its non-personal counterpart
             chosen = _answer_without_personal(engine, task, run, aug)

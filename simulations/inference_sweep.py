@@ -86,7 +86,7 @@ def run_inference_sweep(spec: Any, variants: Sequence[Any], dataset: Any, task: 
             budgets += [engine.answer_tokens(task, examples[:first_val])] * len(val)
         answers: list[str] = []
         if engine is not None:
-            answers = engine.answer(prompts, max_new_tokens=budgets, personal=False,
+            answers = engine.answer(prompts, max_new_tokens=budgets, personal=False, task=task,
                                     progress="answering" if progress else False)
             parsed = iter(task.parse_output(a) for a in answers)
             preds = [[next(parsed) for _ in g] for g in variant_golds]

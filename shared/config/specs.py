@@ -214,6 +214,10 @@ class RetrievalSpec:
         _positive("retrieval.profile_max_tokens", self.profile_max_tokens)
 
 
+# How an answer is chosen where a task has a closed set of answers (DecodingSpec.label_choice).
+LABEL_CHOICES = ("generate", "most_likely", "median", "mean")
+
+
 @dataclass(frozen=True)
 class DecodingSpec:
     """How answers are decoded (shared.inference.generate): greedy, with these additions.
@@ -241,7 +245,18 @@ class DecodingSpec:
                   "items, and never more than the task's max_new_tokens; 0 = the task's max_new_tokens."},
     )
 
+    label_choice: str = field(
+        default="generate",
+        metadata={"help": "For tasks with a closed set of answers (labels, ratings): 'generate' = greedy text; "
+                  "'most_likely' = score every label as the answer and take the most likely (always a valid "
+                  "label); 'median' / 'mean' (ratings only; a label task takes its most likely) = the median / "
+                  "the rounded mean of the model's distribution over the scale: the answer with the least "
+                  "expected absolute / squared error. Generation tasks always generate."},
+    )
+
     def __post_init__(self) -> None:
+        if self.label_choice not in LABEL_CHOICES:
+            raise ValueError(f"decoding.label_choice={self.label_choice!r}; choose from {', '.join(LABEL_CHOICES)}")
         if not self.repetition_penalty >= 1.0:
             raise ValueError(f"decoding.repetition_penalty={self.repetition_penalty!r} must be >= 1.0 (1.0 = off)")
         _positive("decoding.no_repeat_ngram_size", self.no_repeat_ngram_size, allow_zero=True)

@@ -1,0 +1,99 @@
+"""decoding.label_choice: for tasks with a closed answer set (labels, ratings) an answer can be
+the label a rule picks from the model's own distribution over the labels, instead of free text
+that may not parse. Checked here: the distribution is the model's likelihood of each label as the
+whole answer, exactly as training scores a target; the rules pick what they promise; every path
+that answers a task (Engine.answer with the task) answers with labels only."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from shared.config import DecodingSpec
+from shared.inference import choose_label, generate, label_distribution
+from shared.tasks import get_task
+from shared.training import Example, answer_token_losses, collate, encode_examples
+
+RATINGS = ("1", "2", "3", "4", "5")
+PROMPTS = [f"What score from 1 to 5? review: the strings buzz, tuner number {i}" + " and more" * i
+           for i in range(5)]
+
+
+def test_rules_pick_most_likely_median_and_rounded_mean():
+    p = [0.10, 0.10, 0.20, 0.25, 0.35]
+    assert choose_label(p, RATINGS, "most_likely", True) == "5"
+    assert choose_label(p, RATINGS, "median", True) == "4"  # cumulative 0.40 at 3, 0.65 at 4
+    assert choose_label(p, RATINGS, "mean", True) == "4"  # 3.65 rounds to 4
+    skewed = [0.30, 0.0, 0.0, 0.0, 0.70]  # mean 3.8, median 5: the rules differ
+    assert (choose_label(skewed, RATINGS, "mean", True), choose_label(skewed, RATINGS, "median", True)) == ("4", "5")
+    # Without an ordered scale median and mean fall back to the most likely label.
+    tags = ("comedy", "drama", "horror")
+    assert choose_label([0.2, 0.5, 0.3], tags, "median", False) == "drama"
+    assert choose_label([0.4, 0.4, 0.2], tags, "most_likely", False) == "comedy"  # a tie: the earlier label
+    assert choose_label([0.5, 0.0, 0.0, 0.0, 0.5], RATINGS, "median", True) == "1"  # exactly half reaches it
+
+
+@pytest.fixture()
+def varied(dtype_engine):
+    """The tiny engine with a random base adapter of scale 1 (answers differ by prompt), restored after."""
+    e = dtype_engine
+    before = {k: v.clone() for k, v in e.base_state().items()}
+    g = torch.Generator().manual_seed(3)
+    e.set_base_state({k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in before.items()})
+    yield e
+    e.set_base_state(before)
+
+
+def test_distribution_is_each_labels_answer_likelihood_as_training_scores_it(varied):
+    e = varied
+    dist = label_distribution(e.model, e.tokenizer, PROMPTS, RATINGS, batch_size=7)
+    e.model.eval()
+    pad = e.tokenizer.pad_token_id
+    with torch.no_grad():
+        for p, row in zip(PROMPTS, dist):
+            encoded = encode_examples(e.tokenizer, [Example(p, label) for label in RATINGS], 512)
+            logp = []
+            for i in range(len(RATINGS)):
+                losses, _ = answer_token_losses(e.model, *collate(encoded, [i], pad, e.base.device))
+                logp.append(-float(losses.sum()))
+            expected = torch.softmax(torch.tensor(logp, dtype=torch.float64), 0).tolist()
+            # Left-padded batches of 7 rows against one right-padded row: only roundings differ.
+            tol = 1e-4 if e.base.dtype == "float32" else 3e-2
+            assert row == pytest.approx(expected, abs=tol)
+            assert sum(row) == pytest.approx(1.0, abs=1e-9)
+    assert max(max(r) for r in dist) - min(min(r) for r in dist) > 0.05  # prompt- and label-dependent
+
+
+def test_engine_answers_a_label_task_with_labels_only_and_free_text_tasks_as_before(varied):
+    e = varied
+    task = get_task("amazon-rating")
+    greedy = e.answer(PROMPTS, max_new_tokens=4, personal=False)
+    assert any(a not in RATINGS for a in greedy)  # the random adapter's free text: the check has teeth
+    old = e.decoding
+    try:
+        e.decoding = dataclasses.replace(old, label_choice="most_likely")
+        chosen = e.answer(PROMPTS, max_new_tokens=4, personal=False, task=task)
+        dist = label_distribution(e.model, e.tokenizer, PROMPTS, RATINGS, adapter_names=["base"] * len(PROMPTS))
+        assert chosen == [choose_label(p, RATINGS, "most_likely", True) for p in dist]
+        e.decoding = dataclasses.replace(old, label_choice="median")
+        assert e.answer(PROMPTS, max_new_tokens=4, personal=False, task=task) == [
+            choose_label(p, RATINGS, "median", True) for p in dist]
+        # A generation task has no label set: it generates, label_choice or not.
+        title = get_task("amazon-title")
+        assert e.answer(PROMPTS, max_new_tokens=4, personal=False, task=title) == greedy
+    finally:
+        e.decoding = old
+
+
+def test_label_choice_is_refused_unless_known():
+    with pytest.raises(ValueError, match="label_choice='mode'.*generate, most_likely, median, mean"):
+        DecodingSpec(label_choice="mode")
+
+
+def test_generate_without_labels_ignores_label_choice(tiny_engine):
+    e = tiny_engine
+    spec = DecodingSpec(label_choice="most_likely")
+    assert generate(e.model, e.tokenizer, PROMPTS[:2], max_new_tokens=3, decoding=spec) == generate(
+        e.model, e.tokenizer, PROMPTS[:2], max_new_tokens=3)
