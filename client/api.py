@@ -40,10 +40,12 @@ from .api_schemas import (CONFLICT, NO_ITEM, NOT_FOUND, AddRequest, AddResult, A
                           ErrorOut, ForgetRequest, ForgetResult, ImportResult, ItemPage, JobOut, SearchResult,
                           TrainRequest, describe_items)
 from .archive import ArchiveError
+from .basechoice import Preparing
 from .daemon import IDENTITY_PATH, identity_proof
 from .items import MAX_FIELD_NAME_CHARS, ItemError, check_item, check_text, item_out
 from .jobs import JobBusy
-from .service import Busy, ClientService, Conflict, NotFound, Preparing
+from .service import ClientService
+from .service_errors import Busy, Conflict, NotFound
 
 log = logging.getLogger(__name__)
 

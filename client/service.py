@@ -6,7 +6,9 @@ ClientApp reads the snapshot kept here, client/snapshot.py), their versioned per
 answering first; which base adapter answers), the built-in base adapter when no other is given
 (client.basechoice), the job runner (client.jobs) and, with a coordinator, the SuperNode supervisor
 (client.supernode). The API (client/api.py) is a thin layer over its methods; tests drive it
-directly too.
+directly too. Beside it: the task a data directory serves (client/directory_task.py), a training
+job (client/training_job.py), status (client/daemon_status.py), merging an imported archive
+(client/archive_import.py) and the refusals the API maps to HTTP statuses (client/service_errors.py).
 
 Locks, always taken in this order: `_maintenance` (import / forget / starting a job) ->
 `store_lock` (the Chroma store, its caches and its snapshot; never held while waiting for the model) ->
@@ -17,58 +19,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import os
-import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from shared import adapters
-from shared.adapters import FRAMEWORK_VERSION, TRAINED_ON, AdapterManifest
-from shared.config import TrainSpec
-from client.settings import AUGMENTATION_METHOD, DaemonSpec
-from shared.fileio import atomic_write, fsync_dir
-from shared.personalize import Context, ensure_profile, history_examples, prompt_for, retrieve_for
+from shared.personalize import Context, ensure_profile, prompt_for, retrieve_for
 from shared.records import HistoryItem
-from shared.retrieval import make_retriever, new_items
-from shared.selection import history_needed, validation_size
+from shared.retrieval import make_retriever
+from shared.selection import history_needed
 from shared.tasks import get_task
 
-from .archive import Archive, ArchiveError, read_archive, write_archive
-from .appgate import app_trust, trust_status
+from .appgate import app_trust
+from .archive import read_archive, write_archive
+from .archive_import import merge_archive
 from .artifacts import ArtifactCache
-from .supernode import read_privacy, supernode_supervisor, transport_name
 from .basechoice import BuiltinBase, Preparing
+from .daemon_status import daemon_status
+from .directory_task import RECEIVED_BASE, claim_for_task
 from .host import UNTRAINED, ModelHost
-from .items import parse_items
-from .jobs import JobBusy, JobControl, JobRegistry
-from .personal import PersonalAdapters, new_manifest, version_name
+from .jobs import JobBusy, JobRegistry
+from .personal import PersonalAdapters
+from .service_errors import Busy, Conflict, NotFound
+from .settings import AUGMENTATION_METHOD, DaemonSpec
 from .snapshot import snapshot_path, write_snapshot
-from .userdir import derived_from_history, forget_derived
+from .supernode import supernode_supervisor
+from .training_job import run_training
+from .userdir import forget_derived
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
-RECEIVED_BASE = "base_adapter"  # DIR/base_adapter: the federation's base adapter (client/userdir.py)
 NOT_PERSONAL = {"plain": "non-personalized", "rag": "RAG", "pag": "PAG"}
-
-
-class Conflict(ValueError):
-    """The request contradicts what is stored (e.g. an id re-used with different content)."""
-
-
-class Busy(RuntimeError):
-    """Another operation that needs exclusive use is under way."""
-
-
-class NotFound(KeyError):
-    """No such history item."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "not found"
 
 
 class ClientService:
@@ -86,7 +68,7 @@ class ClientService:
         self.store = ChromaHistoryStore(self.dir / "history", self.task.item_text)
         self.store_lock = threading.RLock()
         try:
-            self._check_state()
+            claim_for_task(self.dir, spec, self.store.count)
             self._set_up(engine, lock_fd)
         except BaseException:
             with contextlib.suppress(Exception):  # a failed start leaves the store free for the next
@@ -111,7 +93,7 @@ class ClientService:
         engine = engine if engine is not None else Engine(
             spec.base_model, spec.base_adapter, spec.personal_adapter, seed=spec.personal_train.seed)
         with self.store_lock:
-            self._write_snapshot()
+            self.sync_snapshot()
         self.retriever = make_retriever(spec.retrieval.retriever, self.task.item_text)
         self.personal = PersonalAdapters(self.dir / "personal", keep=spec.keep_versions)
         self.personal.recover()
@@ -132,53 +114,6 @@ class ClientService:
             self.base.choose()
 
     # -- lifetime ------------------------------------------------------------------------------
-
-    def _check_state(self) -> None:
-        """A data directory serves one task: stored items are never reinterpreted as another
-        task's. It changes task only when it holds nothing of the old one (an empty history and
-        nothing derived from one: a fresh directory, or one after forget); the refusal says how."""
-        path = self.dir / STATE_FILE
-        try:
-            state = json.loads(path.read_text())
-        except FileNotFoundError:
-            state = None
-        except (OSError, ValueError) as e:
-            raise RuntimeError(f"{path} is unreadable ({e}); fix or remove it") from None
-        old = state.get("task") if state is not None else None
-        if old is not None and old != self.spec.task:
-            items, derived = self.store.count(), derived_from_history(self.dir)
-            if items or derived:
-                raise ValueError(self._task_change_refused(old, items, derived))
-            log.info("%s held no %s history any more: it now serves %s", self.dir, old, self.spec.task)
-            self._drop_received_base(old)
-        # Also read by the federation's ClientApp (client/userdir.py) when daemon.toml is elsewhere.
-        fresh = {"task": self.spec.task, "augmentation": self.spec.augmentation,
-                 "created": (state or {}).get("created", time.time()), "framework_version": FRAMEWORK_VERSION}
-        if state != fresh:
-            atomic_write(path, json.dumps(fresh))
-
-    def _drop_received_base(self, old: str) -> None:
-        """A directory switched to another task keeps no base adapter of the old one (it would
-        answer the new task's questions with what it learned for the old task's)."""
-        base = self.dir / RECEIVED_BASE
-        if not base.exists():
-            return
-        gone = base.with_name(f".{RECEIVED_BASE}.old-{os.getpid()}")
-        os.replace(base, gone)
-        fsync_dir(self.dir)
-        shutil.rmtree(gone, ignore_errors=True)
-        log.info("removed %s: the base adapter of %s", base, old)
-
-    def _task_change_refused(self, old: str, items: int, derived: list[str]) -> str:
-        held = f"{items} history items" if items else f"files derived from its history ({', '.join(derived[:3])}" + \
-            (", ..." if len(derived) > 3 else "") + ")"
-        d, new = self.dir, self.spec.task
-        return (f"{d} holds {old!r} data ({held}) but daemon.task={new!r}; a data directory serves one task. "
-                f"To keep using it for {old}: oppu client daemon --data-dir {d} --task {old} (or set task = \"{old}\" "
-                f"in {d / 'daemon.toml'}). For {new}, another directory: oppu client daemon --data-dir NEW_DIR --task "
-                f"{new}. To switch this one to {new}: start it with --task {old}, keep a copy with `oppu client export "
-                f"FILE` if you like (it imports only into a {old} daemon), run `oppu client forget --yes`, stop it, "
-                f"and start it with --task {new}")
 
     def start(self) -> None:
         """Background work: the SuperNode, the built-in base adapter's training when it is missing
@@ -228,7 +163,7 @@ class ClientService:
 
     # -- history -------------------------------------------------------------------------------
 
-    def _write_snapshot(self) -> None:
+    def sync_snapshot(self) -> None:
         """Rewrite the ClientApp's read-only copy of the history (client/snapshot.py) from the
         store. Called with store_lock held after every change, before it is acknowledged; also
         after an add that added nothing, so a client's retry repairs a snapshot whose write failed."""
@@ -241,7 +176,7 @@ class ClientService:
                 added = self.store.add(items)  # checks the whole batch before writing anything
             except ValueError as e:
                 raise Conflict(str(e)) from None
-            self._write_snapshot()
+            self.sync_snapshot()
             count = self.store.count()
         job = self._maybe_auto_train(count)
         return {"added": added, "skipped": len(items) - added, "history_count": count,
@@ -258,14 +193,14 @@ class ClientService:
             if not self.store.get([item_id]):
                 # As after an add that added nothing: a retry after a failed snapshot write (the
                 # item left the store, the error answered) repairs the ClientApp's copy.
-                self._write_snapshot()
+                self.sync_snapshot()
                 raise NotFound(f"no history item {item_id[:80]!r}; `oppu client search` or GET /v1/history "
                                "lists the ids")
             self.store.remove([item_id])
             had_profile = self.store.get_profile() is not None
             if had_profile:
                 self.store.delete_profile()
-            self._write_snapshot()
+            self.sync_snapshot()
             count = self.store.count()
         pub = self.host.published
         log.info("history item deleted (%d left%s)", count, "; profile removed" if had_profile else "")
@@ -285,7 +220,7 @@ class ClientService:
         with self.store_lock:
             return self.retriever.retrieve(self.store, query, k)
 
-    def _context(self) -> Context:
+    def history_context(self) -> Context:
         ctx = Context(self.store, self.retriever, self.spec.retrieval)
         if self.spec.augmentation == "pag":
             with self.store_lock:
@@ -300,7 +235,7 @@ class ClientService:
     def _keep_profile(self, text: str) -> None:
         with self.store_lock:
             self.store.set_profile(text)
-            self._write_snapshot()
+            self.sync_snapshot()
 
     # -- asking --------------------------------------------------------------------------------
 
@@ -311,9 +246,9 @@ class ClientService:
             raise Preparing(f"the {self.task.name} base adapter is being prepared (job {job.id}: "
                             f"{job.phase or job.state}, step {job.steps_done}/{job.steps_total or '?'}); ask again "
                             "when it is done (`oppu client ask` waits for it)", job)
-        self._refresh()
+        self.refresh()
         aug = self.spec.augmentation
-        ctx = self._context()
+        ctx = self.history_context()
         with self.store_lock:
             prompt = prompt_for(self.task, ctx, query_input, aug)
             retrieved = [it.id for it in retrieve_for(self.task, ctx, query_input, None)] if aug != "plain" else []
@@ -342,7 +277,7 @@ class ClientService:
             "waited_for_model_s": round(waited, 4),
         }
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
         """Pick up a base or personal adapter another process published (the ClientApp); a new
         base adapter makes the personal one stale, which is then retrained."""
         if self.host.refresh():
@@ -357,12 +292,13 @@ class ClientService:
         if not self._maintenance.acquire(blocking=False):
             raise Busy("an import or forget is under way; try again when it has finished")
         try:
-            return self.jobs.submit("train", lambda ctl: self._train_job(ctl, spec), trigger=trigger,
+            return self.jobs.submit("train", lambda ctl: run_training(self, ctl, spec), trigger=trigger,
                                     params={"epochs": spec.epochs, "lr": spec.lr, "augmentation": self.spec.augmentation})
         finally:
             self._maintenance.release()
 
-    def _trained_on(self) -> int:
+    def trained_on(self) -> int:
+        """How many history items the personal adapter in use was trained on (0: none in use)."""
         pub = self.host.published
         return int(pub.manifest.data.get("history_items", 0)) if pub else 0
 
@@ -373,9 +309,10 @@ class ClientService:
         n = self.spec.retrain_after
         if not n:
             return 0
-        return max(max(self._trained_on(), self._auto_attempt_count) + n, history_needed(self.spec.selection))
+        return max(max(self.trained_on(), self._auto_attempt_count) + n, history_needed(self.spec.selection))
 
-    def _auto_train_status(self, count: int) -> dict[str, Any]:
+    def auto_train_status(self, count: int) -> dict[str, Any]:
+        """When automatic training starts next, in numbers and in words, for `count` stored items."""
         at = self.auto_train_at()
         if not at:
             message = "automatic training is off (retrain_after = 0); start one with `oppu client train`"
@@ -384,14 +321,6 @@ class ClientService:
         else:
             message = f"next automatic training at {at} items ({self.spec.retrain_after} new); you have {count}"
         return {"at": at or None, "history_needed": history_needed(self.spec.selection), "message": message}
-
-    def _last_training(self) -> dict[str, Any] | None:
-        """The newest finished training's decision, in words (the job's `decision`)."""
-        done = next((j for j in self.jobs.list() if j.kind == "train" and "decision" in j.result), None)
-        if done is None:
-            return None
-        return {"job": done.id, "finished": done.finished, "adopted": done.result.get("adopted"),
-                "decision": done.result["decision"]}
 
     def _maybe_auto_train(self, count: int):
         at = self.auto_train_at()
@@ -403,120 +332,14 @@ class ClientService:
             return None
         self._auto_attempt_count = count
         log.info("automatic training: %d history items (%d new since the adapter in use; starts at %d): job %s",
-                 count, count - self._trained_on(), at, job.id)
+                 count, count - self.trained_on(), at, job.id)
         return job
-
-    def _train_job(self, ctl: JobControl, spec: TrainSpec) -> dict[str, Any]:
-        ctl.set_phase("loading the base adapter")
-        self.host.load_base_adapter()
-        ctl.set_phase("reading the history")
-        ctx = self._context()
-        with self.store_lock:
-            history = self.store.items()
-            if not history:
-                raise RuntimeError("the history is empty; add items before training")
-            ctl.set_phase(f"building {len(history)} training examples ({self.spec.augmentation})")
-            # Example i retrieves only from items before i (no leakage of the future).
-            examples = history_examples(self.task, history, ctx, self.spec.augmentation)
-        if ctl.cancelled():
-            return {"cancelled": True, "steps": 0}
-        held_out = validation_size(len(examples), self.spec.selection)
-        if not held_out:
-            ctl.set_phase("training")
-        elif len(examples) - held_out >= self.spec.selection.min_train:
-            ctl.set_phase(f"scoring base + base adapter on the {held_out} newest items, held out for validation")
-        else:
-            ctl.set_phase("checking the history size against selection.min_train")
-
-        def on_step(steps_done: int, steps_total: int, loss: float) -> None:
-            if steps_done == 1:
-                ctl.set_phase(f"training on {len(examples) - held_out} examples" +
-                              (f", validating on {held_out}" if held_out else ""))
-            ctl.progress(steps_done, steps_total, loss)
-
-        def summary(result: Any) -> dict[str, Any]:
-            return {"steps": result.steps, "examples": len(examples),
-                    "final_loss": result.final_loss if result.losses else None,
-                    "seconds": round(result.seconds, 3), "tokens_per_second": round(result.tokens_per_second, 1)}
-
-        def manifest(result: Any, sel: Any) -> AdapterManifest:
-            return new_manifest(
-                base_model_hash=self.engine.model_hash, task=self.task.name,
-                peft_type=self.spec.personal_adapter.peft_type,
-                data={"history_items": len(history), "examples": sel.train_items,
-                      "validation_items": sel.validation_items},
-                train={**summary(result), "epochs": spec.epochs, "lr": spec.lr, "augmentation": self.spec.augmentation,
-                       "job": ctl.job.id, TRAINED_ON: self.host.base_info["version"],
-                       "selection": sel.summary()},
-            )
-
-        result, sel, version = self.host.train(self.task, examples, spec, self.spec.selection, on_step=on_step,
-                                                cancelled=ctl.cancelled, manifest=manifest)
-        log.info("training job %s: %s", ctl.job.id, sel.summary())
-        if version is not None:
-            decision = sel.verdict(version_name(version))
-        elif result.cancelled:
-            decision = "not adopted: training cancelled"
-        else:
-            pub = self.host.published
-            decision = sel.verdict() + (f"; {version_name(pub.version)} keeps answering" if pub
-                                        else "; answers stay without a personal adapter")
-        log.info("training job %s: %s", ctl.job.id, decision)
-        out = {**summary(result), "history_items": len(history), "adopted": sel.adopted,
-               "selection": sel.summary(), "decision": decision}
-        if result.cancelled:
-            return {**out, "cancelled": True}
-        return out if version is None else {**out, "version": version}
 
     # -- status --------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        self._refresh()
-        base = self.engine.base
-        active = self.jobs.active()
-        pub = self.host.published
-        count = self.count()
-        return {
-            "daemon": {"pid": os.getpid(), "framework_version": FRAMEWORK_VERSION, "data_dir": str(self.dir),
-                       "uptime_s": round(time.time() - self.started, 1), "task": self.task.name,
-                       "method": AUGMENTATION_METHOD[self.spec.augmentation],
-                       "item_fields": list(self.task.item_fields), "label_field": self.task.label_field,
-                       "labels": list(self.task.labels) if self.task.labels else None},
-            "base_model": {"hash": self.engine.model_hash, "path": str(base.directory),
-                           "quantization": base.quantization, "device": base.device, "dtype": str(base.dtype),
-                           "threads": _torch_threads()},
-            "base_adapter": self.base.status(),
-            "personal_adapter": {**pub.info(), "path": str(pub.path), "answers": not self.host.stale,
-                                 "not_answering_because": self.host.stale, "retraining": self.retrain_note}
-            if pub else None,
-            "personal_versions": [version_name(v) for v in self.personal.versions()],
-            "history": {"count": count, "new_since_training": max(0, count - self._trained_on()),
-                        "retrain_after": self.spec.retrain_after,
-                        "derived_files": derived_from_history(self.dir)},  # none after forget
-            "auto_train": self._auto_train_status(count),
-            "last_training": self._last_training(),
-            "privacy": read_privacy(self.dir),
-            "federation": self._federation_status(),
-            "jobs": {"active": active.public() if active else None,
-                     "interrupted_at_start": [j.id for j in self.jobs.interrupted]},
-            "problems": self._problems(),
-        }
-
-    def _problems(self) -> list[str]:
-        out = list(self.host.problems)
-        if self.host.base_info["source"] == UNTRAINED and not self.base.preparing():
-            out.append(f"base adapter untrained: {self.base.untrained_why}")
-        if self.host.stale and self.retrain_note:
-            out.append(self.retrain_note)
-        return out
-
-    def _federation_status(self) -> dict[str, Any] | None:
-        if self.supervisor is None:
-            return None
-        sup = self.supervisor.status()
-        return {"coordinator": self.spec.coordinator,
-                "transport": transport_name(insecure=self.spec.insecure, auth_private_key=self.spec.supernode_auth_key),
-                **sup, "app_trust": trust_status(self.trust, Path(sup["log"]))}
+        """What `oppu client status` shows (client/daemon_status.py)."""
+        return daemon_status(self)
 
     # -- export / import / forget --------------------------------------------------------------
 
@@ -548,7 +371,7 @@ class ClientService:
             archive = read_archive(path, self.dir / "tmp", max_bytes=int(self.spec.max_import_mb * 2**20),
                                    task=self.task.name)
             try:
-                result = self._import(archive)
+                result = merge_archive(self, archive)
             finally:
                 archive.cleanup()
         if self.host.stale:  # the archive's adapter was trained on another base adapter
@@ -556,85 +379,6 @@ class ClientService:
             result["retrain_job"] = job.id if job is not None else None
             result["retraining"] = self.retrain_note
         return result
-
-    def _import(self, archive: Archive) -> dict[str, Any]:
-        """All or nothing: the adapter is staged (saved, not answering), then the history and
-        profile are written, then the adapter is published. A failure at any step undoes the
-        earlier ones, so status, answers and the store are as before. (A crash between the
-        history write and the publish leaves the history imported and the adapter unpublished;
-        importing the same archive again completes it, items being idempotent by id.)"""
-        items = parse_items(archive.history, self.task, max_field_chars=self.spec.max_field_chars)
-        with self.store_lock:
-            try:
-                new_items(items, lambda i: next(iter(self.store.get([i])), None))
-            except ValueError as e:
-                raise Conflict(str(e)) from None
-        staged = self._stage_imported_adapter(archive.adapter_dir) if archive.adapter_dir is not None else None
-        version = None
-        try:
-            added, undo_history = self._write_imported_history(items, archive.profile)
-            try:
-                if staged is not None:
-                    version = self.host.publish_staged(staged)
-            except BaseException:
-                undo_history()
-                raise
-        except BaseException:
-            if staged is not None:
-                self.host.discard_staged(staged)
-            raise
-        out = {"history_added": added, "history_skipped": len(items) - added, "profile": bool(archive.profile),
-               "personal_version": version, "archive_personal_version": archive.manifest.personal_version,
-               "personal_answers": version is not None and not self.host.stale,
-               "personal_not_answering_because": self.host.stale if version is not None else None}
-        return out
-
-    def _stage_imported_adapter(self, adapter_dir: Path) -> int:
-        try:
-            m = adapters.verify_adapter_dir(adapter_dir, base_model_hash=self.engine.model_hash)
-        except (OSError, ValueError) as e:
-            raise ArchiveError(f"the archive's adapter: {e}") from None
-        want = self.spec.personal_adapter.peft_type
-        if m.role != "personal" or m.task != self.task.name or m.peft_type != want:
-            raise ArchiveError(f"the archive's adapter is a {m.role} {m.peft_type} adapter for {m.task!r}; this "
-                               f"daemon needs a personal {want} adapter for {self.task.name!r}")
-        kept = AdapterManifest(**{**m.__dict__, "files": {}})
-        kept.train = {**kept.train, "imported": time.time()}
-        try:
-            return self.host.stage_adapter(adapter_dir, kept)
-        except (ValueError, RuntimeError) as e:
-            raise ArchiveError(f"the archive's adapter cannot be loaded: {e}") from None
-
-    def _write_imported_history(self, items: list[HistoryItem], profile: str | None) -> tuple[int, Any]:
-        """Add the items and set the profile; returns (items added, a function undoing both).
-        Raises with both undone when either write fails."""
-        with self.store_lock:
-            present = {it.id for it in self.store.get([it.id for it in items])}
-            fresh = [it.id for it in items if it.id not in present]
-            previous_profile = self.store.get_profile()
-
-        def undo() -> None:
-            with self.store_lock:
-                self.store.remove(fresh)
-                if profile and previous_profile is not None:
-                    self.store.set_profile(previous_profile)
-                elif profile:
-                    self.store.delete_profile()
-                self._write_snapshot()  # the ClientApp's copy must not keep the undone items
-
-        try:
-            with self.store_lock:
-                added = self.store.add(items)
-                if profile:
-                    self.store.set_profile(profile)
-                self._write_snapshot()
-        except BaseException:
-            try:
-                undo()
-            except Exception as e:  # noqa: BLE001 - report the first failure, log the second
-                log.error("import: undoing a failed history write also failed: %s", e)
-            raise
-        return added, undo
 
     def forget(self) -> dict[str, Any]:
         """Delete the history store and everything derived from the history (client.userdir's
@@ -666,7 +410,7 @@ class ClientService:
                 self.jobs.interrupted = []
                 with self.store_lock:  # HISTORY_DERIVED includes the snapshot: rewritten after, empty
                     files = forget_derived(self.dir)
-                    self._write_snapshot()  # a round after forget trains on nothing, not on a missing file
+                    self.sync_snapshot()  # a round after forget trains on nothing, not on a missing file
                 self._auto_attempt_count = 0
             finally:
                 if supernode_was_running:
@@ -679,10 +423,4 @@ class ClientService:
                          "federation.json": "privacy already spent in federated rounds stays accounted",
                          "federation/record-privacy-*.json": "privacy spent on your records stays accounted",
                          "logs": "emptied; they keep only what happens from now on"}}
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 

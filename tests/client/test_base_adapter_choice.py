@@ -11,7 +11,8 @@ import shutil
 import pytest
 import torch
 
-from client.service import ClientService, Preparing
+from client.basechoice import Preparing
+from client.service import ClientService
 from client.settings import DaemonSpec
 from shared import builtin_base
 from shared.adapters import ADAPTER_MANIFEST, AdapterManifest

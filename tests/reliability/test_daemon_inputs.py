@@ -21,7 +21,8 @@ import stored_state
 from client.archive import ArchiveError
 from client.items import ItemError
 from client.jobs import JobBusy
-from client.service import Busy, ClientService, Conflict
+from client.service import ClientService
+from client.service_errors import Busy, Conflict
 from shared.config import SelectionSpec, TrainSpec
 from client.settings import DaemonSpec
 from shared.data.synthetic import make_synthetic
