@@ -21,9 +21,10 @@ from client.api import create_app
 from client.daemon import run
 from client.service import ClientService
 from client.settings import DaemonSpec
-from oppu.cli import build_parser
 from shared.config import SelectionSpec, TrainSpec
 from shared.data.synthetic import make_synthetic
+
+from in_process_cli import in_process_cli
 
 TOKEN = "t" * 43
 
@@ -49,23 +50,7 @@ def run_cli(service, monkeypatch, capsys):
     """`oppu client ...` in-process; its requests go to the app under test, and are recorded."""
     client = TestClient(create_app(service, TOKEN), base_url="http://127.0.0.1",
                         headers={"Authorization": f"Bearer {TOKEN}"})
-    check, sent = commands.Api._check, []
-
-    class _Api:
-        def call(self, method, path, **kw):
-            sent.append(f"{method} {path}")
-            return check(client.request(method, path, **kw))
-
-    monkeypatch.setattr(commands, "Api", lambda args: _Api())
-
-    def run_(*argv: str) -> tuple[int, str, str]:
-        args = build_parser().parse_args(["client", *argv])
-        rc = args.func(args)
-        out = capsys.readouterr()
-        return rc, out.out, out.err
-
-    run_.sent = sent
-    return run_
+    return in_process_cli(client, monkeypatch, capsys)
 
 
 def test_forget_without_a_terminal_refuses_with_a_message(service, run_cli, monkeypatch):

@@ -11,17 +11,17 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from client import commands
 from client.api import create_app
 from client.items import ItemError, parse_items
 from client.service import ClientService
 from client.settings import DaemonSpec
 from client.snapshot import read_snapshot, snapshot_path
-from oppu.cli import build_parser
 from shared.config import SelectionSpec, TrainSpec
 from shared.data.importers import import_jsonl
 from shared.records import HistoryItem
 from shared.tasks import get_task
+
+from in_process_cli import in_process_cli
 
 TOKEN = "t" * 43
 RATING = get_task("amazon-rating")
@@ -93,22 +93,7 @@ def api(service):
 @pytest.fixture
 def run_cli(api, monkeypatch, capsys):
     """`oppu client ...` in-process, its requests going to the app under test."""
-
-    check = commands.Api._check
-
-    class _Api:
-        def call(self, method, path, **kw):
-            return check(api.request(method, path, **kw))
-
-    monkeypatch.setattr(commands, "Api", lambda args: _Api())
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        args = build_parser().parse_args(["client", *argv])
-        rc = args.func(args)
-        out = capsys.readouterr()
-        return rc, out.out, out.err
-
-    return run
+    return in_process_cli(api, monkeypatch, capsys)
 
 
 def test_numbers_through_the_api_are_stored_as_labels(api, service):
