@@ -6,8 +6,12 @@ the messages (serialized to Flower's wire objects and back) instead of Ray or a 
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 BASE_OVERRIDES = [
     'base_model.quantization="none"', 'data.task="synthetic-tag"', 'data.source="synthetic"', "data.users=3",
@@ -51,3 +55,36 @@ def run(spec: Any, run_dir: Path, grid: Any) -> dict[str, Any]:
     from coordinator.run import Coordinator
 
     return Coordinator(spec, run_dir).run(grid)
+
+
+def child(model_dir: Path, run_dir: Path, overrides: Sequence[str], *,
+          stall_after_round: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of a tiny federated run in a process of its own, for the tests that
+    kill the coordinator; with stall_after_round=N it hangs in the round after round N's checkpoint."""
+    tests = Path(__file__).resolve().parent
+    cmd = [sys.executable, str(tests / "inprocess_federation.py"), str(model_dir), str(run_dir), json.dumps(list(overrides))]
+    if stall_after_round is not None:
+        cmd.append(str(stall_after_round))
+    return cmd, {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+
+
+def _child_main(argv: list[str]) -> None:
+    model_dir, run_dir = Path(argv[0]), Path(argv[1])
+    spec = tiny_spec(model_dir, run_dir, *json.loads(argv[2]))
+    _, names = prepare(spec, run_dir)
+    grid = local_grid(spec, run_dir, names)
+    if len(argv) > 3:
+        stall_after, real = int(argv[3]), grid.send_and_receive
+
+        def stalling(messages: Any, **kw: Any) -> Any:
+            state = run_dir / "checkpoint" / "state.json"
+            if state.exists() and json.loads(state.read_text())["round"] >= stall_after:
+                time.sleep(600)  # the next round is under way: the test kills us here
+            return real(messages, **kw)
+
+        grid.send_and_receive = stalling
+    run(spec, run_dir, grid)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])

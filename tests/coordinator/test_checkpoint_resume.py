@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -17,33 +15,11 @@ from shared.privacy import Accountant
 DP = ["privacy.federate_base_adapter=true", "privacy.noise_multiplier=1.0", "privacy.clipping_norm=0.5",
       "federation.rounds=3", "data.users=3", "federation.fraction_train=0.67", 'methods=["non-personalized"]']
 
-CHILD = textwrap.dedent("""
-    import json, sys, time
-    from pathlib import Path
-    import inprocess_federation as fedkit
-    model, run = Path(sys.argv[1]), Path(sys.argv[2])
-    spec = fedkit.tiny_spec(model, run, *json.loads(sys.argv[3]))
-    _, names = fedkit.prepare(spec, run)
-    grid = fedkit.local_grid(spec, run, names)
-    real = grid.send_and_receive
-    def slow_after_round_2(messages, **kw):
-        state = run / "checkpoint" / "state.json"
-        if state.exists() and json.loads(state.read_text())["round"] >= 2:
-            time.sleep(600)  # round 3 is under way: the test kills us here
-        return real(messages, **kw)
-    grid.send_and_receive = slow_after_round_2
-    fedkit.run(spec, run, grid)
-""")
-
 
 def test_killed_after_round_2_resumes_at_round_3_with_the_same_accountant(tmp_path, tiny_model_dir, caplog):
     run = tmp_path / "run"
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    tests_dir = Path(fedkit.__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir.parent), str(tests_dir)])}
-    proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(run), json.dumps(DP)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    cmd, env = fedkit.child(tiny_model_dir, run, DP, stall_after_round=2)  # killed in round 3
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     state = run / "checkpoint" / "state.json"
     try:
         deadline = time.time() + 240

@@ -10,41 +10,26 @@ import os
 import random
 import signal
 import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
+import inprocess_federation as fedkit
+
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parents[1]
 DP = ["privacy.federate_base_adapter=true", "privacy.noise_multiplier=1.0", "privacy.clipping_norm=0.5",
       "federation.rounds=4", "data.users=3", "federation.fraction_train=0.67", 'methods=["non-personalized"]']
-
-CHILD = textwrap.dedent("""
-    import json, sys
-    from pathlib import Path
-    import inprocess_federation as fedkit
-    model, run = Path(sys.argv[1]), Path(sys.argv[2])
-    spec = fedkit.tiny_spec(model, run, *json.loads(sys.argv[3]))
-    _, names = fedkit.prepare(spec, run)
-    fedkit.run(spec, run, fedkit.local_grid(spec, run, names))
-""")
 
 
 def test_coordinator_killed_at_random_moments_resumes_until_done(tmp_path, tiny_model_dir, figures):
     run = tmp_path / "run"
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    cmd, env = fedkit.child(tiny_model_dir, run, DP)
     state = run / "checkpoint" / "state.json"
     rng = random.Random(11)
     kills, rounds_seen = 0, []
     for attempt in range(12):
-        proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(run), json.dumps(DP)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
             if attempt < 3:
                 time.sleep(4 + rng.random() * 12)
