@@ -41,7 +41,6 @@ the machine is then).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import random
