@@ -95,3 +95,17 @@ def dtype_engine(request, tiny_model_dir):
     from shared.engine import Engine
 
     return Engine(BaseModelSpec(path=str(tiny_model_dir), quantization="none", dtype=request.param))
+
+
+@pytest.fixture()
+def varied(dtype_engine):
+    """The tiny engine (fp32, then bf16) with a random base adapter of scale 1, restored after:
+    its greedy answers and label likelihoods then differ from prompt to prompt."""
+    import torch
+
+    e = dtype_engine
+    before = {k: v.clone() for k, v in e.base_state().items()}
+    g = torch.Generator().manual_seed(1)
+    e.set_base_state({k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in before.items()})
+    yield e
+    e.set_base_state(before)

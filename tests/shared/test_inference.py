@@ -72,17 +72,6 @@ def test_answers_are_cut_at_the_end_marker_and_returned_in_the_callers_order():
     assert generate(model, tok, [], max_new_tokens=4) == []
 
 
-@pytest.fixture()
-def varied(dtype_engine):
-    """The tiny engine (fp32, then bf16) with a random base adapter of scale 1, restored after."""
-    e = dtype_engine
-    before = {k: v.clone() for k, v in e.base_state().items()}
-    g = torch.Generator().manual_seed(1)
-    e.set_base_state({k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in before.items()})
-    yield e
-    e.set_base_state(before)
-
-
 @pytest.mark.parametrize("dtype_engine", ["float32"], indirect=True)
 def test_batching_gives_each_prompt_the_answer_it_gets_alone(varied):
     """In fp32 left padding changes only the shapes of the matmuls, i.e. roundings of about 1e-7,

@@ -35,17 +35,6 @@ def test_rules_pick_most_likely_median_and_rounded_mean():
     assert choose_label([0.5, 0.0, 0.0, 0.0, 0.5], RATINGS, "median", True) == "1"  # exactly half reaches it
 
 
-@pytest.fixture()
-def varied(dtype_engine):
-    """The tiny engine with a random base adapter of scale 1 (answers differ by prompt), restored after."""
-    e = dtype_engine
-    before = {k: v.clone() for k, v in e.base_state().items()}
-    g = torch.Generator().manual_seed(3)
-    e.set_base_state({k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in before.items()})
-    yield e
-    e.set_base_state(before)
-
-
 def test_distribution_is_each_labels_answer_likelihood_as_training_scores_it(varied):
     e = varied
     dist = label_distribution(e.model, e.tokenizer, PROMPTS, RATINGS, batch_size=7)
