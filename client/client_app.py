@@ -18,10 +18,10 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from shared.privacy import clip_update
-from shared.protocol import (ARRAYS, CHUNK, CONFIG, DATA, METRICS, REPLY, ChunkHeader, ClientError, ProtocolError,
-                             RoundConfig)
+from shared.protocol import (ARRAYS, CHUNK, COHORT, CONFIG, DATA, METRICS, PARTITIONS, REPLY, ChunkHeader, ClientError,
+                             ProtocolError, RoundConfig, cohort_partitions)
 
-from . import rounds  # a module reference: the handlers look up rounds.train etc. when called
+from . import cohort, rounds  # module references: the handlers look up rounds.train etc. when called
 
 log = logging.getLogger("oppu.client")
 
@@ -135,6 +135,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context)
     metrics = rounds.evaluate(node, cfg, arrays)
     return Message(RecordDict({METRICS: MetricRecord(rounds.reply_metrics(node, metrics))}), reply_to=msg)
+
+
+@app.query("personalize")
+def personalize(msg: Message, context: Context) -> Message:
+    """A simulation worker trains a cohort of sampled users' personal adapters in one pass
+    (client/cohort.py); the reply names them and carries numbers only."""
+    cfg = RoundConfig.from_record(_record(msg, "config", CONFIG))
+    partitions = cohort_partitions(_record(msg, "config", COHORT))
+    node = _node(context)
+    metrics = cohort.personalize_cohort(node, cfg, _arrays(msg), partitions)
+    return Message(RecordDict({REPLY: ConfigRecord({PARTITIONS: partitions}),
+                               METRICS: MetricRecord(rounds.reply_metrics(node, metrics))}), reply_to=msg)
 
 
 LEGACY_FITINS = "fitins.config"  # SecAgg+ speaks Flower's legacy FitIns/FitRes records

@@ -110,14 +110,7 @@ def node_from(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
     if "data-dir" in node_config:
         data_dir = Path(str(node_config["data-dir"]))
     elif pid is not None and spec.federation.run_dir:
-        index = Path(spec.federation.run_dir) / "users" / "index.json"
-        try:
-            names = json.loads(index.read_text())
-        except FileNotFoundError:
-            raise ClientError("the run directory has no users/index.json: simulated users are prepared by `oppu simulate`") from None
-        if not 0 <= pid < len(names):
-            raise ClientError(f"partition-id {pid} but only {len(names)} simulated users were prepared")
-        data_dir = index.parent / names[pid]
+        data_dir = simulated_user_dir(spec, pid)
     else:
         raise ClientError("this SuperNode has no user data: start it with --node-config \"data-dir='DIR'\"")
     user = UserDir(data_dir)
@@ -132,6 +125,18 @@ def node_from(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
     quota = _quota_bytes(node_config, deployed=pid is None)
     allow = str(node_config.get("report-metrics", "true")).strip().lower() not in ("false", "0", "no", "off")
     return Node(spec, user, ArtifactCache(cache, quota_bytes=quota), simulated=pid is not None, allow_metrics=allow)
+
+
+def simulated_user_dir(spec: FederatedSpec, pid: int) -> Path:
+    """The data directory of simulated user `pid` (its place in the run's users/index.json)."""
+    index = Path(spec.federation.run_dir) / "users" / "index.json"
+    try:
+        names = json.loads(index.read_text())
+    except FileNotFoundError:
+        raise ClientError("the run directory has no users/index.json: simulated users are prepared by `oppu simulate`") from None
+    if not 0 <= pid < len(names):
+        raise ClientError(f"partition-id {pid} but only {len(names)} simulated users were prepared")
+    return index.parent / names[pid]
 
 
 def _quota_bytes(node_config: Mapping[str, Any], *, deployed: bool) -> int | None:
@@ -223,7 +228,7 @@ def context_for(node: Node, task: Any, store: Any) -> Any:
     return Context(store, make_retriever(r.retriever, task.item_text), r, profile=profile)
 
 
-def _augmentations(methods: list[str]) -> list[str]:
+def augmentations(methods: list[str]) -> list[str]:
     return sorted({METHOD_AUGMENTATION[m] for m in methods if m in PERSONAL_METHODS})
 
 
@@ -232,14 +237,14 @@ def train(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> tup
     t0 = time.perf_counter()
     engine = engine_for(node, cfg.model)
     task = task_for(node, cfg)
-    with _history_store(node, task) as store:
+    with history_store(node, task) as store:
         history = store.items()
         ctx = context_for(node, task, store)
         metrics: dict[str, float] = {"history-items": float(len(history))}
         with engine.lock:
             set_global_base(engine, node, cfg, arrays)
             # (a) Personal adapters, stacked on the global base adapter, kept on this disk.
-            for aug in _augmentations(cfg.method_list):
+            for aug in augmentations(cfg.method_list):
                 loss = personalize(engine, node, task, ctx, history, aug, cfg)
                 if loss is not None:
                     metrics[f"personal-{aug}-loss"] = loss
@@ -265,7 +270,7 @@ def train(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> tup
 
 
 @contextlib.contextmanager
-def _history_store(node: Node, task: Any) -> Iterator[Any]:
+def history_store(node: Node, task: Any) -> Iterator[Any]:
     """This user's history for a round (client.userdir: a daemon's snapshot, or a simulated user's
     store), closed however the round ends: a Chroma store has one owner, and a failed round must
     not leave this process holding it."""
@@ -279,16 +284,24 @@ def _history_store(node: Node, task: Any) -> Iterator[Any]:
             close()
 
 
-def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str,
-                cfg: RoundConfig) -> float | None:
-    """Train this user's personal adapter (first time) or refresh the published one, on the
-    round's base adapter (in the engine's base slot); publish it, recording that base adapter."""
+@dataclass(frozen=True)
+class PersonalPlan:
+    """What a round does for one user's personal adapter of one augmentation."""
+
+    examples: list[Any]  # the user's history as training examples, in time order
+    train: Any  # TrainSpec: the experiment's, or personal_refresh_epochs of it for a refresh
+    refresh: Any = None  # the published adapter (client.personal.Published) training continues from
+    dp: Any = None  # DPSGD when privacy.record_level covers the personal adapter
+
+
+def plan_personal(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str) -> PersonalPlan | None:
+    """Train this user's personal adapter (first time), refresh the published one, or keep it as
+    it is (None: personal_refresh_epochs = 0 and one is published)."""
     spec = node.spec.experiment
     if aug == "pag":
         ensure_profile(engine, task, ctx, history, seed=node.spec.experiment.data.seed, keep=node.user.cache_profile)
     examples = history_examples(task, history, ctx, aug)
-    adapters = PersonalAdapters(node.user.personal_root(aug))
-    published, problems = adapters.resolve(base_model_hash=engine.model_hash)
+    published, problems = PersonalAdapters(node.user.personal_root(aug)).resolve(base_model_hash=engine.model_hash)
     for p in problems:
         log.warning("personal adapter: %s", p)
     usable = (published is not None and published.manifest.task == task.name
@@ -297,12 +310,32 @@ def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any]
     if usable and refresh == 0:
         return None  # trained once; kept as is
     train_spec = dataclasses.replace(spec.personal_train, epochs=refresh) if usable else spec.personal_train
-    dp = record_dp(node, "personal", train_spec)
-    if usable:
-        engine.load_personal(published.path)
-    tr, sel = train_and_select(engine, task, examples, train_spec, spec.selection, fresh=not usable, progress=False,
-                               **({"dp_sgd": dp} if dp else {}))
-    privacy = account_record_dp(node, f"personal-{aug}", dp)
+    return PersonalPlan(examples, train_spec, published if usable else None, record_dp(node, "personal", train_spec))
+
+
+def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any], aug: str,
+                cfg: RoundConfig) -> float | None:
+    """Train this user's personal adapter (first time) or refresh the published one, on the
+    round's base adapter (in the engine's base slot); publish it, recording that base adapter."""
+    plan = plan_personal(engine, node, task, ctx, history, aug)
+    return None if plan is None else train_alone(engine, node, task, history, aug, cfg, plan)
+
+
+def train_alone(engine: Any, node: Node, task: Any, history: list[Any], aug: str, cfg: RoundConfig,
+                plan: PersonalPlan) -> float | None:
+    """One user's planned personal training, by itself in the personal slot; kept by keep_personal."""
+    if plan.refresh is not None:
+        engine.load_personal(plan.refresh.path)
+    tr, sel = train_and_select(engine, task, plan.examples, plan.train, node.spec.experiment.selection,
+                               fresh=plan.refresh is None, progress=False, **({"dp_sgd": plan.dp} if plan.dp else {}))
+    return keep_personal(engine, node, task, history, aug, cfg, plan, tr, sel)
+
+
+def keep_personal(engine: Any, node: Node, task: Any, history: list[Any], aug: str, cfg: RoundConfig,
+                  plan: PersonalPlan, tr: Any, sel: Any) -> float | None:
+    """After a user's personal training (the personal slot holds the adopted adapter): account its
+    DP-SGD, record the selection, publish the adopted adapter. Returns the final training loss."""
+    privacy = account_record_dp(node, f"personal-{aug}", plan.dp)
     log.info("personal adapter (%s): %s", aug, sel.summary())
     atomic_write(_selection_file(node, aug), json.dumps({"base_model_hash": engine.model_hash, "task": task.name,
                                                          **sel.to_dict()}, indent=2))
@@ -311,13 +344,13 @@ def personalize(engine: Any, node: Node, task: Any, ctx: Any, history: list[Any]
         # it, and checks the version recorded here against the base adapter answering (client.host).
         trained_on = save_round_base(engine, node, task, cfg)
         manifest = new_manifest(base_model_hash=engine.model_hash, task=task.name,
-                                peft_type=spec.personal_adapter.peft_type,
+                                peft_type=node.spec.experiment.personal_adapter.peft_type,
                                 data={"history_items": len(history), "examples": sel.train_items,
                                       "validation_items": sel.validation_items},
                                 train={"steps": tr.steps, "final_loss": tr.final_loss, "augmentation": aug,
-                                       "refreshed": bool(usable), "selection": sel.summary(),
+                                       "refreshed": plan.refresh is not None, "selection": sel.summary(),
                                        TRAINED_ON: trained_on}, privacy=privacy)
-        adapters.publish(lambda target: engine.save_personal(target, manifest))
+        PersonalAdapters(node.user.personal_root(aug)).publish(lambda target: engine.save_personal(target, manifest))
     return tr.final_loss if tr.losses else None
 
 
@@ -376,7 +409,7 @@ def evaluate(node: Node, cfg: RoundConfig, arrays: Mapping[str, np.ndarray]) -> 
         metrics: dict[str, float] = {"num-queries": float(len(queries))}
         if not queries:
             return metrics
-        with _history_store(node, task) as store:
+        with history_store(node, task) as store:
             history = store.items()
             ctx = context_for(node, task, store)
             golds = [q.target for q in queries]

@@ -37,6 +37,7 @@ from shared.protocol import (
 from shared.tasks import get_task
 
 from . import checkpoint
+from .cohorts import cohorts, personal_phase
 from .report import privacy_summary, render_report, round_line
 from .sampling import NodeNames, sample_round
 from .secagg import secure_average
@@ -233,7 +234,8 @@ class Coordinator:
             "aggregated": out["aggregated"], "replied": out["replied"],
             "rejected": _keyed(out["rejected"], secret), "failed": _keyed(failed, secret),
             "clipped": out.get("clipped", 0),
-            "train": out["train"], "epsilon": self.accounting.epsilon(),
+            "train": out["train"], **({"personal": out["personal"]} if "personal" in out else {}),
+            "epsilon": self.accounting.epsilon(),
             "delta": e.privacy.delta if self.spec.dp else None,
             "bytes_per_client": {"artifacts": sum(dist.sent.values()) / max(1, len(dist.sent)) if dist else 0.0,
                                  "base_adapter_down": out["down"], "base_adapter_up": out["up"]},
@@ -259,14 +261,20 @@ class Coordinator:
 
     def _train_plain(self, grid: Any, rnd: int, ready: list[int], state: dict[str, Any], cfg: RoundConfig, *,
                      population: int) -> dict[str, Any]:
-        """Flower's strategy sends the round and, without DP, averages bounded updates; under DP
+        """Cohorts of simulated users get their personal adapters first (coordinator/cohorts.py);
+        then Flower's strategy sends the round and, without DP, averages bounded updates; under DP
         the accepted updates go through THE DP-FedAvg round (strategy.aggregate_dp)."""
         from flwr.app import ArrayRecord, ConfigRecord
 
         f = self.spec.federation
         arrays = ArrayRecord({k: _array(v) for k, v in state.items()})
-        config = ConfigRecord(train_config(self.spec, cfg.to_record()))
-        msgs = list(self.inner.configure_train(rnd, arrays, config, SampledGrid(grid, ready))) if ready else []
+        groups = cohorts(self.spec, self.names, ready, cfg)
+        personal, personal_numbers = (personal_phase(grid, self.names, groups, arrays, cfg, timeout=f.round_timeout)
+                                      if groups else (set(), None))
+        msgs = []
+        for nodes, methods in (([n for n in ready if n not in personal], cfg.methods), (sorted(personal), "")):
+            config = ConfigRecord(train_config(self.spec, dataclasses.replace(cfg, methods=methods).to_record()))
+            msgs += list(self.inner.configure_train(rnd, arrays, config, SampledGrid(grid, nodes))) if nodes else []
         replies = list(grid.send_and_receive(msgs, timeout=f.round_timeout)) if msgs else []
         # Arrival order varies; the sums (and so a rerun's last bits) should not.
         replies.sort(key=lambda r: self.names.key(r.metadata.src_node_id))
@@ -292,7 +300,7 @@ class Coordinator:
         return {"new": arrays_new, "event": event, "replied": len(screened.accepted), "aggregated": aggregated,
                 "rejected": screened.rejected, "clipped": clipped,
                 "failed": {n: "no reply" for n in ready if n not in answered},
-                "train": train_metrics,
+                "train": train_metrics, **({"personal": personal_numbers} if personal_numbers else {}),
                 "down": arrays.count_bytes() if msgs else 0, "up": up / max(1, len(screened.accepted))}
 
     def _train_secure(self, grid: Any, rnd: int, ready: list[int], state: dict[str, Any],

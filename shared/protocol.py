@@ -12,9 +12,14 @@ Messages from the coordinator (all replies are checked by tests/client/test_outb
 | train               | global base adapter (arrays) + RoundConfig  | updated base adapter (only when the run |
 |                     |                                             | federates it) + numbers (*)             |
 | evaluate            | global base adapter (arrays) + RoundConfig  | metric numbers (*)                      |
+| query.personalize   | global base adapter (arrays) + RoundConfig  | the partition ids whose personal        |
+| (simulation only)   | + a cohort of simulated users' partition ids| adapters were trained + numbers         |
 
 (*) none from a deployed client under DP unless the operator and the user opted in
 (client.rounds.reply_metrics); docs/federation.md, "What each message carries", lists every key.
+
+query.personalize lets one simulation worker train several sampled users' personal adapters in
+one pass (coordinator/cohorts.py); a deployed client, which holds one user's data, refuses it.
 
 Artifacts (the quantized base model, the initial base adapter) are content-addressed: their id is
 the sha256 of their sorted file-hash list (`shared.model.model_hash`), so "do you have it" is a set
@@ -39,6 +44,7 @@ INVENTORY = "query.inventory"
 ARTIFACT = "query.artifact"
 TRAIN = "train"
 EVALUATE = "evaluate"
+PERSONALIZE = "query.personalize"
 
 # Record keys.
 ARRAYS = "arrays"  # ArrayRecord: the base adapter (Flower strategies' default key)
@@ -47,6 +53,9 @@ METRICS = "metrics"  # MetricRecord: numbers only
 CHUNK = "chunk"  # ConfigRecord: ChunkHeader
 DATA = "data"  # ArrayRecord: {"bytes": uint8[...]} one chunk's payload
 REPLY = "reply"  # ConfigRecord: small replies (inventory, ack)
+COHORT = "cohort"  # ConfigRecord: {PARTITIONS: [partition ids]} of a query.personalize message
+PARTITIONS = "partitions"  # the simulated users a query.personalize asks for / its reply trained
+MAX_COHORT = 1024  # users in one query.personalize (a cohort is train.users_per_pass users)
 
 NUM_EXAMPLES = "num-examples"
 NUM_QUERIES = "num-queries"
@@ -283,13 +292,25 @@ class RoundConfig:
         return [m for m in self.methods.split(",") if m]
 
 
+def cohort_partitions(record: Mapping[str, Any]) -> list[int]:
+    """The partition ids a query.personalize cohort record names: distinct non-negative integers,
+    at most MAX_COHORT; anything else is a ProtocolError naming what is wrong."""
+    value = record.get(PARTITIONS)
+    if not isinstance(value, list) or not value or len(value) > MAX_COHORT:
+        raise ProtocolError(f"cohort: {PARTITIONS} must be a list of 1 to {MAX_COHORT} partition ids")
+    if any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in value) or len(set(value)) != len(value):
+        raise ProtocolError(f"cohort: {PARTITIONS} must hold distinct non-negative integers")
+    return list(value)
+
+
 def is_lora_b(key: str) -> bool:
     """FFA-LoRA exchanges only these (LoRA A stays frozen at its shared initial value)."""
     return ".lora_B." in key or key.endswith(".lora_B.weight")
 
 
 __all__ = [
-    "IDENTIFY", "INVENTORY", "ARTIFACT", "TRAIN", "EVALUATE", "ARRAYS", "CONFIG", "METRICS", "CHUNK", "DATA", "REPLY",
+    "IDENTIFY", "INVENTORY", "ARTIFACT", "TRAIN", "EVALUATE", "PERSONALIZE", "ARRAYS", "CONFIG", "METRICS", "CHUNK",
+    "DATA", "REPLY", "COHORT", "PARTITIONS", "MAX_COHORT", "cohort_partitions",
     "NUM_EXAMPLES", "NUM_QUERIES", "AGG_WEIGHT", "KIND_MODEL", "KIND_BASE_ADAPTER", "ArtifactManifest",
     "manifest_for_dir", "ChunkHeader", "RoundConfig", "ClientError", "ProtocolError", "is_lora_b",
 ]

@@ -200,7 +200,7 @@ def test_a_failed_round_does_not_keep_a_simulated_users_store(tmp_path):
     retrieval = SimpleNamespace(store="chroma", retriever="bm25")
     node = SimpleNamespace(user=UserDir(tmp_path), spec=SimpleNamespace(experiment=SimpleNamespace(retrieval=retrieval)))
     with pytest.raises(RuntimeError, match="training failed"):
-        with rounds._history_store(node, task) as store:
+        with rounds.history_store(node, task) as store:
             assert [it.id for it in store.items()] == ["h1"]
             raise RuntimeError("training failed")
     with ChromaHistoryStore(tmp_path / "history", task.item_text) as again:

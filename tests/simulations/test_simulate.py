@@ -26,6 +26,10 @@ def test_oppu_simulate_runs_the_flower_simulation_engine(tmp_path, tiny_model_di
     summary = json.loads((run / "federation.json").read_text())
     assert summary["status"] == "completed" and [r["round"] for r in summary["rounds"]] == [1, 2]
     assert all(r["replied"] == 3 and r["aggregated"] == 3 for r in summary["rounds"])
+    # One worker trained the three users' personal adapters each round (coordinator/cohorts.py:
+    # personal_train.users_per_pass = 4 holds them all), through Flower's simulation engine.
+    assert all(r["personal"]["cohorts"] == 1 and r["personal"]["users"] == 3 for r in summary["rounds"]), \
+        [r.get("personal") for r in summary["rounds"]]
     assert "non-personalized/accuracy" in summary["rounds"][0]["evaluate"]
     # The coordinator's per-round table and the OPPU table scored from the users' own predictions.
     assert "base adapter (non-personalized)" in out and "OPPU+RAG" in out and "Δaccuracy vs non-pers." in out
