@@ -30,26 +30,34 @@ from .sampling import NodeNames
 log = logging.getLogger("oppu.coordinator")
 
 
-def cohorts(spec: FederatedSpec, names: NodeNames, ready: list[int], cfg: RoundConfig) -> list[list[int]]:
-    """The round's cohorts of node ids (each of 2 to users_per_pass users, as even as possible,
-    in `ready`'s order); [] where cohorts do not apply (see the module docstring)."""
+def applies(spec: FederatedSpec, methods: list[str]) -> bool:
+    """Whether a round of this run puts its simulated users in cohorts (module docstring)."""
     e = spec.experiment
-    per_pass = e.personal_train.users_per_pass
-    if (per_pass < 2 or spec.federation.secagg or e.personal_adapter.peft_type != "lora"
-            or e.privacy.record_level in ("personal", "both")
-            or not any(m in PERSONAL_METHODS for m in cfg.method_list)):
+    return (e.personal_train.users_per_pass > 1 and not spec.federation.secagg and e.personal_adapter.peft_type == "lora"
+            and e.privacy.record_level not in ("personal", "both") and any(m in PERSONAL_METHODS for m in methods))
+
+
+def split(users: list[Any], per_pass: int) -> list[list[Any]]:
+    """`users` in cohorts of at most `per_pass`, as even as possible (5 by 4: 3 + 2, not 4 + 1), in
+    order; a cohort of one is left out (its train message trains it as before)."""
+    if per_pass < 2 or len(users) < 2:
         return []
-    simulated = [n for n in ready if names.key(n)[0] == 0]
-    if len(simulated) < 2:
-        return []
-    count = math.ceil(len(simulated) / per_pass)
-    size, extra = divmod(len(simulated), count)
+    count = math.ceil(len(users) / per_pass)
+    size, extra = divmod(len(users), count)
     out, start = [], 0
     for i in range(count):
         end = start + size + (1 if i < extra else 0)
-        out.append(simulated[start:end])
+        out.append(users[start:end])
         start = end
     return [c for c in out if len(c) > 1]
+
+
+def cohorts(spec: FederatedSpec, names: NodeNames, ready: list[int], cfg: RoundConfig) -> list[list[int]]:
+    """The round's cohorts of node ids (simulated users only, in `ready`'s order); [] where
+    cohorts do not apply."""
+    if not applies(spec, cfg.method_list):
+        return []
+    return split([n for n in ready if names.key(n)[0] == 0], spec.experiment.personal_train.users_per_pass)
 
 
 def personal_phase(grid: Any, names: NodeNames, groups: list[list[int]], arrays: Any, cfg: RoundConfig, *,

@@ -19,7 +19,11 @@ validation scoring and of generation, each in the process that runs it):
 - round r: each sampled user (the seeded Poisson draw of coordinator.sampling when the config
   seeds it, else the expected q·N) trains a personal adapter per augmentation through
   shared.selection (base scored on the validation items, training, `checks` checkpoints
-  scored) and its local base-adapter update;
+  scored) and its local base-adapter update. Where the run puts users in cohorts
+  (coordinator/cohorts.py: personal_train.users_per_pass), each cohort's personal adapters are
+  one task first (one worker, one pass; costed as its users' trainings one after another, which
+  is what a pass of several users measured on a CPU: docs/benchmarks.md, "Many users in one
+  pass"), then every user's local update is a task of its own;
 - final evaluation: every user answers its queries for each method; users never sampled train
   their personal adapters there first (client.rounds.load_or_train_personal);
 - centralized baseline: train(every user's history, personal_train) and answer every query, in
@@ -49,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from coordinator import cohorts
 from coordinator.sampling import sample_round
 from shared.config import load_federated
 from shared.data import load_dataset
@@ -199,6 +204,7 @@ class Workload:
     checks: int
     federate: bool
     sampling: str  # how `sampled` was obtained
+    per_pass: int = 1  # users per cohort of a round's personal phase (1: no cohorts; coordinator/cohorts.py)
 
 
 def train_work(tokenizer: Any, examples: Sequence[Any], spec: Any) -> TrainWork:
@@ -280,7 +286,8 @@ def workload(spec: Any, *, cores: int) -> Workload:
         rounds=f.rounds, evaluate_before=bool(every), methods=tuple(e.methods),
         evaluate_between=[r for r in range(1, f.rounds + 1) if every and r % every == 0 and r < f.rounds],
         workers=max(1, int(cores // f.sim_client_cpus)), checks=e.selection.checks if e.selection.enabled else 0,
-        federate=e.privacy.federate_base_adapter, sampling=how)
+        federate=e.privacy.federate_base_adapter, sampling=how,
+        per_pass=e.personal_train.users_per_pass if cohorts.applies(spec, list(e.methods)) else 1)
 
 
 # ------------------------------------------------------------------------------------- model
@@ -342,16 +349,22 @@ def predict(w: Workload, c: Coefficients, *, skipped: float = 0.0) -> Prediction
     if w.evaluate_before:
         phases["evaluation before round 1"] = plain_eval()
     trained_once: set[int] = set()
+    def personal(i: int) -> float:
+        return sum(personalization_s(p, wk, w.checks, skipped) for p in w.users[i].personal.values())
+
     for r, sample in enumerate(w.sampled, start=1):
+        groups = cohorts.split(list(sample), w.per_pass)
+        in_group = {i for g in groups for i in g}
+        # The personal phase: one task per cohort, its users one after another.
+        phase = spread(first([sum(wk.user_task_s + personal(i) for i in g) for g in groups]), w.workers)
         tasks = []
         for i in sample:
-            u = w.users[i]
-            t = wk.user_task_s + sum(personalization_s(p, wk, w.checks, skipped) for p in u.personal.values())
+            t = wk.user_task_s + (0.0 if i in in_group else personal(i))
             if w.federate:
-                t += wk.train.seconds(u.local_base)
+                t += wk.train.seconds(w.users[i].local_base)
             tasks.append(t)
             trained_once.add(i)
-        phases[f"round {r}"] = spread(first(tasks), w.workers)
+        phases[f"round {r}"] = phase + spread(first(tasks), w.workers)
         if r in w.evaluate_between:
             phases[f"round {r}"] += plain_eval()
     final = []

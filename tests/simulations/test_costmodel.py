@@ -78,6 +78,26 @@ def test_evaluations_between_rounds_and_without_federation():
     assert p.phases["round 2"] == 0.0
 
 
+def test_a_round_with_cohorts_trains_each_cohort_as_one_task_then_every_local_update():
+    """coordinator/cohorts.py: 3 sampled users by 2 per pass are a cohort of users 0 and 1 (one
+    task, their personal trainings one after another) and user 2 alone (its train message)."""
+    import dataclasses
+
+    c = coefficients()
+    w = Workload(users=[user(4), user(4), user(4)], initial_base=TrainWork(0, 0), centralized=TrainWork(0, 0),
+                 centralized_queries=[], sampled=[[0, 1, 2]], rounds=1, evaluate_between=[], evaluate_before=True,
+                 methods=("non-personalized", "OPPU"), workers=2, checks=0, federate=True, sampling="test",
+                 per_pass=2)
+    score = 0.3 + 0.05 * 2 + 0.002 * 200
+    personal = 0.4 + score + (1.0 + 0.5 * 4 + 10.0)  # one user's selection, no checkpoints
+    local = 1.0 + 0.5 * 3 + 0.01 * 900
+    cohort = 2 * (0.25 + personal)  # one worker, both users
+    train = spread([0.25 + local, 0.25 + local, 0.25 + personal + local], 2)
+    assert predict(w, c).phases["round 1"] == pytest.approx(cohort + train)
+    alone = predict(dataclasses.replace(w, per_pass=1), c).phases["round 1"]
+    assert alone == pytest.approx(spread([0.25 + personal + local] * 3, 2))
+
+
 def test_reads_a_simulate_config(embedded_model_dir):
     """Users, rounds, who is sampled (the coordinator's seeded draw), and the training plan's
     steps, all as the simulation would have them."""
@@ -95,6 +115,7 @@ def test_reads_a_simulate_config(embedded_model_dir):
     assert len(w.users) == 5 and w.rounds == 3 and w.workers == 2
     assert w.sampled == [sample_round(list(range(5)), spec, r)[0] for r in (1, 2, 3)]
     assert w.evaluate_between == [1, 2] and w.evaluate_before
+    assert w.per_pass == spec.experiment.personal_train.users_per_pass == 4  # cohorts apply (OPPU, LoRA)
     assert w.centralized.steps == 0  # no centralized method asked for
     u = w.users[0]
     assert set(u.personal) == {"plain", "rag"} and set(u.queries) == {"plain", "rag"}
