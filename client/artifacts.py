@@ -33,7 +33,7 @@ import shutil
 from pathlib import Path
 
 from shared.fileio import fsync_dir, locked_dir
-from shared.model import MANIFEST, sha256_file
+from shared.model_manifest import MANIFEST, sha256_file
 from shared.protocol import KIND_MODEL, ArtifactManifest, ChunkHeader, ClientError
 
 log = logging.getLogger(__name__)

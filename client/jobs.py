@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared.fileio import atomic_write
-from shared.model import release_memory
+from shared.native_memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def give_back_memory() -> None:
     """Return what a finished job freed to the operating system, so that the daemon is back at
     its idle size after every job, not at what the job left behind until some later answer trims.
 
-    The training loop trims when it ends (shared.model.release_memory), but a job frees more
+    The training loop trims when it ends (shared.native_memory.release_memory), but a job frees more
     after that: the validation selection's dequantized weights, its examples, the optimizer.
     Measured on SmolLM2-135M (a history of 39 Amazon reviews): 1070-1137 MB resident after each
     job in bf16 and 1189 MB in fp32, against 845 and 769 MB once trimmed. A full collection first

@@ -35,7 +35,7 @@ from shared.adapters import TRAINED_ON, AdapterManifest, adapter_version, read_m
 from shared.config import BaseModelSpec, FederatedSpec, from_run_config
 from shared.dpsgd import DPSGD
 from shared.fileio import atomic_write
-from shared.model import cache_root
+from shared.model_source import cache_root
 from shared.personalize import (METHOD_AUGMENTATION, PERSONAL_METHODS, Context, base_examples, ensure_profile,
                                 history_examples, prompt_for)
 from shared.privacy import RDPAccountant

@@ -21,8 +21,9 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from shared.config import BaseModelSpec
-from shared.model import (MANIFEST, cache_root, directory_manifest, load_base_model, model_hash, read_or_make_manifest,
-                          resolve_model_dir)
+from shared.model import load_base_model
+from shared.model_manifest import MANIFEST, directory_manifest, model_hash, read_or_make_manifest
+from shared.model_source import cache_root, resolve_model_dir
 from shared.protocol import ARTIFACT, CHUNK, DATA, INVENTORY, REPLY, ArtifactManifest, ChunkHeader, manifest_for_dir
 
 log = logging.getLogger("oppu.distribution")

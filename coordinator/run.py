@@ -28,7 +28,7 @@ from shared.aggregation import delta_of, noise_generator, release
 from shared.config import METHODS, FederatedSpec, dump_federated_toml, federated_to_dict
 from shared.data import load_dataset
 from shared.fileio import atomic_write
-from shared.model import read_or_make_manifest
+from shared.model_manifest import read_or_make_manifest
 from shared.personalize import population_base_examples
 from shared.rundir import new_run_dir, run_log
 from shared.protocol import (

@@ -71,7 +71,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     from shared.config import BaseModelSpec
-    from shared.model import read_or_make_manifest, resolve_model_dir
+    from shared.model_manifest import read_or_make_manifest
+    from shared.model_source import resolve_model_dir
 
     spec = BaseModelSpec(path=args.model) if args.model else BaseModelSpec()
     directory = resolve_model_dir(spec)

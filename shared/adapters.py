@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .config import AdapterSpec
 from .fileio import atomic_dir
-from .model import sha256_file
+from .model_manifest import sha256_file
 
 BASE = "base"
 PERSONAL = "personal"

@@ -8,7 +8,7 @@ trains it) and cached beside the converted base model (`oppu prepare-model`):
                                                 train.recipe_key is the whole key)
     <cache>/base-adapters/<task>/.lock          flock: one machine trains a task's adapter once
 
-<cache> is base_model.cache_dir, else $OPPU_CACHE or ~/.cache/oppu (shared.model.cache_root).
+<cache> is base_model.cache_dir, else $OPPU_CACHE or ~/.cache/oppu (shared.model_source.cache_root).
 The key is a sha256 over the task, the base model's hash, the adapter and training settings and
 the training examples themselves (prompt and answer of each), so other data, another retrieval
 setting (it shapes the prompts), another model or another recipe is another entry; an entry whose
@@ -32,7 +32,7 @@ from .adapters import AdapterManifest, verify_adapter_dir
 from .config import AdapterSpec, BaseModelSpec, BuiltinBaseSpec, DataSpec, ExperimentSpec, RetrievalSpec, TrainSpec
 from .data.sources import REAL_TASKS, SYNTHETIC_TASKS, load_dataset
 from .fileio import locked_dir
-from .model import cache_root
+from .model_source import cache_root
 from .personalize import population_base_examples
 from .tasks import get_task
 from .training import Example

@@ -1,14 +1,16 @@
 """The process environment oppu needs, set in one place before any third-party library reads it.
 
 Every entry point (the `oppu` command, the Flower ServerApp and ClientApp, the test suite) calls
-`apply()` first; shared.model calls it on import too, so a library user who loads a model without
-going through an entry point is offline as well. Values are defaults: a variable the user set is
-kept.
+`apply()` first; shared.model (the base-model loader) calls it and `quiet_model_libraries()` on
+import too, its only import-time side effects, so a library user who loads a model without going
+through an entry point is offline as well. Values are defaults: a variable the user set is kept.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 DEFAULTS = {
     # Nothing is ever fetched from a model hub (read by huggingface_hub when it is imported).
@@ -38,3 +40,16 @@ def apply() -> None:
     """Set every DEFAULTS variable the environment does not set already (idempotent)."""
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def quiet_model_libraries() -> None:
+    """Silence what the model libraries print on every use that no user can act on.
+
+    bitsandbytes warns on every import that an optional CPU kernel package is absent, and PEFT
+    trips a transformers deprecation warning on every wrap; a dependency uses a deprecated
+    torch.jit decorator, printed once per process at load time.
+    """
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*is deprecated", category=DeprecationWarning)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .config import TrainSpec
-from .model import dense_4bit_weights, release_memory
+from .native_memory import release_memory
+from .quant4bit import dense_4bit_weights
 from .training import (PASS_TOKENS, Encoded, Example, TrainResult, answer_token_losses, checkpoint_steps, collate,
                        collate_packed, encode_examples, make_optimizer, pack_rows, pass_parts, step_plan)
 

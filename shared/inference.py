@@ -10,8 +10,9 @@ import math
 from typing import Any, Sequence
 
 from .config import DecodingSpec
-from .model import dense_4bit_weights, release_memory
+from .native_memory import release_memory
 from .prompting import answer_end_ids, encode_answer, encode_prompt, first_line, fit_prompt
+from .quant4bit import dense_4bit_weights
 from .soft_prompt import prepend
 
 

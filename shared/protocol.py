@@ -22,7 +22,7 @@ query.personalize lets one simulation worker train several sampled users' person
 one pass (coordinator/cohorts.py); a deployed client, which holds one user's data, refuses it.
 
 Artifacts (the quantized base model, the initial base adapter) are content-addressed: their id is
-the sha256 of their sorted file-hash list (`shared.model.model_hash`), so "do you have it" is a set
+the sha256 of their sorted file-hash list (`shared.model_manifest.model_hash`), so "do you have it" is a set
 membership test and a received artifact is verified file by file before it is used.
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 from .config import METHODS as KNOWN_METHODS
-from .model import directory_manifest, model_hash
+from .model_manifest import directory_manifest, model_hash
 
 # Message types (Flower: "<category>.<action>").
 IDENTIFY = "query.identify"

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from .config import SelectionSpec, TrainSpec
 from .metrics import METRIC_BEST, METRIC_DIRECTION
-from .model import dense_4bit_weights
+from .quant4bit import dense_4bit_weights
 from .training import Example, TrainResult
 
 
@@ -148,7 +148,7 @@ def score(engine: Any, task: Any, examples: Sequence[Example], *, personal: bool
 @contextlib.contextmanager
 def _dense_weights(engine: Any) -> Iterator[None]:
     """A 4-bit base dequantized once for the whole selection (base score, training, every
-    checkpoint) instead of once per scoring call; see shared.model.dense_4bit_weights."""
+    checkpoint) instead of once per scoring call; see shared.quant4bit.dense_4bit_weights."""
     base = getattr(engine, "base", None)
     if base is None or getattr(base, "device", "cpu") != "cpu":
         yield

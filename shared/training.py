@@ -7,7 +7,7 @@ all train through `train_adapter`. Two choices matter for speed on small hardwar
 - The loss only needs logits at answer positions, so the LM head (vocabulary ~49k, about a fifth
   of SmolLM2's FLOPs and most of its activation memory) runs on those positions only.
 - On a CPU a 4-bit base is dequantized once per training run, not twice per layer and step
-  (shared.model.dense_4bit_weights).
+  (shared.quant4bit.dense_4bit_weights).
 
 Memory stays bounded: a batch goes through forward and backward in parts of at most PASS_TOKENS
 tokens (batch_backward), and what a run freed is handed back to the OS when it ends.
@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .config import TrainSpec
-from .model import dense_4bit_weights, release_memory
+from .native_memory import release_memory
 from .prompting import encode_answer, encode_prompt, fit_prompt
+from .quant4bit import dense_4bit_weights
 from .soft_prompt import prepend
 
 

@@ -43,7 +43,7 @@ from shared.data import load_dataset
 from shared.dpsgd import DPSGD
 from shared.engine import Engine
 from shared.fileio import atomic_write
-from shared.model import cache_root, resolve_model_dir
+from shared.model_source import cache_root, resolve_model_dir
 from shared.personalize import Context, base_examples, history_examples, population_base_examples, prompt_for
 from shared.privacy import RDPAccountant
 from shared.retrieval import InMemoryHistoryStore, make_retriever

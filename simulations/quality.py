@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from shared.config import BaseModelSpec, load_experiment
+from shared.devices import pick_dtype
 from shared.fileio import atomic_write
-from shared.model import pick_dtype
 
 from .experiment import run_experiment
 from .reports.run_outputs import signed4

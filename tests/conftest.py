@@ -2,7 +2,7 @@
 random model with the same tokenizer for fast mechanics tests, and one real nf4 engine.
 
 Compute dtype: engines compute in bf16 on CPUs that have it in hardware (AMX, AVX512-BF16) and
-in fp32 elsewhere (shared.model.pick_dtype). `--compute-dtype=float32|bfloat16` forces one for
+in fp32 elsewhere (shared.devices.pick_dtype). `--compute-dtype=float32|bfloat16` forces one for
 every model the run loads, in this process and in the processes it starts (OPPU_COMPUTE_DTYPE),
 so either machine can run what the other computes; `dtype_engine` runs a numerics test in both.
 """
@@ -36,14 +36,14 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     from shared.config import BaseModelSpec
-    from shared.model import pick_dtype
+    from shared.devices import pick_dtype
 
     return f"oppu compute dtype: {str(pick_dtype(BaseModelSpec(), 'cpu')).replace('torch.', '')} on cpu"
 
 
 @pytest.fixture(scope="session")
 def embedded_model_dir():
-    from shared.model import ensure_embedded_model
+    from shared.model_source import ensure_embedded_model
 
     return ensure_embedded_model(progress=False)
 

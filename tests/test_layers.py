@@ -187,10 +187,7 @@ def test_the_lazy_import_check_sees_a_new_one(tmp_path):
 # A module past this many lines has usually grown a second concern (DESIGN.md: small modules;
 # no file mixing I/O and maths past ~400 lines). A longer one is split, or named here with why.
 MAX_MODULE_LINES = 500
-LONG_MODULES = {
-    "shared/model.py": "still mixed (GGUF conversion, hashing, device detection, bitsandbytes workarounds): "
-                       "issue 14 names its split",
-}
+LONG_MODULES: dict[str, str] = {}
 
 
 def long_modules(root: Path = ROOT) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from coordinator.distribution import Artifact, export_quantized_model
 from shared.config import AdapterSpec, BaseModelSpec
 from shared.engine import Engine
-from shared.model import resolve_model_dir
+from shared.model_source import resolve_model_dir
 from shared.protocol import KIND_MODEL, is_lora_b
 
 

@@ -57,7 +57,7 @@ from coordinator import cohorts
 from coordinator.sampling import sample_round
 from shared.config import load_federated
 from shared.data import load_dataset
-from shared.model import resolve_model_dir
+from shared.model_source import resolve_model_dir
 from shared.personalize import (METHOD_AUGMENTATION, PERSONAL_METHODS, Context, base_examples, history_examples,
                                 population_base_examples, prompt_for)
 from shared.prompting import encode_prompt

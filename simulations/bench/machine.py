@@ -9,7 +9,7 @@ import statistics
 import time
 from pathlib import Path
 
-from shared.model import bf16_support, cpu_bf16_support
+from shared.devices import bf16_support, cpu_bf16_support
 
 
 def describe() -> dict:

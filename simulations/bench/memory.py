@@ -6,7 +6,8 @@ from __future__ import annotations
 import gc
 
 from shared.config import BaseModelSpec
-from shared.model import load_base_model, resident_bytes
+from shared.model import load_base_model
+from shared.quant4bit import resident_bytes
 
 
 def run(model: str = "") -> dict:

@@ -15,7 +15,7 @@ import time
 from typing import Any, Sequence
 
 from shared.adapters import peft_config
-from shared.model import prepare_quantized_for_training
+from shared.quant4bit import prepare_quantized_for_training
 from shared.prompting import encode_answer, encode_prompt, fit_prompt
 from shared.training import Example
 

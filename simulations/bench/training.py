@@ -16,8 +16,9 @@ import torch
 from shared.adapters import get_state, peft_config
 from shared.config import AdapterSpec, BaseModelSpec, DataSpec, TrainSpec
 from shared.data import load_dataset
+from shared.devices import bf16_support, pick_device
 from shared.engine import Engine
-from shared.model import bf16_support, load_base_model, pick_device
+from shared.model import load_base_model
 from shared.personalize import history_examples
 from shared.tasks import get_task
 from shared.training import answer_loss, collate, encode_examples

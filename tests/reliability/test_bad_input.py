@@ -27,7 +27,7 @@ from client import archive as arc
 from client.artifacts import ArtifactCache, ArtifactRejected
 from client.items import ItemError, parse_items
 from shared.data.lamp import read_lamp
-from shared.model import model_hash
+from shared.model_manifest import model_hash
 from shared.protocol import (KIND_BASE_ADAPTER, KIND_MODEL, ArtifactManifest, ChunkHeader, ClientError,
                              ProtocolError, RoundConfig)
 from shared.tasks import get_task

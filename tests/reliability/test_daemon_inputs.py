@@ -324,7 +324,7 @@ def test_hostile_coordinator_messages_get_clear_errors_and_change_nothing(servic
 
     payload = b'{"a": 1}'
     h = hashlib.sha256(payload).hexdigest()
-    from shared.model import model_hash
+    from shared.model_manifest import model_hash
 
     art = ArtifactManifest(model_hash({"config.json": h}), KIND_BASE_ADAPTER, {"config.json": h}, {"config.json": len(payload)})
 

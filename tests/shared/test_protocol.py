@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from shared.model import model_hash
+from shared.model_manifest import model_hash
 from shared.protocol import (
     KIND_BASE_ADAPTER, KIND_MODEL, MAX_ARTIFACT_FILES, MAX_MANIFEST_CHARS, ArtifactManifest, ChunkHeader, ClientError,
     ProtocolError, RoundConfig, is_lora_b, manifest_for_dir,

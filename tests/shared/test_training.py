@@ -101,7 +101,7 @@ def test_dense_4bit_weights_give_the_same_loss_and_are_restored(real_engine):
     """Training on a CPU runs 4-bit layers from weights dequantized once; the loss and its
     gradients are those of the 4-bit layers, and the layers are 4-bit again afterwards."""
     from shared import adapters
-    from shared.model import dense_4bit_weights
+    from shared.quant4bit import dense_4bit_weights
 
     e = real_engine
     enc = encode_examples(e.tokenizer, EXAMPLES[:2], 128)
