@@ -56,7 +56,7 @@ class ScriptedEngine:
     def answer_tokens(self, task, history):
         return task.max_new_tokens
 
-    def answer(self, prompts, *, max_new_tokens, personal):
+    def answer(self, prompts, *, max_new_tokens, personal, task=None):
         right = round(self.current.metric * self.n_val)
         return ["comedy" if int(p[1:]) - self.first_val < right else "classic" for p in prompts]
 
