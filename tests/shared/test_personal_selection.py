@@ -8,13 +8,13 @@ import random
 
 import pytest
 
-from shared.config import RetrievalSpec, SelectionSpec, TrainSpec, load_experiment
-from shared.personalize import Context, history_examples, prompt_for
+from shared.config import SelectionSpec, TrainSpec
 from shared.records import HistoryItem, UserData
-from shared.retrieval import InMemoryHistoryStore, make_retriever
 from shared.selection import ValScore, beats, train_and_select, validation_size
 from shared.tasks import get_task
 from shared.training import Example, TrainResult
+
+from planted_preferences import plain_history_examples, planted_user
 
 
 def test_validation_size_holds_out_the_most_recent_fifth_at_least_two():
@@ -125,10 +125,6 @@ def test_too_little_history_trains_nothing():
     assert not sel.adopted and result.steps == 0 and engine.trained_on == [] and "too little history" in sel.reason
 
 
-def _accuracy(task, answers, queries):
-    return task.score([task.parse_output(a) for a in answers], [q.target for q in queries])["accuracy"]
-
-
 def _without_signal(user: UserData, population: list[UserData], seed: int) -> UserData:
     """The same items with tags drawn from the whole population's tags (the base users'): a user
     indistinguishable from everyone else, so nothing personal to learn beyond the base adapter."""
@@ -142,38 +138,20 @@ def _without_signal(user: UserData, population: list[UserData], seed: int) -> Us
 @pytest.mark.slow
 @pytest.mark.realmodel
 def test_planted_preferences_are_adopted_and_histories_without_signal_are_not(real_engine):
-    from shared.data import load_dataset
-    from shared.personalize import population_base_examples
-
-    spec = load_experiment(None, [
-        'data.task="synthetic-tag"', 'data.source="synthetic"', "data.users=1", "data.base_users=12",
-        "data.queries=10", "data.min_history=20", "data.max_history=20", "data.seed=3",
-        "data.base_examples=120", 'retrieval.store="memory"',
-    ])
-    ds = load_dataset(spec.data)
-    task = get_task(ds.task)
     # A base adapter that has learned the task itself, so what a personal adapter adds is personal.
     # (Seed 3: the base users' most common tag, action, is not this user's favourite, sci-fi.)
-    real_engine.train_base(population_base_examples(task, spec, ds.base_users), TrainSpec(epochs=2, lr=1e-3, batch_size=8),
-                           progress=False)
+    planted = planted_user(real_engine, seed=3, base_examples=120, base_train=TrainSpec(epochs=2, lr=1e-3, batch_size=8))
+    task, baseline = planted.task, planted.baseline
     train = TrainSpec(epochs=2, lr=1e-3, batch_size=4)
-    planted = ds.eval_users[0]
-    prompts = [prompt_for(task, None, q.input, "plain") for q in planted.queries]
-    baseline = _accuracy(task, real_engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=False),
-                         planted.queries)
 
     def select(user):
-        store = InMemoryHistoryStore(task.item_text)
-        store.add(user.history)
-        ctx = Context(store, make_retriever("bm25", task.item_text), RetrievalSpec(store="memory"))
-        return train_and_select(real_engine, task, history_examples(task, user.history, ctx, "plain"), train,
-                                SelectionSpec(), progress=False)[1]
+        return train_and_select(real_engine, task, plain_history_examples(task, user), train, SelectionSpec(),
+                                progress=False)[1]
 
-    sel = select(planted)
+    sel = select(planted.user)
     assert sel.adopted, sel.summary()
-    personal = _accuracy(task, real_engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=True),
-                         planted.queries)
+    personal = planted.accuracy(real_engine, personal=True)
     assert personal > baseline and personal >= 0.5, (personal, baseline)
 
-    without = [select(_without_signal(planted, ds.base_users, seed)) for seed in (0, 1)]
+    without = [select(_without_signal(planted.user, planted.dataset.base_users, seed)) for seed in (0, 1)]
     assert not any(s.adopted for s in without), [(s.summary(), s.checks) for s in without]

@@ -9,39 +9,22 @@ import pytest
 
 from shared.config import DataSpec, RetrievalSpec, TrainSpec, load_experiment
 from shared.data import load_dataset
-from shared.personalize import Context, history_examples, population_base_examples, prompt_for
+from shared.personalize import Context, history_examples
 from shared.retrieval import InMemoryHistoryStore, make_retriever
 from shared.tasks import get_task
 
-
-def _accuracy(task, answers, queries):
-    return task.score([task.parse_output(a) for a in answers], [q.target for q in queries])["accuracy"]
+from planted_preferences import plain_history_examples, planted_user
 
 
 @pytest.mark.realmodel
 def test_personal_adapter_beats_non_personalized_on_planted_preferences(real_engine):
-    spec = load_experiment(None, [
-        'data.task="synthetic-tag"', 'data.source="synthetic"', "data.users=1", "data.base_users=12",
-        "data.queries=10", "data.min_history=20", "data.max_history=20", "data.seed=1",
-        "data.base_examples=32", 'retrieval.store="memory"',
-    ])
-    ds = load_dataset(spec.data)
-    task = get_task(ds.task)
-    user = ds.eval_users[0]
-    real_engine.train_base(population_base_examples(task, spec, ds.base_users), TrainSpec(epochs=1, lr=5e-4, batch_size=8),
-                           progress=False)
-    prompts = [prompt_for(task, None, q.input, "plain") for q in user.queries]
-    baseline = _accuracy(task, real_engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=False),
-                         user.queries)
+    planted = planted_user(real_engine, seed=1, base_examples=32, base_train=TrainSpec(epochs=1, lr=5e-4, batch_size=8))
+    user, baseline = planted.user, planted.baseline
 
-    store = InMemoryHistoryStore(task.item_text)
-    store.add(user.history)
-    ctx = Context(store, make_retriever("bm25", task.item_text), RetrievalSpec(store="memory"))
-    examples = history_examples(task, user.history, ctx, "plain")
+    examples = plain_history_examples(planted.task, user)
     assert len(examples) == len(user.history)  # this user's history only
     real_engine.train_personal(examples, TrainSpec(epochs=2, lr=1e-3, batch_size=4), progress=False)
-    personal = _accuracy(task, real_engine.answer(prompts, max_new_tokens=task.max_new_tokens, personal=True),
-                         user.queries)
+    personal = planted.accuracy(real_engine, personal=True)
     assert personal > baseline, (personal, baseline)
     assert personal >= 0.5
 
