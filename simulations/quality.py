@@ -90,9 +90,10 @@ def claims(metrics: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def render(runs: list[tuple[Path, Mapping[str, Any], float]], total: float, who: str) -> str:
+def render(runs: list[tuple[Path, Mapping[str, Any], float]], total: float, who: str, note: str = "") -> str:
     lines = ["# Quality: do personal adapters make the model better for their user?", "",
-             f"Written by `make quality` ({who}). Machine: {machine()}. Wall time {total / 60:.1f} min in all.", "",
+             f"Written by `make quality` ({who}). Machine: {machine()}. Wall time {total / 60:.1f} min in all."
+             + (f" {note}" if note else ""), "",
              "Each task: real Amazon reviewers (Musical Instruments 5-core), each one's earlier reviews as "
              "history and their most recent reviews as queries; the base adapter is trained on other reviewers. "
              "Personal adapters go through per-user validation (each user's most recent history items held "
@@ -126,7 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every run")
     p.add_argument("--out", default="docs/quality.md", help="page to write")
     p.add_argument("--runs", default="runs/quality", help="parent directory of the run directories")
+    p.add_argument("--from-runs", nargs="+", metavar="RUN_DIR", default=[],
+                   help="write the page from finished run directories instead of running (e.g. the two tasks run "
+                   "side by side, one process each); the wall time is then --wall-minutes")
+    p.add_argument("--wall-minutes", type=float, help="with --from-runs: the wall time of all runs together")
+    p.add_argument("--note", default="", help="a sentence for the page's header (how the runs were made)")
     args = p.parse_args(argv)
+    who = "python -m simulations.quality " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    if args.from_runs:
+        done = []
+        for d in map(Path, args.from_runs):
+            metrics_file = d / "metrics.json"
+            if not metrics_file.is_file():
+                p.error(f"{d} is not a finished run directory (no metrics.json); give the directories "
+                        f"`make quality` printed, e.g. runs/quality/<time>-amazon-title")
+            metrics = json.loads(metrics_file.read_text())
+            done.append((d, metrics, float(metrics["seconds"])))
+        total = 60 * args.wall_minutes if args.wall_minutes else sum(r[2] for r in done)
+        atomic_write(Path(args.out), render(done, total, who.strip(), args.note))
+        print(f"wrote {args.out}")
+        return 0
 
     started = time.time()
     runs = []
@@ -136,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = run_experiment(spec, progress=True)
         runs.append((run_dir, json.loads((run_dir / "metrics.json").read_text()), time.time() - t0))
         print((run_dir / "results.md").read_text())
-    who = "python -m simulations.quality " + " ".join(argv if argv is not None else sys.argv[1:])
-    atomic_write(Path(args.out), render(runs, time.time() - started, who.strip()))
+    atomic_write(Path(args.out), render(runs, time.time() - started, who.strip(), args.note))
     print(f"wrote {args.out}")
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_quality_page_checks_the_claims_on_its_own_numbers(tmp_path, tiny_model_dir):
     from simulations.quality import main
@@ -32,3 +34,16 @@ store = "memory"
     assert "## synthetic-rating (3 users, 6 queries" in page and "Machine: " in page and "cores" in page
     assert "OPPU+RAG at least as good as RAG" in page and "OPPU no worse than non-personalized" in page
     assert "baseline: user mode" in page and "[95% CI]" in page and "adopted on validation" in page
+    # The page again from the finished run directory alone (tasks run side by side, one process
+    # each): the same tables and claims, the given wall time and note; a directory that holds no
+    # finished run is refused by name.
+    run_dir = next((tmp_path / "runs").iterdir())
+    again = tmp_path / "again.md"
+    assert main(["--from-runs", str(run_dir), "--out", str(again), "--wall-minutes", "12.5",
+                 "--note", "Ran side by side."]) == 0
+    text = again.read_text()
+    assert "Wall time 12.5 min in all. Ran side by side." in text
+    table = page.split("## synthetic-rating", 1)[1].split("Run directory", 1)[0]
+    assert table in text
+    with pytest.raises(SystemExit):
+        main(["--from-runs", str(tmp_path), "--out", str(again)])
