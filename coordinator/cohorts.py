@@ -4,8 +4,9 @@ personal adapters trained by one worker in one pass (query.personalize, client/c
 Why: Flower's simulation engine gives a worker one message, so one user, at a time, and one
 user's personal training leaves fast matrix units idle (shared/group_training.py). Before the
 round's train messages the coordinator sends each cohort of at most `train.users_per_pass`
-users to the first of them; that user's worker trains all of them together. Users whose cohort
-answered get train messages without personal methods (their adapters are published already);
+users (in at least as many cohorts as the simulation has workers, so none idles) to the first
+of them; that user's worker trains all of them together. Users whose cohort answered get train
+messages without personal methods (their adapters are published already);
 a cohort that fails or times out changes nothing: its users' train messages train them one at a
 time, as without cohorts.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any
 
 from shared.config import FederatedSpec
@@ -37,12 +39,22 @@ def applies(spec: FederatedSpec, methods: list[str]) -> bool:
             and e.privacy.record_level not in ("personal", "both") and any(m in PERSONAL_METHODS for m in methods))
 
 
-def split(users: list[Any], per_pass: int) -> list[list[Any]]:
+def workers(spec: FederatedSpec) -> int | None:
+    """How many users the simulation trains at once: on this machine (no federation.ray_address)
+    its cores over sim_client_cpus, the Ray actors simulations/simulate.py starts; on a cluster
+    not known here (None)."""
+    f = spec.federation
+    return None if f.ray_address else max(1, int((os.cpu_count() or 1) // f.sim_client_cpus))
+
+
+def split(users: list[Any], per_pass: int, workers: int | None = None) -> list[list[Any]]:
     """`users` in cohorts of at most `per_pass`, as even as possible (5 by 4: 3 + 2, not 4 + 1), in
-    order; a cohort of one is left out (its train message trains it as before)."""
+    order, and in at least as many cohorts as there are `workers` to take them (a cohort keeps
+    one worker busy for all its users: with 2 users on 2 workers each trains alone, in parallel);
+    a cohort of one is left out (its train message trains it as before)."""
     if per_pass < 2 or len(users) < 2:
         return []
-    count = math.ceil(len(users) / per_pass)
+    count = max(math.ceil(len(users) / per_pass), min(workers or 1, len(users)))
     size, extra = divmod(len(users), count)
     out, start = [], 0
     for i in range(count):
@@ -57,7 +69,8 @@ def cohorts(spec: FederatedSpec, names: NodeNames, ready: list[int], cfg: RoundC
     cohorts do not apply."""
     if not applies(spec, cfg.method_list):
         return []
-    return split([n for n in ready if names.key(n)[0] == 0], spec.experiment.personal_train.users_per_pass)
+    return split([n for n in ready if names.key(n)[0] == 0], spec.experiment.personal_train.users_per_pass,
+                 workers(spec))
 
 
 def personal_phase(grid: Any, names: NodeNames, groups: list[list[int]], arrays: Any, cfg: RoundConfig, *,

@@ -353,7 +353,7 @@ def predict(w: Workload, c: Coefficients, *, skipped: float = 0.0) -> Prediction
         return sum(personalization_s(p, wk, w.checks, skipped) for p in w.users[i].personal.values())
 
     for r, sample in enumerate(w.sampled, start=1):
-        groups = cohorts.split(list(sample), w.per_pass)
+        groups = cohorts.split(list(sample), w.per_pass, w.workers)
         in_group = {i for g in groups for i in g}
         # The personal phase: one task per cohort, its users one after another.
         phase = spread(first([sum(wk.user_task_s + personal(i) for i in g) for g in groups]), w.workers)

@@ -4,7 +4,7 @@ their train messages then carry no personal methods. The whole coordinator over 
 grid of simulated users (partition ids), tiny model."""
 
 import inprocess_federation as fedkit
-from coordinator.cohorts import cohorts
+from coordinator.cohorts import cohorts, split, workers
 from coordinator.sampling import NodeNames
 from localgrid import LocalGrid
 from shared.protocol import PERSONALIZE, RoundConfig
@@ -19,8 +19,30 @@ def _names(simulated, deployed=()):
     return names
 
 
+def test_cohorts_keep_every_worker_busy():
+    """As many cohorts as workers where the users allow: 2 users on 2 workers train in parallel,
+    each in its own train message, not one after the other in one cohort."""
+    users = list(range(8))
+    assert split(users, 4, workers=1) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert split(users, 4, workers=4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert split(users[:2], 4, workers=2) == [] and split(users[:2], 4, workers=1) == [[0, 1]]
+    assert split(users[:3], 4, workers=2) == [[0, 1]]  # user 2 trains in its train message, on the other worker
+    assert split(users, 1, workers=1) == []
+
+
+def test_the_workers_are_this_machines_cores_over_the_clients_share_or_unknown_on_a_cluster(tiny_model_dir, tmp_path,
+                                                                                            monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert workers(fedkit.tiny_spec(tiny_model_dir, tmp_path, "federation.sim_client_cpus=4")) == 4
+    assert workers(fedkit.tiny_spec(tiny_model_dir, tmp_path, "federation.sim_client_cpus=32")) == 1
+    assert workers(fedkit.tiny_spec(tiny_model_dir, tmp_path, 'federation.ray_address="auto"')) is None
+
+
 def test_cohorts_are_even_hold_only_simulated_users_and_apply_only_where_a_pass_can_hold_several(tiny_model_dir, tmp_path):
-    spec = fedkit.tiny_spec(tiny_model_dir, tmp_path, "personal_train.users_per_pass=4")
+    # One worker on any machine (sim_client_cpus above its cores): cohorts sized by users_per_pass alone.
+    spec = fedkit.tiny_spec(tiny_model_dir, tmp_path, "personal_train.users_per_pass=4", "federation.sim_client_cpus=4096")
     sim = [11, 12, 13, 14, 15, 16, 17]
     names = _names(sim, deployed=[90, 91])
     assert cohorts(spec, names, [90, *sim, 91], CFG) == [[11, 12, 13, 14], [15, 16, 17]]
@@ -28,7 +50,8 @@ def test_cohorts_are_even_hold_only_simulated_users_and_apply_only_where_a_pass_
     assert cohorts(spec, names, [11, 90, 91], CFG) == []  # one simulated user: its train message trains it
     for off in (["personal_train.users_per_pass=1"], ["federation.secagg=true", "privacy.federate_base_adapter=true"],
                 ['privacy.record_level="personal"'], ['personal_adapter.peft_type="ia3"', 'base_adapter.peft_type="ia3"']):
-        other = fedkit.tiny_spec(tiny_model_dir, tmp_path, "personal_train.users_per_pass=4", *off)
+        other = fedkit.tiny_spec(tiny_model_dir, tmp_path, "personal_train.users_per_pass=4",
+                                 "federation.sim_client_cpus=4096", *off)
         assert cohorts(other, names, sim, CFG) == [], off
     no_personal = RoundConfig(server_round=1, task="synthetic-tag", model="a" * 64, base_adapter="b" * 64,
                               methods="non-personalized,RAG")
@@ -40,6 +63,7 @@ def test_a_simulated_round_trains_each_cohort_in_one_message_and_not_again(tiny_
 
     run = tmp_path / "run"
     spec = fedkit.tiny_spec(tiny_model_dir, run, "data.users=4", "federation.rounds=1", "personal_train.users_per_pass=2",
+                            "federation.sim_client_cpus=4096",  # one worker on any machine: two cohorts of two
                             'methods=["non-personalized", "OPPU"]', 'federation.base_init="fresh"', "data.queries=1")
     _, names = fedkit.prepare(spec, run)
     nodes = {700 + pid: {"partition-id": pid} for pid in range(4)}

@@ -2,6 +2,7 @@
 reporting per-round base-adapter metrics and the final OPPU table."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,10 @@ def test_oppu_simulate_runs_the_flower_simulation_engine(tmp_path, tiny_model_di
     args = ["simulate", "--model", str(tiny_model_dir), "--users", "3", "--rounds", "2", "--run-dir", str(run),
             "--methods", "non-personalized,OPPU,OPPU+RAG"]
     # Every user trains every round (the default simulation samples half of them).
+    # One virtual client at a time on any machine (sim_client_cpus = its cores): one worker, so the
+    # three users form one cohort (coordinator/cohorts.py).
     for ov in fedkit.BASE_OVERRIDES + ["privacy.federate_base_adapter=true", "federation.evaluate_every=1",
-                                       "federation.fraction_train=1.0",
+                                       "federation.fraction_train=1.0", f"federation.sim_client_cpus={os.cpu_count()}",
                                        f'federation.client_cache="{tmp_path / "cache"}"']:
         if not ov.startswith(("methods", "data.users", "federation.rounds")):
             args += ["--set", ov]
