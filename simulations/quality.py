@@ -133,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wall-minutes", type=float, help="with --from-runs: the wall time of all runs together")
     p.add_argument("--note", default="", help="a sentence for the page's header (how the runs were made)")
     args = p.parse_args(argv)
-    who = "python -m simulations.quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in given:  # the note is printed after the machine, not in the command
+        at = given.index("--note")
+        del given[at : at + 2]
+    who = "python -m simulations.quality " + " ".join(given)
 
     if args.from_runs:
         done = []
