@@ -24,7 +24,6 @@ import random
 import secrets
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -50,8 +49,6 @@ from .settings import ARTIFACTS_DIR, DEFAULT_ARTIFACT_QUOTA_MB
 from .userdir import UserDir
 
 log = logging.getLogger("oppu.client")
-# The quantized artifact carries its own quantization config; transformers warns that ours is ignored.
-warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
 
 class NodeRuntime:
     """What a client process keeps between rounds: parsed run configs, and one Engine per model

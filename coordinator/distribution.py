@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -21,6 +18,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from shared.config import BaseModelSpec
+from shared.fileio import atomic_dir
 from shared.model import load_base_model
 from shared.model_manifest import MANIFEST, directory_manifest, model_hash, read_or_make_manifest
 from shared.model_source import cache_root, resolve_model_dir
@@ -63,9 +61,7 @@ def export_quantized_model(spec: BaseModelSpec) -> Path:
         log.warning("quantization %s was not applied (got %s); distributing the source checkpoint",
                     spec.quantization, loaded.quantization)
         return source
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
-    try:
+    def fill(tmp: Path) -> None:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         files = directory_manifest(tmp)
@@ -75,16 +71,13 @@ def export_quantized_model(spec: BaseModelSpec) -> Path:
             "source": str(source), "quantization": spec.quantization, "files": files,
             "artifact_hash": model_hash(files), "model_hash": src["model_hash"],
         }, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+
+    try:
+        atomic_dir(target, fill)  # a crash leaves no half-written export for the next start to trust
     except Exception as e:  # noqa: BLE001 - a quantized save is an optimisation, not a requirement
         log.warning("could not save the %s-quantized model (%s); clients will quantize the source themselves",
                     spec.quantization, e)
         return source
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("quantized base model exported to %s", target)
     return target
 

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +47,6 @@ from .strategy import (
 )
 
 log = logging.getLogger("oppu.coordinator")
-# The quantized artifact carries its own quantization config; transformers warns that ours is ignored.
-warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
 
 # Settings a resumed run may change; any other difference from the checkpoint is refused.
 RESUMABLE_CHANGES = {("federation", "rounds"), ("federation", "round_timeout"), ("federation", "run_dir"),

@@ -52,4 +52,7 @@ def quiet_model_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # A quantized artifact (the coordinator's nf4 export) carries its own quantization config;
+    # transformers warns that the one passed at load is ignored.
+    warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
     warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*is deprecated", category=DeprecationWarning)

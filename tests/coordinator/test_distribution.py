@@ -118,3 +118,30 @@ def test_only_missing_artifacts_are_streamed_and_bytes_logged(tmp_path, tiny_mod
     report = Distributor([model, adapter], chunk_bytes=1 << 22, timeout=60).ensure(grid, [b])
     assert "refused" in report.failed[b] and "sha256" in report.failed[b]
     assert ArtifactCache(fresh).held() == [model.id]
+
+
+def test_quantized_export_is_written_whole_or_not_at_all(tmp_path, tiny_model_dir, monkeypatch):
+    """The nf4 export clients download is swapped into the cache only once complete (shared.fileio
+    .atomic_dir): a save that fails leaves no directory a later start would take as the export."""
+    import transformers
+
+    from coordinator.distribution import export_quantized_model
+    from shared.config import BaseModelSpec
+    from shared.model_manifest import MANIFEST
+
+    spec = BaseModelSpec(path=str(tiny_model_dir), quantization="nf4", cache_dir=str(tmp_path / "cache"))
+    real = transformers.PreTrainedModel.save_pretrained
+
+    def half_then_fail(self, directory, *a, **kw):
+        real(self, directory, *a, **kw)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", half_then_fail)
+    assert export_quantized_model(spec) == tiny_model_dir  # clients quantize the source themselves
+    quantized = tmp_path / "cache" / "quantized"
+    assert not quantized.exists() or list(quantized.iterdir()) == []
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", real)
+    out = export_quantized_model(spec)
+    assert out.parent == quantized and (out / MANIFEST).is_file()
+    assert json.loads((out / MANIFEST).read_text())["quantization"] == "nf4"
+    assert [p.name for p in quantized.iterdir()] == [out.name]  # no temporary left beside it
