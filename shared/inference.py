@@ -46,6 +46,20 @@ class _FirstLineStop:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
+    """Token rows as one batch padded on the left (every row ends at the right edge, where
+    generation continues), with the attention mask that hides the padding."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(list(row))
+        mask[r, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def label_distribution(
     model: Any,
     tokenizer: Any,
@@ -78,13 +92,7 @@ def label_distribution(
         for s in range(0, len(rows), batch_size):
             part = rows[s : s + batch_size]
             seqs = [encoded[p] + label_ids[li] for p, li in part]
-            width = max(len(q) for q in seqs)
-            ids = torch.full((len(part), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(part), width), dtype=torch.long)
-            for r, q in enumerate(seqs):
-                ids[r, width - len(q):] = torch.tensor(q)
-                mask[r, width - len(q):] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = left_padded(seqs, pad_id, device)
             if soft_prompt is None:
                 inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
             else:
@@ -178,17 +186,10 @@ def generate(
     with torch.inference_mode(), dense_4bit_weights(model, enabled=device.type == "cpu"):
         for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
             idx = order[s : s + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                n = len(encoded[i])
-                ids[row, width - n :] = torch.tensor(encoded[i])
-                mask[row, width - n :] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = left_padded([encoded[i] for i in idx], pad_id, device)
             if soft_prompt is None:
                 inputs = {"input_ids": ids, "attention_mask": mask}
-                start = width
+                start = ids.shape[1]  # new tokens follow the padded prompts
             else:
                 base = model.get_base_model() if hasattr(model, "get_base_model") else model
                 embeds, full_mask = prepend(base, soft_prompt, ids, mask)
