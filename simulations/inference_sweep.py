@@ -122,25 +122,32 @@ def retrieved_answer(task: Any, items: Sequence[Any]) -> str:
 
 
 def _base_engine(spec: Any, first: Any, dataset: Any, task: Any, run_dir: Path, progress: bool) -> Engine:
-    """The engine with the sweep's one base adapter: loaded from spec.base_adapter_dir, or trained
-    on the base users and saved into the sweep directory."""
+    """The engine with the sweep's one base adapter (provide_base_adapter)."""
     engine = Engine(load_base_model(first.base_model), first.base_adapter, first.personal_adapter,
                     seed=first.personal_train.seed)
     # Variants share everything but retrieval and decoding, so one base adapter serves them all;
     # its training prompts retrieve as the first variant does.
+    provide_base_adapter(engine, spec, first, dataset, task, run_dir, progress)
+    return engine
+
+
+def provide_base_adapter(engine: Engine, spec: Any, first: Any, dataset: Any, task: Any, run_dir: Path,
+                         progress: bool) -> None:
+    """Give `engine` the sweep's one base adapter: loaded from spec.base_adapter_dir (an earlier
+    run's, so sweeps of one experiment compare against the model its table reports), or trained on
+    the base users and saved into the sweep directory. Both sweep modes go through here."""
     if spec.base_adapter_dir:
         manifest = engine.load_base(Path(spec.base_adapter_dir))  # refuses another base model's adapter
         if manifest.task != task.name:
             raise ValueError(f"sweep.base_adapter_dir={spec.base_adapter_dir!r} holds a base adapter for task "
                              f"{manifest.task!r}, not {task.name!r}; name one trained for {task.name}")
-    else:
-        examples = population_base_examples(task, first, dataset.base_users)
-        trained = engine.train_base(examples, first.base_train, progress="base adapter" if progress else False)
-        engine.save_base(run_dir / "base_adapter", AdapterManifest(
-            role="base", base_model_hash=engine.model_hash, task=task.name, peft_type=first.base_adapter.peft_type,
-            data={"users": len(dataset.base_users), "examples": len(examples)},
-            train={"steps": trained.steps, "final_loss": trained.final_loss}))
-    return engine
+        return
+    examples = population_base_examples(task, first, dataset.base_users)
+    trained = engine.train_base(examples, first.base_train, progress="base adapter" if progress else False)
+    engine.save_base(run_dir / "base_adapter", AdapterManifest(
+        role="base", base_model_hash=engine.model_hash, task=task.name, peft_type=first.base_adapter.peft_type,
+        data={"users": len(dataset.base_users), "examples": len(examples)},
+        train={"steps": trained.steps, "final_loss": trained.final_loss}))
 
 
 def task_shaped(task: Any, prediction: str) -> bool:

@@ -34,7 +34,7 @@ from shared.engine import Engine
 from shared.fileio import atomic_write
 from shared.metrics import METRIC_DIRECTION
 from shared.model import load_base_model
-from shared.personalize import METHOD_AUGMENTATION, Context, history_examples, population_base_examples
+from shared.personalize import METHOD_AUGMENTATION, Context, history_examples
 from shared.retrieval import make_retriever
 from shared.rundir import new_run_dir
 from shared.selection import train_and_select_users
@@ -42,7 +42,7 @@ from shared.tables import markdown_table
 from shared.tasks import get_task
 
 from .experiment import open_store
-from .inference_sweep import run_inference_sweep
+from .inference_sweep import provide_base_adapter, run_inference_sweep
 from .reports.run_outputs import signed4
 
 
@@ -80,9 +80,9 @@ class SweepSpec:
     out_dir: str = field(default="runs", metadata={"help": "Where the sweep directory is created."})
     base_adapter_dir: str = field(
         default="",
-        metadata={"help": "inference mode: a base adapter saved by an earlier sweep or experiment on the same "
-                  "experiment config (its base_adapter/ directory) to score instead of training one; empty: train "
-                  "it and save it into the sweep directory."},
+        metadata={"help": "A base adapter saved by an earlier sweep or experiment on the same experiment config "
+                  "(its base_adapter/ directory) to use instead of training one; empty: train it and save it "
+                  "into the sweep directory."},
     )
 
     def __post_init__(self) -> None:
@@ -155,8 +155,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Pat
             engine = Engine(load_base_model(first.base_model), exp.base_adapter, exp.personal_adapter,
                             seed=exp.personal_train.seed)
             if base_state is None:
-                ex = population_base_examples(task, exp, dataset.base_users)
-                engine.train_base(ex, exp.base_train, progress="base adapter" if progress else False)
+                provide_base_adapter(engine, spec, first, dataset, task, run_dir, progress)
                 base_state = {k: t.detach().clone() for k, t in engine.base_state().items()}
             else:
                 engine.set_base_state(base_state)
@@ -193,7 +192,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Pat
     metric = task.metric_names[0]
     table, choice = summarize(rows, metric)
     result = {"task": dataset.task, "method": spec.method, "metric": metric, "users": [u.user_id for u in users],
-              "variants": rows, "summary": table, "choice": choice, "seconds": time.time() - started}
+              "base_adapter": spec.base_adapter_dir or str(run_dir / "base_adapter"), "variants": rows, "summary": table, "choice": choice, "seconds": time.time() - started}
     atomic_write(run_dir / "sweep.json", json.dumps(result, indent=2))
     atomic_write(run_dir / "sweep.md", render_sweep(result))
     return run_dir

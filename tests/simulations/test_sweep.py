@@ -129,3 +129,33 @@ def test_an_inference_sweep_may_vary_only_retrieval_and_decoding(tmp_path, tiny_
     path.write_text(path.read_text().replace('users = 2\n', 'users = 2\nmode = "inference"\nmethod = "RAG"\n'))
     with pytest.raises(ValueError, match=r"variant 'x' changes \[personal_train\]; an inference sweep"):
         load_sweep(path)
+
+
+def test_a_personal_sweep_reuses_a_saved_base_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """base_adapter_dir: the personal variants start from that base adapter, none is trained."""
+    path = _write(tmp_path, tiny_model_dir, '[[variants]]\nname = "a"\nset = ["personal_train.lr=1e-3"]\n')
+    first = run_sweep(path, run_dir=tmp_path / "first", progress=False)
+    saved = first / "base_adapter"
+    assert (saved / "adapter_model.safetensors").is_file()
+    from shared.engine import Engine
+
+    def no_training(self, *a, **kw):
+        raise AssertionError("the base adapter was trained although base_adapter_dir names one")
+
+    loaded: list[str] = []
+    real_load = Engine.load_base
+
+    def spy_load(self, directory, *a, **kw):
+        loaded.append(str(directory))
+        return real_load(self, directory, *a, **kw)
+
+    monkeypatch.setattr(Engine, "train_base", no_training)
+    monkeypatch.setattr(Engine, "load_base", spy_load)
+    out = run_sweep(path, [f'base_adapter_dir="{saved}"'], run_dir=tmp_path / "second", progress=False)
+    result = json.loads((out / "sweep.json").read_text())
+    assert loaded == [str(saved)] and result["base_adapter"] == str(saved)
+    # Same base adapter, same data and seed: the same base scores on validation as the first sweep.
+    before = json.loads((first / "sweep.json").read_text())["variants"]["a"]["users"]
+    after = result["variants"]["a"]["users"]
+    assert all(abs(a["base"]["loss"] - b["base"]["loss"]) <= 1e-3 * max(1.0, b["base"]["loss"])
+               for a, b in zip(after, before))
