@@ -7,6 +7,7 @@ that answers a task (Engine.answer with the task) answers with labels only."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -86,3 +87,41 @@ def test_generate_without_labels_ignores_label_choice(tiny_engine):
     spec = DecodingSpec(label_choice="most_likely")
     assert generate(e.model, e.tokenizer, PROMPTS[:2], max_new_tokens=3, decoding=spec) == generate(
         e.model, e.tokenizer, PROMPTS[:2], max_new_tokens=3)
+
+
+def test_labels_of_several_tokens_behind_a_soft_prompt_score_as_one_unpadded_row_each(varied):
+    """The prompt pass is shared by all labels (its KV cache): labels of different token lengths,
+    prompts of different lengths in one batch, and a soft prompt in front must still score each
+    label exactly as a lone, unpadded row holding prompt + label does."""
+    from shared.prompting import encode_answer, encode_prompt
+    from shared.soft_prompt import prepend
+
+    e = varied
+    tags = ("drama", "science fiction film", "dark comedy based on a book", "romance")
+    assert len({len(encode_answer(e.tokenizer, t)) for t in tags}) >= 3  # lengths differ: the check has teeth
+    base = e.model.get_base_model() if hasattr(e.model, "get_base_model") else e.model
+    emb = base.get_input_embeddings().weight
+    soft = (torch.randn(3, emb.shape[1], generator=torch.Generator().manual_seed(2)) * emb.float().std()).to(emb.dtype)
+    for prompt in (None, soft):
+        dist = label_distribution(e.model, e.tokenizer, PROMPTS, tags, batch_size=3, soft_prompt=prompt)
+        e.model.eval()
+        with torch.no_grad():
+            for p, row in zip(PROMPTS, dist):
+                logp = []
+                for t in tags:
+                    answer = encode_answer(e.tokenizer, t)
+                    ids = torch.tensor([encode_prompt(e.tokenizer, p) + answer])
+                    mask = torch.ones_like(ids)
+                    if prompt is None:
+                        logits = e.model(input_ids=ids, attention_mask=mask).logits
+                    else:
+                        embeds, mask = prepend(base, prompt, ids, mask)
+                        logits = e.model(inputs_embeds=embeds, attention_mask=mask).logits
+                    lsm = torch.log_softmax(logits[0, -len(answer) - 1:-1].float(), -1)
+                    logp.append(float(lsm.gather(1, torch.tensor(answer)[:, None]).sum()))
+                # Compared as log-ratios to the first label: labels of more tokens are far less
+                # likely on the tiny model, and a probability of 1e-20 would hide any error.
+                got = [math.log(q) - math.log(row[0]) for q in row]
+                expected = [v - logp[0] for v in logp]
+                tol = 1e-3 if e.base.dtype == "float32" else 5e-2
+                assert got == pytest.approx(expected, abs=tol)
