@@ -59,8 +59,13 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "") -> Any:
             f"unknown setting {prefix}{sorted(unknown)[0]}; known settings here: {', '.join(sorted(known))}"
         )
     kwargs = {}
+    defaults = {f.name: f.default_factory for f in fields(cls) if f.default_factory is not dataclasses.MISSING}
     for name, value in data.items():
         kwargs[name] = _coerce(f"{where}.{name}" if where else name, hints[name], value)
+        if isinstance(value, dict) and dataclasses.is_dataclass(kwargs[name]) and name in defaults:
+            # A section sets only what it names; the rest keeps this field's own default (e.g. the
+            # personal recipe of ExperimentSpec.personal_train), not the section class's defaults.
+            kwargs[name] = dataclasses.replace(defaults[name](), **{k: getattr(kwargs[name], k) for k in value})
     return cls(**kwargs)
 
 
