@@ -60,6 +60,8 @@ quality: prepare
 sweep: prepare
 	$(BIN)/oppu sweep simulations/configs/sweep-amazon-rating.toml
 	$(BIN)/oppu sweep simulations/configs/sweep-amazon-title.toml
+	$(BIN)/oppu sweep simulations/configs/sweep-personal-amazon-rating.toml
+	$(BIN)/oppu sweep simulations/configs/sweep-personal-amazon-title.toml
 	$(BIN)/oppu sweep simulations/configs/sweep-retrieval-nomodel-amazon-rating.toml
 	$(BIN)/oppu sweep simulations/configs/sweep-retrieval-nomodel-amazon-title.toml
 	$(BIN)/oppu sweep simulations/configs/sweep-retrieval-amazon-rating.toml

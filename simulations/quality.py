@@ -1,12 +1,14 @@
 """`make quality`: both real tasks on 40+ reviewers each, written up as docs/quality.md.
 
 Runs `oppu experiment` once per config (default: simulations/configs/quality-amazon-*.toml,
-the dataclass defaults' personal recipe), then writes one page: the machine and wall time,
+the dataclass defaults' personal recipe), side by side (one process per config, the cores shared
+out as torch threads; on a 2-core CPU two one-thread runs finish well before two two-thread runs
+one after the other), then writes one page: the machine and wall time,
 each task's results table (CIs over users, paired differences, non-LLM baselines, adoption),
 the claims the project makes checked against those numbers, and the recipe sweep behind the
 defaults (docs/sweep-*.md, written by `oppu sweep`).
 
-    python -m simulations.quality --out docs/quality.md [--config A.toml --config B.toml] [--set k=v]
+    python -m simulations.quality --out docs/quality.md [--config A.toml --config B.toml] [--set k=v] [--jobs N]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                    "side by side, one process each); the wall time is then --wall-minutes")
     p.add_argument("--wall-minutes", type=float, help="with --from-runs: the wall time of all runs together")
     p.add_argument("--note", default="", help="a sentence for the page's header (how the runs were made)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="runs side by side, one process each (default: all configs at once; 1: one after the other)")
+    p.add_argument("--child", metavar="FILE", help=argparse.SUPPRESS)  # one run of a side-by-side parent
     args = p.parse_args(argv)
     given = list(argv if argv is not None else sys.argv[1:])
     if "--note" in given:  # the note is printed after the machine, not in the command
@@ -153,17 +159,73 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}")
         return 0
 
+    configs = args.config or [str(c) for c in DEFAULT_CONFIGS]
+    sets = [f'out_dir="{args.runs}"', *args.set]
+    if args.child:  # one run for a side-by-side parent: its run directory goes to the file named
+        run_dir = run_experiment(load_experiment(configs[0], sets), progress=True)
+        atomic_write(Path(args.child), str(run_dir))
+        return 0
+    for config in configs:  # a bad config fails here, before any run starts
+        load_experiment(config, sets)
     started = time.time()
-    runs = []
-    for config in args.config or [str(c) for c in DEFAULT_CONFIGS]:
-        spec = load_experiment(config, [f'out_dir="{args.runs}"', *args.set])
-        t0 = time.time()
-        run_dir = run_experiment(spec, progress=True)
-        runs.append((run_dir, json.loads((run_dir / "metrics.json").read_text()), time.time() - t0))
-        print((run_dir / "results.md").read_text())
-    atomic_write(Path(args.out), render(runs, time.time() - started, who.strip(), args.note))
+    jobs = max(1, min(args.jobs or len(configs), len(configs)))
+    if jobs == 1:
+        runs = []
+        for config in configs:
+            run_dir = run_experiment(load_experiment(config, sets), progress=True)
+            runs.append((run_dir, json.loads((run_dir / "metrics.json").read_text())))
+            print((run_dir / "results.md").read_text())
+        note = args.note
+    else:
+        runs, note = side_by_side(configs, args, jobs)
+    done = [(d, m, float(m["seconds"])) for d, m in runs]
+    atomic_write(Path(args.out), render(done, time.time() - started, who.strip(), note))
     print(f"wrote {args.out}")
     return 0
+
+
+def side_by_side(configs: list[str], args: argparse.Namespace, jobs: int) -> tuple[list, str]:
+    """Each config in its own process, `jobs` at a time, the cores shared out as torch threads;
+    each process logs to <runs>/<config>.log. Returns the finished runs in config order."""
+    from tqdm.auto import tqdm
+
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    Path(args.runs).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    pending, running, finished = list(enumerate(configs)), {}, {}
+    stems = [Path(c).stem for c in configs]
+    with tqdm(total=len(configs), desc=f"quality runs ({jobs} side by side, {threads} thread(s) each)",
+              unit="run") as bar:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, config = pending.pop(0)
+                stem = Path(config).stem if stems.count(Path(config).stem) == 1 else f"{Path(config).stem}-{i + 1}"
+                log, out = Path(args.runs) / f"{stem}.log", Path(args.runs) / f".{stem}.run_dir"
+                out.unlink(missing_ok=True)
+                cmd = [sys.executable, "-m", "simulations.quality", "--config", config, "--runs", args.runs,
+                       "--child", str(out)] + [a for s in args.set for a in ("--set", s)]
+                with log.open("w") as f:
+                    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+                running[i] = (proc, log, out)
+                bar.write(f"started {stem} (log: {log})")
+            time.sleep(5)
+            for i, (proc, log, out) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[i]
+                if proc.returncode != 0 or not out.is_file():
+                    for other, _, _ in running.values():
+                        other.terminate()
+                    tail = log.read_text(errors="replace")[-3000:]
+                    raise SystemExit(f"{configs[i]} failed (exit {proc.returncode}); the end of {log}:\n{tail}")
+                run_dir = Path(out.read_text().strip())
+                out.unlink()
+                finished[i] = (run_dir, json.loads((run_dir / "metrics.json").read_text()))
+                bar.write((run_dir / "results.md").read_text())
+                bar.update(1)
+    note = (f"The {len(configs)} tasks ran side by side ({jobs} processes, {threads} torch thread(s) each); "
+            "each task's own time is in its heading." + (f" {args.note}" if args.note else ""))
+    return [finished[i] for i in range(len(configs))], note
 
 
 if __name__ == "__main__":

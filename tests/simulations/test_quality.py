@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
-def test_quality_page_checks_the_claims_on_its_own_numbers(tmp_path, tiny_model_dir):
-    from simulations.quality import main
-
+def _config(tmp_path, tiny_model_dir):
     cfg = tmp_path / "q.toml"
     cfg.write_text(f'''
 methods = ["non-personalized", "RAG", "OPPU", "OPPU+RAG"]
@@ -28,6 +28,13 @@ epochs = 1
 [retrieval]
 store = "memory"
 ''')
+    return cfg
+
+
+def test_quality_page_checks_the_claims_on_its_own_numbers(tmp_path, tiny_model_dir):
+    from simulations.quality import main
+
+    cfg = _config(tmp_path, tiny_model_dir)
     out = tmp_path / "quality.md"
     assert main(["--config", str(cfg), "--out", str(out), "--runs", str(tmp_path / "runs")]) == 0
     page = out.read_text()
@@ -47,3 +54,19 @@ store = "memory"
     assert table in text
     with pytest.raises(SystemExit):
         main(["--from-runs", str(tmp_path), "--out", str(again)])
+
+
+def test_runs_side_by_side_one_process_each_and_the_page_holds_every_run(tmp_path, tiny_model_dir):
+    from simulations.quality import main
+
+    cfg = _config(tmp_path, tiny_model_dir)
+    out, runs = tmp_path / "quality.md", tmp_path / "runs"
+    assert main(["--config", str(cfg), "--config", str(cfg), "--jobs", "2", "--out", str(out), "--runs", str(runs)]) == 0
+    page = out.read_text()
+    assert page.count("## synthetic-rating (3 users, 6 queries") == 2
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"ran side by side (2 processes, {threads} torch thread(s) each)" in page
+    dirs = sorted(d for d in runs.iterdir() if d.is_dir())
+    assert len(dirs) == 2 and all((d / "metrics.json").is_file() for d in dirs)
+    assert all(f"`{d}`" in page for d in dirs)  # each run named on the page, none twice
+    assert sorted(p.name for p in runs.glob("*.log")) == ["q-1.log", "q-2.log"]
