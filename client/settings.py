@@ -9,6 +9,7 @@ from pathlib import Path
 
 from shared.config import (
     AUGMENTATIONS, METHOD_AUGMENTATION, PERSONAL_METHODS, AdapterSpec, BaseModelSpec, BuiltinBaseSpec, DecodingSpec,
+    ExperimentSpec,
     RetrievalSpec, SelectionSpec,
     TaskSpec, TrainSpec, from_dict, parse_config_file, register_specs,
 )
@@ -90,7 +91,8 @@ class DaemonSpec:
     base_model: BaseModelSpec = field(default_factory=BaseModelSpec)
     base_adapter: AdapterSpec = field(default_factory=AdapterSpec)
     personal_adapter: AdapterSpec = field(default_factory=AdapterSpec)
-    personal_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=2, lr=1e-4))
+    # The experiments' personal recipe, whatever it is (one set of defaults, docs/quality.md).
+    personal_train: TrainSpec = field(default_factory=lambda: ExperimentSpec().personal_train)
     selection: SelectionSpec = field(default_factory=SelectionSpec)
     retrieval: RetrievalSpec = field(default_factory=RetrievalSpec)
     builtin_base: BuiltinBaseSpec = field(default_factory=BuiltinBaseSpec)
