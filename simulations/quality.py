@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = [f'out_dir="{args.runs}"', *args.set]
     if args.child:  # one run for a side-by-side parent: its run directory goes to the file named
         run_dir = run_experiment(load_experiment(configs[0], sets), progress=True)
-        atomic_write(Path(args.child), str(run_dir))
+        atomic_write(Path(args.child), str(Path(run_dir).resolve()))
         return 0
     for config in configs:  # a bad config fails here, before any run starts
         load_experiment(config, sets)
@@ -191,7 +191,10 @@ def side_by_side(configs: list[str], args: argparse.Namespace, jobs: int) -> tup
 
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     Path(args.runs).mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # The children run where the parent runs (relative --config, --runs and --set paths mean the
+    # same to them), importing this checkout.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     pending, running, finished = list(enumerate(configs)), {}, {}
     stems = [Path(c).stem for c in configs]
     with tqdm(total=len(configs), desc=f"quality runs ({jobs} side by side, {threads} thread(s) each)",
@@ -205,7 +208,7 @@ def side_by_side(configs: list[str], args: argparse.Namespace, jobs: int) -> tup
                 cmd = [sys.executable, "-m", "simulations.quality", "--config", config, "--runs", args.runs,
                        "--child", str(out)] + [a for s in args.set for a in ("--set", s)]
                 with log.open("w") as f:
-                    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+                    proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
                 running[i] = (proc, log, out)
                 bar.write(f"started {stem} (log: {log})")
             time.sleep(5)

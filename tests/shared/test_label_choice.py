@@ -50,7 +50,7 @@ def test_distribution_is_each_labels_answer_likelihood_as_training_scores_it(var
                 logp.append(-float(losses.sum()))
             expected = torch.softmax(torch.tensor(logp, dtype=torch.float64), 0).tolist()
             # Left-padded batches of 7 rows against one right-padded row: only roundings differ.
-            tol = 1e-4 if e.base.dtype == "float32" else 3e-2
+            tol = 1e-4 if e.base.dtype == torch.float32 else 3e-2
             assert row == pytest.approx(expected, abs=tol)
             assert sum(row) == pytest.approx(1.0, abs=1e-9)
     assert max(max(r) for r in dist) - min(min(r) for r in dist) > 0.05  # prompt- and label-dependent
@@ -123,5 +123,5 @@ def test_labels_of_several_tokens_behind_a_soft_prompt_score_as_one_unpadded_row
                 # likely on the tiny model, and a probability of 1e-20 would hide any error.
                 got = [math.log(q) - math.log(row[0]) for q in row]
                 expected = [v - logp[0] for v in logp]
-                tol = 1e-3 if e.base.dtype == "float32" else 5e-2
+                tol = 1e-3 if e.base.dtype == torch.float32 else 5e-2
                 assert got == pytest.approx(expected, abs=tol)

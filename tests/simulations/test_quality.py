@@ -56,12 +56,13 @@ def test_quality_page_checks_the_claims_on_its_own_numbers(tmp_path, tiny_model_
         main(["--from-runs", str(tmp_path), "--out", str(again)])
 
 
-def test_runs_side_by_side_one_process_each_and_the_page_holds_every_run(tmp_path, tiny_model_dir):
+def test_runs_side_by_side_one_process_each_and_the_page_holds_every_run(tmp_path, tiny_model_dir, monkeypatch):
     from simulations.quality import main
 
-    cfg = _config(tmp_path, tiny_model_dir)
+    _config(tmp_path, tiny_model_dir)
     out, runs = tmp_path / "quality.md", tmp_path / "runs"
-    assert main(["--config", str(cfg), "--config", str(cfg), "--jobs", "2", "--out", str(out), "--runs", str(runs)]) == 0
+    monkeypatch.chdir(tmp_path)  # relative paths mean to the child processes what they mean here
+    assert main(["--config", "q.toml", "--config", "q.toml", "--jobs", "2", "--out", "quality.md", "--runs", "runs"]) == 0
     page = out.read_text()
     assert page.count("## synthetic-rating (3 users, 6 queries") == 2
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
