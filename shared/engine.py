@@ -205,6 +205,8 @@ class Engine:
         self.model.train()
 
     def personal_state(self) -> dict[str, Any]:
+        """The personal slot's tensors themselves, not a copy: clone them to keep a state past the
+        next reset_personal / set_personal_state / training step."""
         if self.soft_prompt is not None:
             return {"prompt_embeddings": self.soft_prompt.detach()}
         return adapters.get_state(self.model, PERSONAL)

@@ -328,6 +328,8 @@ def train_and_select_users(
             out += train_and_select_group(engine, task, chunk, train, spec, **kw)
             continue
         result, sel = train_and_select(engine, task, chunk[0], train, spec, **kw)
-        out.append((result, sel, engine.personal_state() if sel.adopted else None))
+        # A copy: personal_state() is the slot's live tensors, which the reset below overwrites.
+        adopted = {k: v.detach().clone() for k, v in engine.personal_state().items()} if sel.adopted else None
+        out.append((result, sel, adopted))
         engine.reset_personal()
     return out

@@ -125,6 +125,33 @@ def test_too_little_history_trains_nothing():
     assert not sel.adopted and result.steps == 0 and engine.trained_on == [] and "too little history" in sel.reason
 
 
+def test_one_user_at_a_time_returns_the_adopted_state_not_the_reset_slot(tiny_engine, monkeypatch):
+    """train_and_select_users resets the personal slot after each user: the state it hands back
+    for an adopted user must be that user's adapter, not a view of the slot the reset wiped (the
+    harness answers and saves with it; a view made every adopted adapter answer as the fresh one)."""
+    import torch
+
+    import shared.selection as selection
+
+    engine = tiny_engine
+    g = torch.Generator().manual_seed(3)
+    trained = {k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in engine.personal_state().items()}
+
+    def fake_train_and_select(engine, task, examples, train, spec, **kw):
+        engine.set_personal_state(trained, label="trained")
+        return TrainResult(1, len(examples), 1, 0, 0), selection.Selection(
+            adopted=True, reason="scripted", metric="accuracy", train_items=len(examples), validation_items=0)
+
+    monkeypatch.setattr(selection, "train_and_select", fake_train_and_select)
+    task = get_task("synthetic-tag")
+    out = selection.train_and_select_users(engine, task, [_examples(4)], TrainSpec(users_per_pass=1), SelectionSpec())
+    (_, sel, state), = out
+    assert sel.adopted and state is not None
+    for k, v in trained.items():
+        assert torch.equal(state[k], v), k
+    assert any(not torch.equal(engine.personal_state()[k], v) for k, v in trained.items())  # the slot was reset
+
+
 def _without_signal(user: UserData, population: list[UserData], seed: int) -> UserData:
     """The same items with tags drawn from the whole population's tags (the base users'): a user
     indistinguishable from everyone else, so nothing personal to learn beyond the base adapter."""
