@@ -35,6 +35,7 @@ class ValScore:
     loss: float
     metric: float
     item_losses: tuple[float, ...] = ()  # per validation item, same order for every state scored
+    item_metrics: tuple[float, ...] = ()  # the primary metric of each item alone (a mean over items)
 
 
 @dataclass
@@ -123,6 +124,41 @@ def _better(a: ValScore, b: ValScore, metric: str) -> bool:
     return da > 1e-12 or (abs(da) <= 1e-12 and a.loss < b.loss)
 
 
+def cross_fitted_gain(sel: Selection) -> float | None:
+    """What the adoption rule gains on items it did not choose on: for each validation item in
+    turn, the rule (beats, then _better) picks among the checkpoints on the *other* items, and the
+    pick (or base, when none beats it) is scored on the item left out; the mean over items of that
+    score minus base's, positive = better. Selection's own best score is chosen on the very items
+    it is measured on, so it is optimistic, and more so for a recipe whose checkpoints vary more;
+    this estimate is not, which is what a recipe sweep must compare (it judges a rule that sees
+    one item fewer). None where nothing was validated or the scores lack per-item values; 0.0
+    where nothing was trained (the rule kept base)."""
+    base = sel.base
+    if base is None or len(base.item_metrics) < 2:
+        return None
+    if not sel.checks:
+        return 0.0
+    n = len(base.item_metrics)
+    if any(len(c.get("item_metrics", ())) != n or len(c.get("item_losses", ())) != n for c in sel.checks):
+        return None
+    sign = 1.0 if METRIC_DIRECTION.get(sel.metric, "higher") == "higher" else -1.0
+
+    def without(metrics: Sequence[float], losses: Sequence[float], j: int) -> ValScore:
+        rest = [i for i in range(n) if i != j]
+        return ValScore(loss=sum(losses[i] for i in rest) / len(rest), metric=sum(metrics[i] for i in rest) / len(rest))
+
+    gains = []
+    for j in range(n):
+        base_rest = without(base.item_metrics, base.item_losses, j)
+        best, best_j = None, base.item_metrics[j]
+        for c in sel.checks:
+            rest = without(c["item_metrics"], c["item_losses"], j)
+            if beats(rest, base_rest, sel.metric) and (best is None or _better(rest, best, sel.metric)):
+                best, best_j = rest, c["item_metrics"][j]
+        gains.append(sign * (best_j - base.item_metrics[j]))
+    return sum(gains) / n
+
+
 def score(engine: Any, task: Any, examples: Sequence[Example], *, personal: bool, max_length: int,
           pause: Callable[[], Any] | None = None, chunk: int = 4, max_new_tokens: int | None = None) -> ValScore:
     """Loss and primary metric of base + base adapter (+ the personal slot) on `examples`,
@@ -141,8 +177,13 @@ def score(engine: Any, task: Any, examples: Sequence[Example], *, personal: bool
         losses += engine.example_losses(part, personal=personal, max_length=max_length)
         answers += engine.answer([e.prompt for e in part], max_new_tokens=max_new_tokens or task.max_new_tokens,
                                  personal=personal, task=task)
-    value = task.score([task.parse_output(a) for a in answers], [e.target for e in examples])[metric]
-    return ValScore(loss=float(sum(losses) / len(losses)), metric=float(value), item_losses=tuple(losses))
+    preds, golds = [task.parse_output(a) for a in answers], [e.target for e in examples]
+    value = task.score(preds, golds)[metric]
+    # Every primary metric (accuracy, MAE, ROUGE) is a mean over items: each item's own value lets
+    # a sweep judge the selection rule on items it did not select on (cross_fitted_gain).
+    items = tuple(float(task.score([p], [g])[metric]) for p, g in zip(preds, golds))
+    return ValScore(loss=float(sum(losses) / len(losses)), metric=float(value), item_losses=tuple(losses),
+                    item_metrics=items)
 
 
 @contextlib.contextmanager
@@ -172,7 +213,8 @@ class _Checkpoints:
         s = score(self.engine, self.task, self.val_ex, personal=True, max_length=self.max_length, pause=self.pause,
                   max_new_tokens=self.budget)
         sel.checks.append({"step": step, "loss": s.loss, "metric": s.metric,
-                           "items_improved": sum(c < b for c, b in zip(s.item_losses, base.item_losses))})
+                           "items_improved": sum(c < b for c, b in zip(s.item_losses, base.item_losses)),
+                           "item_losses": list(s.item_losses), "item_metrics": list(s.item_metrics)})
         sel.total_steps = total
         if beats(s, base, sel.metric) and (sel.best is None or _better(s, sel.best, sel.metric)):
             sel.best, sel.best_step = s, step

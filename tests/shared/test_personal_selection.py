@@ -10,7 +10,7 @@ import pytest
 
 from shared.config import SelectionSpec, TrainSpec
 from shared.records import HistoryItem, UserData
-from shared.selection import ValScore, beats, train_and_select, validation_size
+from shared.selection import Selection, ValScore, beats, cross_fitted_gain, train_and_select, validation_size
 from shared.tasks import get_task
 from shared.training import Example, TrainResult
 
@@ -32,6 +32,40 @@ def test_adoption_needs_a_better_metric_at_a_lower_loss():
     assert beats(ValScore(1.9, 0.4), ValScore(2.0, 0.5), "mae")  # lower MAE is better
     assert not beats(ValScore(1.9, 0.5), ValScore(2.0, 0.5), "mae")
     assert not beats(ValScore(1.9, 0.6), ValScore(2.0, 0.5), "mae")
+
+
+def _scored(metric: str, base: tuple[list[float], list[float]], *checks: tuple[list[float], list[float]]) -> Selection:
+    """A selection record from per-item (metrics, losses) of base and of each checkpoint."""
+    def vs(m, l):
+        return ValScore(loss=sum(l) / len(l), metric=sum(m) / len(m), item_losses=tuple(l), item_metrics=tuple(m))
+
+    b = vs(*base)
+    return Selection(adopted=False, reason="", metric=metric, train_items=8, validation_items=len(base[0]), base=b,
+                     checks=[{"step": i + 1, "loss": vs(*c).loss, "metric": vs(*c).metric, "item_metrics": c[0],
+                              "item_losses": c[1]} for i, c in enumerate(checks)])
+
+
+def test_cross_fitted_gain_scores_the_rule_on_the_item_it_did_not_choose_on():
+    # Right on one item by luck (and wrong on the other as base was): selection on both items adopts
+    # it for +0.5, but chosen on either item alone it gains nothing on the other.
+    lucky = _scored("accuracy", ([0, 0], [1.0, 1.0]), ([1, 0], [0.8, 1.1]))
+    assert beats(ValScore(0.95, 0.5), lucky.base, "accuracy")  # what selection itself would do
+    assert cross_fitted_gain(lucky) == 0.0
+    # Better on every item: the gain carries to the item left out.
+    assert cross_fitted_gain(_scored("accuracy", ([0, 0], [1.0, 1.0]), ([1, 1], [0.5, 0.5]))) == 1.0
+    # Chosen on the item it got right, it answers the other one wrong: a loss selection never shows.
+    assert cross_fitted_gain(_scored("accuracy", ([0, 1], [1.0, 1.0]), ([1, 0], [0.5, 0.9]))) == -0.5
+    # Lower is better for MAE: an error of 1 turned into 0 on both items is a gain of +1.
+    assert cross_fitted_gain(_scored("mae", ([1, 1], [1.0, 1.0]), ([0, 0], [0.5, 0.5]), ([2, 2], [0.4, 0.4]))) == 1.0
+    # The best of several checkpoints on the other items is the one scored.
+    assert cross_fitted_gain(_scored("accuracy", ([0, 0, 0], [1.0] * 3), ([1, 1, 0], [0.9] * 3),
+                                     ([1, 1, 1], [0.8] * 3))) == 1.0
+    # Nothing trained: base kept, no gain; one validation item or no per-item scores: no estimate.
+    assert cross_fitted_gain(_scored("accuracy", ([0, 1], [1.0, 1.0]))) == 0.0
+    assert cross_fitted_gain(_scored("accuracy", ([0], [1.0]), ([1], [0.5]))) is None
+    old = _scored("accuracy", ([0, 0], [1.0, 1.0]), ([1, 1], [0.5, 0.5]))
+    del old.checks[0]["item_metrics"]
+    assert cross_fitted_gain(old) is None
 
 
 class ScriptedEngine:

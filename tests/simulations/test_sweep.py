@@ -59,7 +59,7 @@ set = ["personal_train.lr=1e-2", "personal_adapter.r=4"]
     assert [r["variant"] for r in result["summary"]] == ["slow", "r4"]
     assert result["choice"] in ("slow", "r4")
     for row in result["variants"].values():
-        assert len(row["users"]) == 2 and all(u["base"] is not None for u in row["users"])
+        assert len(row["users"]) == 2 and all(u["base"] is not None and "crossfit" in u for u in row["users"])
     # Only history items were scored: no query text reached validation.
     from shared.data import load_dataset
 
@@ -159,3 +159,27 @@ def test_a_personal_sweep_reuses_a_saved_base_adapter(tmp_path, tiny_model_dir, 
     after = result["variants"]["a"]["users"]
     assert all(abs(a["base"]["loss"] - b["base"]["loss"]) <= 1e-3 * max(1.0, b["base"]["loss"])
                for a, b in zip(after, before))
+
+
+def test_the_choice_is_the_best_cross_fitted_gain_not_the_optimistic_selected_score():
+    """A variant whose selected score is best only because it fitted the validation items it was
+    chosen on loses to one whose gain holds on the item left out."""
+    from simulations.sweep import render_sweep, summarize
+
+    def user(selected: float, crossfit: float) -> dict:
+        return {"adopted": True, "base": {"loss": 1.0, "metric": 0.5}, "selected": {"loss": 0.5, "metric": selected},
+                "last": {"loss": 0.5, "metric": selected}, "crossfit": crossfit}
+
+    rows = {"lucky": {"set": [], "seconds": 1.0, "users": [user(0.0, -0.5), user(0.0, 0.0)]},
+            "steady": {"set": [], "seconds": 1.0, "users": [user(0.25, 0.25), user(0.25, 0.0)]}}
+    table, choice = summarize(rows, "mae")
+    assert choice == "steady"
+    assert [r["crossfit_gain"][0] for r in table] == [-0.25, 0.125]
+    md = render_sweep({"task": "amazon-rating", "method": "OPPU+RAG", "users": ["a", "b"], "metric": "mae",
+                       "summary": table, "choice": choice, "seconds": 2.0})
+    assert "cross-fitted gain [95% CI]" in md and "steady **(chosen)**" in md
+    # Rows written before per-item scores existed: the choice falls back to the selected score.
+    for row in rows.values():
+        for u in row["users"]:
+            u.pop("crossfit")
+    assert summarize(rows, "mae")[1] == "lucky"
