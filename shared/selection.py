@@ -13,6 +13,10 @@ daemon) goes through `train_and_select`:
    *beats base* (a better task metric at a lower mean loss; a tie keeps the base) is kept.
 4. If no checkpoint beats base, the adapter is not adopted: the slot is reset and the caller
    answers as the method's non-personal counterpart. The decision and every score are recorded.
+
+SelectionSpec.adopt = "last" keeps steps 1-3 but always adopts the last checkpoint: the paper's
+always-adopt policy on the same training items, with its validation scores recorded, so a sweep
+can set it against selection on equal terms (cross_fitted_gain).
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ class Selection:
     best: ValScore | None = None
     best_step: int = 0
     total_steps: int = 0
-    checks: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", "metric", "items_improved"}
+    checks: list[dict[str, Any]] = field(default_factory=list)  # {"step", "loss", "metric", "items_improved", ...}
+    rule: str = "better"  # SelectionSpec.adopt: "better" (beats base) or "last" (always the last checkpoint)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +147,8 @@ def cross_fitted_gain(sel: Selection) -> float | None:
     if any(len(c.get("item_metrics", ())) != n or len(c.get("item_losses", ())) != n for c in sel.checks):
         return None
     sign = 1.0 if METRIC_DIRECTION.get(sel.metric, "higher") == "higher" else -1.0
+    if sel.rule == "last":  # nothing was chosen on validation: the last checkpoint's gain is already honest
+        return sign * (sum(sel.checks[-1]["item_metrics"]) - sum(base.item_metrics)) / n
 
     def without(metrics: Sequence[float], losses: Sequence[float], j: int) -> ValScore:
         rest = [i for i in range(n) if i != j]
@@ -216,7 +223,9 @@ class _Checkpoints:
                            "items_improved": sum(c < b for c, b in zip(s.item_losses, base.item_losses)),
                            "item_losses": list(s.item_losses), "item_metrics": list(s.item_metrics)})
         sel.total_steps = total
-        if beats(s, base, sel.metric) and (sel.best is None or _better(s, sel.best, sel.metric)):
+        keep = (sel.rule == "last"  # every checkpoint replaces the one before: the last one is adopted
+                or beats(s, base, sel.metric) and (sel.best is None or _better(s, sel.best, sel.metric)))
+        if keep:
             sel.best, sel.best_step = s, step
             self.best_state = {k: v.detach().clone() for k, v in self.engine.personal_state().items()}
 
@@ -229,7 +238,8 @@ class _Checkpoints:
             self.sel.reason = "no checkpoint beat base + base adapter on validation (a better metric at a lower loss)"
             return None
         self.sel.adopted = True
-        self.sel.reason = "a checkpoint beat base + base adapter on validation"
+        self.sel.reason = ("selection.adopt = last: the last checkpoint, whatever validation says"
+                           if self.sel.rule == "last" else "a checkpoint beat base + base adapter on validation")
         return self.best_state
 
 
@@ -249,8 +259,9 @@ def _prepare(engine: Any, task: Any, examples: Sequence[Example], train: TrainSp
     # The answer budget from the training items only: the held-out answers' lengths are unseen.
     base = score(engine, task, val_ex, personal=False, max_length=train.max_length, pause=pause,
                  max_new_tokens=engine.answer_tokens(task, train_ex))
-    sel = Selection(adopted=False, reason="", metric=metric, train_items=n_train, validation_items=n_val, base=base)
-    if metric in METRIC_BEST and abs(base.metric - METRIC_BEST[metric]) <= 1e-12:
+    sel = Selection(adopted=False, reason="", metric=metric, train_items=n_train, validation_items=n_val, base=base,
+                    rule=spec.adopt)
+    if spec.adopt == "better" and metric in METRIC_BEST and abs(base.metric - METRIC_BEST[metric]) <= 1e-12:
         # Adoption needs a better metric, and none is better than this: training could not
         # change the outcome (a user who always gives the rating base already answers).
         sel.reason = f"base + base adapter already scores the best {metric} on validation: nothing to adopt"

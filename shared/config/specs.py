@@ -177,13 +177,24 @@ class SelectionSpec:
         metadata={"help": "Validation checkpoints, evenly spaced over the training steps (the last at the end); "
                   "each costs a scoring pass over the validation items."},
     )
+    adopt: str = field(
+        default="better",
+        metadata={"help": "better: adopt the best checkpoint that beats base on validation, else none | last: "
+                  "always adopt the last checkpoint (trained on the same items; validation is still scored "
+                  "and recorded, so a sweep can set this policy against selection on items it never chose on)."},
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"selection.validation_fraction={self.validation_fraction!r} must be in (0, 1)")
+        if self.adopt not in ADOPT_RULES:
+            raise ValueError(f"selection.adopt={self.adopt!r}: allowed values are {', '.join(ADOPT_RULES)}")
         _positive("selection.min_validation", self.min_validation)
         _positive("selection.min_train", self.min_train)
         _positive("selection.checks", self.checks)
+
+
+ADOPT_RULES = ("better", "last")
 
 
 @dataclass(frozen=True)

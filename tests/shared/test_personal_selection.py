@@ -152,6 +152,20 @@ def test_a_base_that_is_already_perfect_on_validation_trains_nothing():
     assert "already scores the best accuracy" in sel.reason and sel.base.metric == 1.0
 
 
+def test_adopt_last_keeps_the_last_checkpoint_whatever_validation_says():
+    task = get_task("synthetic-tag")
+    # Worse than base at the end, and base already perfect: "better" would train nothing.
+    engine = ScriptedEngine(ValScore(2.0, 1.0), [ValScore(1.5, 1.0), ValScore(2.5, 0.5)])
+    result, sel = train_and_select(engine, task, _examples(10), TrainSpec(), SelectionSpec(checks=2, adopt="last"))
+    assert sel.adopted and sel.rule == "last" and sel.best_step == 2 and sel.best.metric == 0.5
+    assert engine.state == {"w": 2.0} and "last checkpoint" in sel.reason
+    assert len(sel.checks) == 2 and sel.base.metric == 1.0  # validation still scored and recorded
+    # Its honest gain is the last checkpoint's own: nothing was chosen on validation.
+    assert cross_fitted_gain(sel) == -0.5
+    with pytest.raises(ValueError, match="allowed values are better, last"):
+        SelectionSpec(adopt="best")
+
+
 def test_too_little_history_trains_nothing():
     task = get_task("synthetic-tag")
     engine = ScriptedEngine(ValScore(2.0, 1.0), [], n_examples=5)
