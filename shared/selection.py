@@ -205,6 +205,11 @@ def _dense_weights(engine: Any) -> Iterator[None]:
         yield
 
 
+def _snapshot(engine: Any) -> dict[str, Any]:
+    """A copy of the personal slot's weights (personal_state() is the live tensors)."""
+    return {k: v.detach().clone() for k, v in engine.personal_state().items()}
+
+
 class _Checkpoints:
     """One user's checkpoints during training: the best that beats base, and its state."""
 
@@ -227,7 +232,7 @@ class _Checkpoints:
                 or beats(s, base, sel.metric) and (sel.best is None or _better(s, sel.best, sel.metric)))
         if keep:
             sel.best, sel.best_step = s, step
-            self.best_state = {k: v.detach().clone() for k, v in self.engine.personal_state().items()}
+            self.best_state = _snapshot(self.engine)
 
     def decide(self, cancelled: bool) -> dict[str, Any] | None:
         """Record the decision; the adopted state, or None."""
@@ -382,7 +387,7 @@ def train_and_select_users(
             continue
         result, sel = train_and_select(engine, task, chunk[0], train, spec, **kw)
         # A copy: personal_state() is the slot's live tensors, which the reset below overwrites.
-        adopted = {k: v.detach().clone() for k, v in engine.personal_state().items()} if sel.adopted else None
+        adopted = _snapshot(engine) if sel.adopted else None
         out.append((result, sel, adopted))
         engine.reset_personal()
     return out
