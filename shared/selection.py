@@ -312,7 +312,7 @@ def train_and_select(
 
         if not fresh:  # continuing a published adapter: its current state is a candidate too
             consider(0, 0)
-        result = engine.train_personal(train_ex, train, fresh=fresh, checkpoints=spec.checks,
+        result = engine.train_personal(train_ex, train, fresh=fresh, checkpoints=spec.scored_checks,
                                        on_checkpoint=consider, **kw)
         engine.model.eval()
         best_state = checks.decide(result.cancelled)
@@ -353,7 +353,7 @@ def train_and_select_group(
         results: dict[int, TrainResult] = {}
         if group:
             trained, _ = engine.train_personal_group(
-                [prepared[i][0] for i in group], train, checkpoints=spec.checks,
+                [prepared[i][0] for i in group], train, checkpoints=spec.scored_checks,
                 on_checkpoint=lambda u, step, total: checks[group[u]].consider(step, total), **kw)
             results = dict(zip(group, trained))
         engine.model.eval()

@@ -175,7 +175,7 @@ class SelectionSpec:
     checks: int = field(
         default=2,
         metadata={"help": "Validation checkpoints, evenly spaced over the training steps (the last at the end); "
-                  "each costs a scoring pass over the validation items."},
+                  "each costs a scoring pass over the validation items. adopt=last scores the last one only."},
     )
     adopt: str = field(
         default="better",
@@ -192,6 +192,12 @@ class SelectionSpec:
         _positive("selection.min_validation", self.min_validation)
         _positive("selection.min_train", self.min_train)
         _positive("selection.checks", self.checks)
+
+    @property
+    def scored_checks(self) -> int:
+        """Checkpoints training stops at to score validation: under adopt="last" only the last one
+        decides anything, so each earlier one would cost a scoring pass for nothing."""
+        return 1 if self.adopt == "last" else self.checks
 
 
 ADOPT_RULES = ("better", "last")

@@ -285,7 +285,7 @@ def workload(spec: Any, *, cores: int) -> Workload:
         users=users, initial_base=initial, centralized=central, centralized_queries=central_q, sampled=sampled,
         rounds=f.rounds, evaluate_before=bool(every), methods=tuple(e.methods),
         evaluate_between=[r for r in range(1, f.rounds + 1) if every and r % every == 0 and r < f.rounds],
-        workers=max(1, int(cores // f.sim_client_cpus)), checks=e.selection.checks if e.selection.enabled else 0,
+        workers=max(1, int(cores // f.sim_client_cpus)), checks=e.selection.scored_checks if e.selection.enabled else 0,
         federate=e.privacy.federate_base_adapter, sampling=how,
         per_pass=e.personal_train.users_per_pass if cohorts.applies(spec, list(e.methods)) else 1)
 

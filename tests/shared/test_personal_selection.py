@@ -95,7 +95,7 @@ class ScriptedEngine:
         return ["comedy" if int(p[1:]) - self.first_val < right else "classic" for p in prompts]
 
     def train_personal(self, examples, spec, *, fresh, checkpoints, on_checkpoint, **kw):
-        self.trained_on = list(examples)
+        self.trained_on, self.checkpoints_asked = list(examples), checkpoints
         for step in range(1, len(self.script)):
             self.state, self.current = {"w": float(step)}, self.script[step]
             on_checkpoint(step, len(self.script) - 1)
@@ -160,6 +160,9 @@ def test_adopt_last_keeps_the_last_checkpoint_whatever_validation_says():
     assert sel.adopted and sel.rule == "last" and sel.best_step == 2 and sel.best.metric == 0.5
     assert engine.state == {"w": 2.0} and "last checkpoint" in sel.reason
     assert len(sel.checks) == 2 and sel.base.metric == 1.0  # validation still scored and recorded
+    # Only the last checkpoint decides anything, so the engine is asked to stop at that one alone
+    # (each earlier one would cost a scoring pass for nothing).
+    assert engine.checkpoints_asked == 1
     # Its honest gain is the last checkpoint's own: nothing was chosen on validation.
     assert cross_fitted_gain(sel) == -0.5
     with pytest.raises(ValueError, match="allowed values are better, last"):
