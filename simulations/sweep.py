@@ -184,7 +184,8 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Pat
             for user, (tr, sel, _) in zip(chunk, decided):
                 last = sel.checks[-1] if sel.checks else None
                 per_user.append({"user": user.user_id, "adopted": sel.adopted, "reason": sel.reason,
-                                 "base": None if sel.base is None else {"loss": sel.base.loss, "metric": sel.base.metric},
+                                 "base": None if sel.base is None else _score(sel.base),
+                                 "checks": sel.checks,
                                  "last": last, "selected": _selected(sel), "crossfit": cross_fitted_gain(sel),
                                  "best_step": sel.best_step,
                                  "steps": sel.total_steps, "seconds": tr.seconds})
@@ -203,6 +204,12 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Pat
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+
+
+def _score(s: Any) -> dict[str, Any]:
+    """A validation score as recorded: with its per-item values, so that another adoption rule
+    (e.g. fewer checkpoints, all of them kept under "checks") can be judged later from the file."""
+    return {"loss": s.loss, "metric": s.metric, "item_losses": list(s.item_losses), "item_metrics": list(s.item_metrics)}
 
 
 def _selected(sel: Any) -> dict[str, float] | None:

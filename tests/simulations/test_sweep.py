@@ -60,6 +60,11 @@ set = ["personal_train.lr=1e-2", "personal_adapter.r=4"]
     assert result["choice"] in ("slow", "r4")
     for row in result["variants"].values():
         assert len(row["users"]) == 2 and all(u["base"] is not None and "crossfit" in u for u in row["users"])
+        # Every scored state keeps its per-item values, so another adoption rule can be judged later.
+        for u in row["users"]:
+            n = len(u["base"]["item_metrics"])
+            assert n >= 2 and len(u["base"]["item_losses"]) == n and u["checks"]
+            assert all(len(c["item_metrics"]) == n for c in u["checks"]) and u["checks"][-1] == u["last"]
     # Only history items were scored: no query text reached validation.
     from shared.data import load_dataset
 
