@@ -82,7 +82,8 @@ class Selection:
         """One line for logs and for a person: what was decided on which numbers."""
         if self.base is None:
             return f"{'adopted' if self.adopted else 'not adopted'}: {self.reason}"
-        best = (f"best checkpoint (step {self.best_step}/{self.total_steps}) loss {self.best.loss:.3f} "
+        which = "last checkpoint, always adopted" if self.rule == "last" else "best checkpoint"
+        best = (f"{which} (step {self.best_step}/{self.total_steps}) loss {self.best.loss:.3f} "
                 f"{self.metric} {self.best.metric:.4f}" if self.best else "no checkpoint beat it")
         return (f"{'adopted' if self.adopted else 'not adopted'} on {self.validation_items} validation items: "
                 f"base loss {self.base.loss:.3f} {self.metric} {self.base.metric:.4f}; {best}")

@@ -159,6 +159,7 @@ def test_adopt_last_keeps_the_last_checkpoint_whatever_validation_says():
     result, sel = train_and_select(engine, task, _examples(10), TrainSpec(), SelectionSpec(checks=2, adopt="last"))
     assert sel.adopted and sel.rule == "last" and sel.best_step == 2 and sel.best.metric == 0.5
     assert engine.state == {"w": 2.0} and "last checkpoint" in sel.reason
+    assert "last checkpoint, always adopted (step 2/2)" in sel.summary()  # the log line says which rule
     assert len(sel.checks) == 2 and sel.base.metric == 1.0  # validation still scored and recorded
     # Only the last checkpoint decides anything, so the engine is asked to stop at that one alone
     # (each earlier one would cost a scoring pass for nothing).
