@@ -101,7 +101,8 @@ def render(runs: list[tuple[Path, Mapping[str, Any], float]], total: float, who:
              "history and their most recent reviews as queries; the base adapter is trained on other reviewers. "
              "Personal adapters go through per-user validation (each user's most recent history items held "
              "out; an adapter is adopted only when it beats base + base adapter there, else the method answers "
-             "as its non-personal counterpart). Settings were chosen on validation items only (the recipe "
+             "as its non-personal counterpart, unless a task's config always adopts the last checkpoint: "
+             "`[selection] adopt = \"last\"`, validation still scored). Settings were chosen on validation items only (the recipe "
              "sweep below), never on the queries reported here.", ""]
     for run_dir, metrics, seconds in runs:
         data = json.loads((run_dir / "data.json").read_text())

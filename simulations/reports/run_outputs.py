@@ -188,7 +188,8 @@ def scores_section(metrics: Mapping[str, Any]) -> list[str]:
         rows.append(row)
     return [markdown_table(header, rows), "",
             "Scores: all queries pooled. " + stats_caption(stats)
-            + (" adopted: users whose personal adapter was kept (it beat the base on their validation items)."
+            + (" adopted: users whose personal adapter was kept (selection.adopt \"better\": it beat the base on "
+               "their validation items; \"last\": always, its validation still scored)."
                if adoption else ""), ""]
 
 
