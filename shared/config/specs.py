@@ -357,7 +357,8 @@ class ExperimentSpec:
     base_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=1, lr=5e-4))
     # lr 1e-3 for 2 epochs (with SelectionSpec.checks=2): the recipe amazon-title's validation sweep
     # chose for the embedded model by the cross-fitted gain of selection, among recipes of at most 2
-    # epochs (what keeps make quality within 90 minutes on an AVX2 CPU); docs/sweep-personal-amazon-*.md.
+    # epochs (make quality has 90 minutes on a 2-core AVX2 CPU and more cannot fit);
+    # docs/sweep-personal-amazon-*.md.
     # The paper's lr 1e-4 barely moved it (adopted 1/40 and 3/40). `--preset paper` restores it.
     personal_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=2, lr=1e-3))
     selection: SelectionSpec = field(default_factory=SelectionSpec)
