@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +184,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Pat
             for user, (tr, sel, _) in zip(chunk, decided):
                 last = sel.checks[-1] if sel.checks else None
                 per_user.append({"user": user.user_id, "adopted": sel.adopted, "reason": sel.reason,
-                                 "base": None if sel.base is None else _score(sel.base),
+                                 "base": None if sel.base is None else asdict(sel.base),  # with per-item values
                                  "checks": sel.checks,
                                  "last": last, "selected": _selected(sel), "crossfit": cross_fitted_gain(sel),
                                  "best_step": sel.best_step,
@@ -204,12 +204,6 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Pat
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
-
-
-def _score(s: Any) -> dict[str, Any]:
-    """A validation score as recorded: with its per-item values, so that another adoption rule
-    (e.g. fewer checkpoints, all of them kept under "checks") can be judged later from the file."""
-    return {"loss": s.loss, "metric": s.metric, "item_losses": list(s.item_losses), "item_metrics": list(s.item_metrics)}
 
 
 def _selected(sel: Any) -> dict[str, float] | None:
