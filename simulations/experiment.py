@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from shared.adapters import AdapterManifest
 from shared.baselines import personal_baselines
@@ -67,16 +67,21 @@ def open_store(spec: ExperimentSpec, directory: Path, task: Any) -> Any:
     return open_history_store(spec.retrieval.store, directory, task.item_text, retriever=spec.retrieval.retriever)
 
 
-def run_experiment(spec: ExperimentSpec, run_dir: Path | None = None, *, progress: bool = True) -> Path:
+def run_experiment(spec: ExperimentSpec, run_dir: Path | None = None, *, progress: bool = True,
+                   between_users: Callable[[], Any] | None = None) -> Path:
+    """One experiment into `run_dir` (default: a new one under spec.out_dir). `between_users()`
+    runs before each group of users is prepared and trained (e.g. simulations.quality's children
+    take over the cores a finished side-by-side run freed)."""
     get_task(spec.data.task)  # an unknown task name fails here, listing the valid ones
     dataset = load_dataset(spec.data)
     task = get_task(dataset.task)
     run_dir = Path(run_dir) if run_dir else new_run_dir(spec.out_dir, dataset.task)
     with run_log(run_dir):
-        return _run(spec, dataset, task, run_dir, progress)
+        return _run(spec, dataset, task, run_dir, progress, between_users)
 
 
-def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, progress: bool) -> Path:
+def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, progress: bool,
+         between_users: Callable[[], Any] | None = None) -> Path:
     started = time.time()
     atomic_write(run_dir / "config.toml", dump_toml(to_dict(spec)))
     data_info = {
@@ -115,7 +120,7 @@ def _run(spec: ExperimentSpec, dataset: TaskDataset, task: Any, run_dir: Path, p
 
     # 2. Each evaluated user: store, profile, personal adapters, answers for every method.
     retriever = make_retriever(spec.retrieval.retriever, task.item_text)
-    results = _run_users(spec, engine, task, retriever, dataset.eval_users, run_dir, progress)
+    results = _run_users(spec, engine, task, retriever, dataset.eval_users, run_dir, progress, between_users)
 
     # 2b. The centralized baseline: one adapter on all evaluated users' pooled histories.
     if "centralized" in spec.methods:
@@ -187,7 +192,7 @@ def _answer_without_personal(engine: Engine, task: Any, run: _UserRun, aug: str)
 
 
 def _run_users(spec: ExperimentSpec, engine: Engine, task: Any, retriever: Any, users: Sequence[UserData],
-               run_dir: Path, progress: bool) -> list[UserResult]:
+               run_dir: Path, progress: bool, between_users: Callable[[], Any] | None = None) -> list[UserResult]:
     """Every evaluated user, `personal_train.users_per_pass` at a time: their personal adapters
     are trained together in one pass (shared.group_training), each selected on its own user's
     validation items exactly as if trained alone (shared.selection.train_and_select_group)."""
@@ -197,6 +202,8 @@ def _run_users(spec: ExperimentSpec, engine: Engine, task: Any, retriever: Any, 
     results: list[UserResult] = []
     bar = tqdm(total=len(users), desc="users", disable=not progress, unit="user")
     for start in range(0, len(users), per_pass):
+        if between_users is not None:
+            between_users()
         runs = [_prepare_user(spec, engine, task, retriever, u, run_dir / "users" / _safe(u.user_id))
                 for u in users[start : start + per_pass]]
         for aug in ("plain", "rag", "pag"):

@@ -3,7 +3,8 @@
 Runs `oppu experiment` once per config (default: simulations/configs/quality-amazon-*.toml,
 the dataclass defaults' personal recipe), side by side (one process per config, the cores shared
 out as torch threads; on a 2-core CPU two one-thread runs finish well before two two-thread runs
-one after the other), then writes one page: the machine and wall time,
+one after the other; when a run finishes, those still running take over its cores from their next
+user on), then writes one page: the machine and wall time,
 each task's results table (CIs over users, paired differences, non-LLM baselines, adoption),
 the claims the project makes checked against those numbers, and the recipe sweep behind the
 defaults (docs/sweep-*.md, written by `oppu sweep`).
@@ -15,22 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from shared.config import BaseModelSpec, load_experiment
-from shared.devices import pick_dtype
+from shared.devices import pick_dtype, set_threads
 from shared.fileio import atomic_write
 
 from .experiment import run_experiment
 from .reports.run_outputs import signed4
 
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("oppu.quality")
 DEFAULT_CONFIGS = (ROOT / "simulations" / "configs" / "quality-amazon-title.toml",
                    ROOT / "simulations" / "configs" / "quality-amazon-rating.toml")
 
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=0,
                    help="runs side by side, one process each (default: all configs at once; 1: one after the other)")
     p.add_argument("--child", metavar="FILE", help=argparse.SUPPRESS)  # one run of a side-by-side parent
+    p.add_argument("--threads-file", metavar="FILE", help=argparse.SUPPRESS)  # the child's torch threads, from its parent
     args = p.parse_args(argv)
     given = list(argv if argv is not None else sys.argv[1:])
     if "--note" in given:  # the note is printed after the machine, not in the command
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = args.config or [str(c) for c in DEFAULT_CONFIGS]
     sets = [f'out_dir="{args.runs}"', *args.set]
     if args.child:  # one run for a side-by-side parent: its run directory goes to the file named
-        run_dir = run_experiment(load_experiment(configs[0], sets), progress=True)
+        follow = follow_threads(Path(args.threads_file)) if args.threads_file else None
+        run_dir = run_experiment(load_experiment(configs[0], sets), progress=True, between_users=follow)
         atomic_write(Path(args.child), str(Path(run_dir).resolve()))
         return 0
     for config in configs:  # a bad config fails here, before any run starts
@@ -185,18 +191,58 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def follow_threads(path: Path) -> Callable[[], None]:
+    """A side-by-side child's between-users hook: take the torch threads its parent last wrote to
+    `path` (the parent raises them when another run finishes and frees its cores)."""
+
+    def check() -> None:
+        import torch
+
+        try:
+            wanted = int(path.read_text().strip())
+        except (OSError, ValueError):
+            return  # no word from the parent (yet): keep what we have
+        if wanted > 0 and wanted != torch.get_num_threads():
+            log.info("torch threads %d -> %d (a run beside this one finished)", torch.get_num_threads(), wanted)
+            set_threads(wanted)
+
+    return check
+
+
+def thread_shares(cores: int, running: int, floor: int) -> int:
+    """Torch threads for each of `running` runs on `cores` cores, never below `floor` (what
+    each was started with)."""
+    return max(floor, cores // max(1, running))
+
+
+@dataclass
+class _Child:
+    """One side-by-side run in progress."""
+
+    proc: Any
+    stem: str
+    log: Path  # its console output
+    out: Path  # where it writes its run directory when done
+    share: Path  # where the parent writes its torch threads (follow_threads reads it)
+    threads: int
+
+
 def side_by_side(configs: list[str], args: argparse.Namespace, jobs: int) -> tuple[list, str]:
     """Each config in its own process, `jobs` at a time, the cores shared out as torch threads;
-    each process logs to <runs>/<config>.log. Returns the finished runs in config order."""
+    each process logs to <runs>/<config>.log. Once no config waits, a finished run's cores go to
+    the runs still going (from their next user on: follow_threads). Returns the finished runs in
+    config order and a sentence for the page saying how they ran."""
     from tqdm.auto import tqdm
 
-    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores // jobs)
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     # The children run where the parent runs (relative --config, --runs and --set paths mean the
     # same to them), importing this checkout.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     pending, running, finished = list(enumerate(configs)), {}, {}
+    handed: list[str] = []  # e.g. "quality-amazon-rating went on with 2 after quality-amazon-title finished"
     stems = [Path(c).stem for c in configs]
     with tqdm(total=len(configs), desc=f"quality runs ({jobs} side by side, {threads} thread(s) each)",
               unit="run") as bar:
@@ -204,30 +250,46 @@ def side_by_side(configs: list[str], args: argparse.Namespace, jobs: int) -> tup
             while pending and len(running) < jobs:
                 i, config = pending.pop(0)
                 stem = Path(config).stem if stems.count(Path(config).stem) == 1 else f"{Path(config).stem}-{i + 1}"
-                log, out = Path(args.runs) / f"{stem}.log", Path(args.runs) / f".{stem}.run_dir"
-                out.unlink(missing_ok=True)
+                runs = Path(args.runs)
+                child = _Child(None, stem, runs / f"{stem}.log", runs / f".{stem}.run_dir", runs / f".{stem}.threads",
+                               threads)
+                child.out.unlink(missing_ok=True)
+                atomic_write(child.share, str(threads))
                 cmd = [sys.executable, "-m", "simulations.quality", "--config", config, "--runs", args.runs,
-                       "--child", str(out)] + [a for s in args.set for a in ("--set", s)]
-                with log.open("w") as f:
-                    proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-                running[i] = (proc, log, out)
-                bar.write(f"started {stem} (log: {log})")
+                       "--child", str(child.out), "--threads-file", str(child.share)]
+                cmd += [a for s in args.set for a in ("--set", s)]
+                with child.log.open("w") as f:
+                    child.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+                running[i] = child
+                bar.write(f"started {stem} (log: {child.log})")
             time.sleep(5)
-            for i, (proc, log, out) in list(running.items()):
-                if proc.poll() is None:
+            for i, child in list(running.items()):
+                if child.proc.poll() is None:
                     continue
                 del running[i]
-                if proc.returncode != 0 or not out.is_file():
-                    for other, _, _ in running.values():
-                        other.terminate()
-                    tail = log.read_text(errors="replace")[-3000:]
-                    raise SystemExit(f"{configs[i]} failed (exit {proc.returncode}); the end of {log}:\n{tail}")
-                run_dir = Path(out.read_text().strip())
-                out.unlink()
+                child.share.unlink(missing_ok=True)
+                if child.proc.returncode != 0 or not child.out.is_file():
+                    for other in running.values():
+                        other.proc.terminate()
+                    tail = child.log.read_text(errors="replace")[-3000:]
+                    raise SystemExit(f"{configs[i]} failed (exit {child.proc.returncode}); "
+                                     f"the end of {child.log}:\n{tail}")
+                run_dir = Path(child.out.read_text().strip())
+                child.out.unlink()
                 finished[i] = (run_dir, json.loads((run_dir / "metrics.json").read_text()))
                 bar.write((run_dir / "results.md").read_text())
                 bar.update(1)
-    note = (f"The {len(configs)} tasks ran side by side ({jobs} processes, {threads} torch thread(s) each); "
+                if pending or not running:
+                    continue  # a waiting config takes the freed cores (or nothing is left to take them)
+                n = thread_shares(cores, len(running), threads)
+                for other in running.values():
+                    if n > other.threads:
+                        other.threads = n
+                        atomic_write(other.share, str(n))
+                        handed.append(f"{other.stem} went on with {n} after {child.stem} finished")
+                        bar.write(f"{other.stem}: {n} torch threads from its next user on")
+    note = (f"The {len(configs)} tasks ran side by side ({jobs} processes, {threads} torch thread(s) each"
+            + (f"; {', '.join(handed)}" if handed else "") + "); "
             "each task's own time is in its heading." + (f" {args.note}" if args.note else ""))
     return [finished[i] for i in range(len(configs))], note
 

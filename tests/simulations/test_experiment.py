@@ -157,10 +157,12 @@ def test_users_trained_together_get_what_each_would_get_alone(tiny_model_dir, tm
               "data.queries=2", "data.min_history=8", "data.max_history=10", "data.base_examples=8",
               "personal_train.epochs=2", "personal_train.lr=5e-3", "base_train.epochs=1",
               "personal_adapter.dropout=0.0", 'methods=["OPPU","OPPU+RAG"]']
-    runs = {}
+    runs, hooked = {}, {1: 0, 2: 0}
     for per_pass in (1, 2):
         spec = load_experiment(None, common + [f"personal_train.users_per_pass={per_pass}"])
-        runs[per_pass] = run_experiment(spec, tmp_path / f"run{per_pass}", progress=False)
+        runs[per_pass] = run_experiment(spec, tmp_path / f"run{per_pass}", progress=False,
+                                        between_users=lambda k=per_pass: hooked.__setitem__(k, hooked[k] + 1))
+    assert hooked == {1: 2, 2: 1}  # the between-users hook runs once before each pass
     m1, m3 = (json.loads((runs[k] / "metrics.json").read_text()) for k in (1, 2))
     assert m1["adoption"] == m3["adoption"]
     users = sorted(p.name for p in (runs[1] / "users").iterdir())
