@@ -16,9 +16,10 @@ import torch
 from . import adapters, soft_prompt
 from .adapters import BASE, PERSONAL, AdapterManifest
 from .config import AdapterSpec, BaseModelSpec, DecodingSpec, TrainSpec
-from .inference import answer_tokens, generate
+from .inference import MAX_PROMPT_TOKENS, answer_tokens, choose_label, generate, label_loglik
 from .model import LoadedBase, load_base_model
 from .group_training import GroupLoRA, train_group
+from .prompting import encode_answer, encode_prompt
 from .training import Example, TrainResult, answer_loss, collate, encode_examples, train_adapter
 
 
@@ -372,14 +373,60 @@ class Engine:
                     return generate(self.model, self.tokenizer, prompts, **kw)
             kw["decoding"] = self.decoding
             kw.update(answer_set(task))
-            slot = self.answer_slot(personal)
-            if slot is not None:
-                kw["adapter_names"] = [slot] * len(prompts)
-            adapters.activate(self.model, self._personal_names() if personal else [BASE])
-            if personal and self.soft_prompt is not None:
-                kw["soft_prompt"] = self.soft_prompt
             try:
-                return generate(self.model, self.tokenizer, prompts, **kw)
+                return generate(self.model, self.tokenizer, prompts, **kw, **self._answering(personal, len(prompts)))
             finally:
                 adapters.activate(self.model, [BASE])
+
+    def _answering(self, personal: bool, n: int) -> dict[str, Any]:
+        """Make the adapters that answer active; the keywords that route `n` prompts through them
+        (the answer slot per row, or the personal soft prompt). Callers reactivate BASE after."""
+        kw: dict[str, Any] = {}
+        slot = self.answer_slot(personal)
+        if slot is not None:
+            kw["adapter_names"] = [slot] * n
+        adapters.activate(self.model, self._personal_names() if personal else [BASE])
+        if personal and self.soft_prompt is not None:
+            kw["soft_prompt"] = self.soft_prompt
+        return kw
+
+    def validation_pass(self, examples: Sequence[Example], *, personal: bool, max_length: int,
+                        max_new_tokens: int, task: Any) -> tuple[list[float], list[str]]:
+        """Each example's answer-token loss (as example_losses) and the answer to its prompt (as
+        answer): what per-user validation scores.
+
+        Where `task` has labels the decoding picks from (label_choice other than 'generate'), one
+        pass gives both: the label log-likelihoods decide the answer, and a target that is a label
+        has as loss minus its log-likelihood over its tokens, the number training computes for it
+        (up to rounding: a cached prompt pass instead of one pass over prompt and answer). A
+        target that is not a label, or whose prompt training would cut (`max_length`), gets its
+        own loss pass. Other tasks: a loss pass and a generation pass."""
+        prompts = [e.prompt for e in examples]
+        labels = answer_set(task)
+        if not labels or self.decoding.label_choice == "generate":
+            return (self.example_losses(examples, personal=personal, max_length=max_length),
+                    self.answer(prompts, max_new_tokens=max_new_tokens, personal=personal, task=task))
+        names = labels["labels"]
+        with self.lock:
+            try:
+                loglik = label_loglik(self.model, self.tokenizer, prompts, names,
+                                      **self._answering(personal, len(prompts)))
+            finally:
+                adapters.activate(self.model, [BASE])
+            answers = [choose_label(torch.softmax(row, -1).tolist(), names, self.decoding.label_choice,
+                                    labels["ordinal"]) for row in loglik]
+            losses: list[float | None] = []
+            for e, row in zip(examples, loglik):
+                answer, n_prompt = encode_answer(self.tokenizer, e.target), len(encode_prompt(self.tokenizer, e.prompt))
+                # Neither pass cut anything (encode_examples: the answer to half of max_length, the
+                # prompt to the rest; the answer pass: the prompt to MAX_PROMPT_TOKENS).
+                whole = (n_prompt + len(answer) <= max_length and len(answer) <= max_length // 2
+                         and n_prompt <= MAX_PROMPT_TOKENS)
+                losses.append(-float(row[names.index(e.target)]) / len(answer)
+                              if e.target in names and whole else None)
+            rest = [e for e, loss in zip(examples, losses) if loss is None]
+            if rest:
+                more = iter(self.example_losses(rest, personal=personal, max_length=max_length))
+                losses = [next(more) if loss is None else loss for loss in losses]
+            return [float(v) for v in losses], answers
 

@@ -15,6 +15,9 @@ from .prompting import answer_end_ids, encode_answer, encode_prompt, first_line,
 from .quant4bit import dense_4bit_weights
 from .soft_prompt import prepend
 
+# Prompt tokens an answer sees by default (fit_prompt keeps the head and the end of a longer one).
+MAX_PROMPT_TOKENS = 1024
+
 
 def line_ended(text: str) -> bool:
     """Whether generated text already holds a whole non-empty first line (leading blank lines do
@@ -60,27 +63,45 @@ def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tupl
     return ids.to(device), mask.to(device)
 
 
-def label_distribution(
+def label_distribution(model: Any, tokenizer: Any, prompts: Sequence[str], labels: Sequence[str],
+                       **kw: Any) -> list[list[float]]:
+    """Per prompt, the model's probability of each label as the whole answer (its tokens and the
+    end-of-answer token, encoded exactly as training encodes a target), normalised over `labels`.
+    Keywords as label_loglik's."""
+    import torch
+
+    return torch.softmax(label_loglik(model, tokenizer, prompts, labels, **kw), dim=-1).tolist()
+
+
+def label_loglik(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str],
     labels: Sequence[str],
     *,
     batch_size: int = 8,
-    max_prompt_tokens: int = 1024,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
     soft_prompt: Any = None,
     adapter_names: Sequence[str] | None = None,
-) -> list[list[float]]:
-    """Per prompt, the model's probability of each label as the whole answer (its tokens and the
-    end-of-answer token, encoded exactly as training encodes a target), normalised over `labels`.
+) -> Any:
+    """Per prompt and label, the log-likelihood of the label as the whole answer (the sum over its
+    tokens and the end-of-answer token, encoded as training encodes a target; a float64 tensor,
+    prompts x labels). Minus it, over the number of those tokens, is the answer loss training
+    computes for that target.
 
     Each batch of `batch_size` prompts is run once, left-padded with position ids from the mask
     as generate() pads them, and its KV cache is shared by every label: a label costs only its
-    own tokens, not another pass over the prompt (a 1-5 rating: one prompt pass instead of five).
-    `adapter_names`: per prompt, as in generate()."""
+    own tokens, not another pass over the prompt. Labels of the same token length go through
+    together, each prompt's cache repeated once per label (a 1-5 rating: one prompt pass and one
+    one-token pass for all five, instead of one pass per label). `adapter_names`: per prompt, as
+    in generate()."""
     import torch
 
     label_ids = [encode_answer(tokenizer, label) for label in labels]
+    by_length: dict[int, list[int]] = {}
+    for li, tokens in enumerate(label_ids):
+        if len(tokens) > 1:
+            by_length.setdefault(len(tokens), []).append(li)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     encoded = [fit_prompt(encode_prompt(tokenizer, p), max_prompt_tokens) for p in prompts]
@@ -93,6 +114,7 @@ def label_distribution(
     with torch.inference_mode(), dense_4bit_weights(model, enabled=device.type == "cpu"):
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
+            rows = len(idx)
             ids, mask = left_padded([encoded[i] for i in idx], pad_id, device)
             if soft_prompt is None:
                 inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
@@ -108,32 +130,36 @@ def label_distribution(
             cache_key = "cache" if "cache" in out.keys() else "past_key_values"
             cache, lengths = out[cache_key], mask.sum(-1, keepdim=True)
             first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each label's first token
-            for li, tokens in enumerate(label_ids):
-                score = first[:, tokens[0]].double()
-                if len(tokens) > 1:
-                    # The label's tokens but its last, after the cached prompt: position j predicts
-                    # token j+1. Every row carries the same tokens, so nothing is padded.
-                    step = torch.tensor(tokens[:-1], device=device).expand(len(idx), -1)
-                    follow: dict[str, Any] = {
-                        "attention_mask": torch.cat([mask, torch.ones_like(step)], dim=1),
-                        "position_ids": lengths + torch.arange(step.shape[1], device=device),
-                        cache_key: cache,
-                        "use_cache": True,
-                    }
-                    if soft_prompt is None:
-                        follow["input_ids"] = step
-                    else:
-                        follow["inputs_embeds"] = base.get_input_embeddings()(step)
-                    if names is not None:
-                        follow["adapter_names"] = names
-                    lsm = torch.log_softmax(model(**follow).logits.float(), dim=-1)
-                    target = torch.tensor(tokens[1:], device=device).expand(len(idx), -1)
-                    score = score + lsm.gather(2, target[..., None]).squeeze(-1).sum(-1).double()
-                    cache.crop(-step.shape[1])  # back to the prompt alone for the next label
-                logp[idx, li] = score.cpu()
+            score = first[:, [tokens[0] for tokens in label_ids]].double()
+            for g, (n_tokens, group) in enumerate(by_length.items()):
+                # Row r * k + j: prompt r followed by the group's label j, all but its last token
+                # (position t predicts token t + 1). Every row has the same length: no padding.
+                k, width = len(group), n_tokens - 1
+                cache.batch_repeat_interleave(k)
+                step = torch.tensor([label_ids[li][:-1] for li in group], device=device).repeat(rows, 1)
+                follow: dict[str, Any] = {
+                    "attention_mask": torch.cat([mask.repeat_interleave(k, 0), torch.ones_like(step)], dim=1),
+                    "position_ids": lengths.repeat_interleave(k, 0) + torch.arange(width, device=device),
+                    cache_key: cache,
+                    "use_cache": True,
+                }
+                if soft_prompt is None:
+                    follow["input_ids"] = step
+                else:
+                    follow["inputs_embeds"] = base.get_input_embeddings()(step)
+                if names is not None:
+                    follow["adapter_names"] = [n for n in names for _ in range(k)]
+                lsm = torch.log_softmax(model(**follow).logits.float(), dim=-1)
+                target = torch.tensor([label_ids[li][1:] for li in group], device=device).repeat(rows, 1)
+                rest = lsm.gather(2, target[..., None]).squeeze(-1).sum(-1).double().view(rows, k)
+                score[:, group] += rest
+                if g + 1 < len(by_length):  # back to the prompt alone, one row each, for the next group
+                    cache.crop(-width)
+                    cache.batch_select_indices(torch.arange(0, rows * k, k, device=device))
+            logp[idx] = score.cpu()
     if was_training:
         model.train()
-    return torch.softmax(logp, dim=-1).tolist()
+    return logp
 
 
 def choose_label(probs: Sequence[float], labels: Sequence[str], rule: str, ordinal: bool) -> str:
@@ -162,7 +188,7 @@ def generate(
     max_new_tokens: int | Sequence[int],
     decoding: DecodingSpec = DecodingSpec(),
     batch_size: int = 8,
-    max_prompt_tokens: int = 1024,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
     progress: bool | str = False,
     soft_prompt: Any = None,
     adapter_names: Sequence[str] | None = None,

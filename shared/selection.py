@@ -182,9 +182,11 @@ def score(engine: Any, task: Any, examples: Sequence[Example], *, personal: bool
         part = list(examples[s : s + chunk])
         if pause is not None:
             pause()
-        losses += engine.example_losses(part, personal=personal, max_length=max_length)
-        answers += engine.answer([e.prompt for e in part], max_new_tokens=max_new_tokens or task.max_new_tokens,
-                                 personal=personal, task=task)
+        part_losses, part_answers = engine.validation_pass(part, personal=personal, max_length=max_length,
+                                                           max_new_tokens=max_new_tokens or task.max_new_tokens,
+                                                           task=task)
+        losses += part_losses
+        answers += part_answers
     preds, golds = [task.parse_output(a) for a in answers], [e.target for e in examples]
     value = task.score(preds, golds)[metric]
     # Every primary metric (accuracy, MAE, ROUGE) is a mean over items: each item's own value lets

@@ -125,3 +125,32 @@ def test_labels_of_several_tokens_behind_a_soft_prompt_score_as_one_unpadded_row
                 expected = [v - logp[0] for v in logp]
                 tol = 1e-3 if e.base.dtype == torch.float32 else 5e-2
                 assert got == pytest.approx(expected, abs=tol)
+
+
+def test_validation_pass_takes_losses_and_answers_from_one_label_pass(varied):
+    """Per-user validation scores loss and answer; for a label task one cached pass gives both.
+    The losses must equal the loss pass's (example_losses) and the answers the answer path's."""
+    e = varied
+    task = get_task("amazon-rating")
+    examples = [Example(p, str(1 + i % 5)) for i, p in enumerate(PROMPTS)]
+    examples.append(Example(PROMPTS[0], "four"))  # not a label: its loss needs its own pass
+    old = e.decoding
+    try:
+        e.decoding = dataclasses.replace(old, label_choice="median")
+        losses, answers = e.validation_pass(examples, personal=False, max_length=512, max_new_tokens=4, task=task)
+        assert answers == e.answer([x.prompt for x in examples], max_new_tokens=4, personal=False, task=task)
+        expected = e.example_losses(examples, personal=False, max_length=512)
+        tol = 1e-4 if e.base.dtype == torch.float32 else 3e-2
+        assert losses == pytest.approx(expected, rel=tol, abs=tol)
+        assert losses[-1] == expected[-1]
+        assert len(set(losses[:-1])) > 1  # per-item values, not one number repeated
+        # A prompt training would cut (max_length) is scored by the loss pass, exactly.
+        short = e.validation_pass(examples[:2], personal=False, max_length=16, max_new_tokens=4, task=task)[0]
+        assert short == e.example_losses(examples[:2], personal=False, max_length=16)
+        # Generated answers: the two passes, unchanged.
+        e.decoding = dataclasses.replace(old, label_choice="generate")
+        losses, answers = e.validation_pass(examples, personal=False, max_length=512, max_new_tokens=4, task=task)
+        assert losses == expected
+        assert answers == e.answer([x.prompt for x in examples], max_new_tokens=4, personal=False, task=task)
+    finally:
+        e.decoding = old

@@ -90,6 +90,10 @@ class ScriptedEngine:
     def answer_tokens(self, task, history):
         return task.max_new_tokens
 
+    def validation_pass(self, examples, *, personal, max_length, max_new_tokens, task):
+        return (self.example_losses(examples, personal=personal, max_length=max_length),
+                self.answer([e.prompt for e in examples], max_new_tokens=max_new_tokens, personal=personal))
+
     def answer(self, prompts, *, max_new_tokens, personal, task=None):
         right = round(self.current.metric * self.n_val)
         return ["comedy" if int(p[1:]) - self.first_val < right else "classic" for p in prompts]
