@@ -9,7 +9,7 @@ def test_adapter_follows_the_paper_and_the_personal_recipe_the_sweeps_chose():
     e = ExperimentSpec()
     # amazon-title's cross-fitted choice among recipes of at most 2 epochs (docs/sweep-personal-amazon-title.md)
     assert e.personal_train.epochs == 2 and e.personal_train.lr == 1e-3
-    assert (e.selection.checks, e.selection.adopt, e.selection.scored_checks) == (2, "better", 2)
+    assert (e.selection.checks, e.selection.adopt, e.selection.scored_checks) == (1, "better", 1)
     paper = load_experiment(None, ["personal_train.lr=1e-4", "personal_train.epochs=2"])
     assert (paper.personal_train.epochs, paper.personal_train.lr) == (2, 1e-4)
 
