@@ -309,8 +309,14 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from simulations.sweep import run_sweep
+    from simulations.sweep import recorded_rules, run_sweep
 
+    if args.rules_from:
+        print(recorded_rules(Path(args.rules_from)))
+        return 0
+    if not args.config:
+        raise SystemExit("oppu sweep: give a sweep TOML (e.g. simulations/configs/sweep-amazon-rating.toml), "
+                         "or --rules-from RUN_DIR")
     out = run_sweep(args.config, list(args.set or []), Path(args.run_dir) if args.run_dir else None,
                     progress=not args.quiet)
     print((out / "sweep.md").read_text())
@@ -440,7 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="choose the personal-training recipe, or retrieval and decoding "
                        "(mode = \"inference\"), on users' validation items only")
-    p.add_argument("config", help="sweep TOML (e.g. simulations/configs/sweep-amazon-rating.toml)")
+    p.add_argument("config", nargs="?", help="sweep TOML (e.g. simulations/configs/sweep-amazon-rating.toml)")
+    p.add_argument("--rules-from", metavar="RUN_DIR",
+                   help="instead of a sweep: compare adoption rules (every recorded checkpoint, the last only, "
+                   "always the last) on a finished experiment's validation records, training nothing")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep setting, e.g. users=4")
     p.add_argument("--run-dir", help="write into this directory instead of a new one under the sweep's out_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

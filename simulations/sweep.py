@@ -39,7 +39,7 @@ from shared.model import load_base_model
 from shared.personalize import METHOD_AUGMENTATION, Context, history_examples
 from shared.retrieval import make_retriever
 from shared.rundir import new_run_dir
-from shared.selection import cross_fitted_gain, train_and_select_users
+from shared.selection import Selection, ValScore, beats, cross_fitted_gain, train_and_select_users
 from shared.tables import markdown_table
 from shared.tasks import get_task
 
@@ -200,6 +200,51 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, run_dir: Pat
     atomic_write(run_dir / "sweep.json", json.dumps(result, indent=2))
     atomic_write(run_dir / "sweep.md", render_sweep(result))
     return run_dir
+
+
+# Adoption rules a run's recorded checkpoints can be judged under without training anything
+# (checkpoints only score: the adapters at each step are the same whichever are scored):
+# name -> (which recorded checkpoints the rule sees, adoption rule).
+RECORDED_RULES = {
+    "selection over every recorded checkpoint": (slice(None), "better"),
+    "selection on the last checkpoint only": (slice(-1, None), "better"),
+    "always adopt the last checkpoint": (slice(-1, None), "last"),
+}
+
+
+def recorded_rules(run_dir: Path) -> str:
+    """Adoption rules compared on a finished experiment's validation records (users/*/selection.json:
+    per user and personal method, base's and each scored checkpoint's per-item validation scores;
+    no query is read): per rule the users adopted and the cross-fitted gain with its 95% bootstrap
+    CI over users (shared.selection.cross_fitted_gain), as a markdown table."""
+    files = sorted(Path(run_dir).glob("users/*/selection.json"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir} holds no users/*/selection.json; give an experiment run directory "
+                                f"(e.g. runs/quality/<time>-amazon-title)")
+    records = [json.loads(f.read_text()) for f in files]
+    rows = []
+    for aug in sorted({a for r in records for a in r}):
+        for name, (keep, rule) in RECORDED_RULES.items():
+            gains, adopted, users, metric = [], 0, 0, ""
+            for r in records:
+                rec = r.get(aug)
+                if not rec or rec.get("base") is None or not rec.get("checks"):
+                    continue  # nothing trained or scored for this user
+                metric = rec["metric"]
+                base = ValScore(**rec["base"])
+                sel = Selection(adopted=False, reason="", metric=metric, train_items=rec["train_items"],
+                                validation_items=rec["validation_items"], base=base, checks=rec["checks"][keep],
+                                rule=rule)
+                gain = cross_fitted_gain(sel)
+                if gain is None:
+                    continue  # scores without per-item values
+                users += 1
+                gains.append(gain)
+                adopted += rule == "last" or any(
+                    beats(ValScore(loss=c["loss"], metric=c["metric"]), base, metric) for c in sel.checks)
+            mean, lo, hi = _ci(gains)
+            rows.append([aug, name, f"{adopted}/{users}", f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]" if gains else "-"])
+    return markdown_table(["prompt", "rule", "adopted", f"cross-fitted {metric} gain [95% CI]"], rows)
 
 
 def _safe(name: str) -> str:

@@ -173,9 +173,9 @@ class SelectionSpec:
                   "(too little history to tell whether one helps)."},
     )
     # One checkpoint, at the end: on amazon-title's validation items (the quality run's per-user
-    # records) selection among 2 checkpoints gained exactly what the last one alone gains
-    # (cross-fitted +0.0069 OPPU+RAG, +0.0011 OPPU), and each checkpoint costs a scoring pass
-    # (docs/quality.md, the recipe section).
+    # records, `oppu sweep --rules-from`) selection among 2 checkpoints gained exactly what the last
+    # one alone gains (cross-fitted +0.0069 OPPU+RAG, +0.0011 OPPU), and each checkpoint costs a
+    # scoring pass (docs/sweep-personal-amazon-title.md).
     checks: int = field(
         default=1,
         metadata={"help": "Validation checkpoints, evenly spaced over the training steps (the last at the end); "

@@ -188,3 +188,32 @@ def test_the_choice_is_the_best_cross_fitted_gain_not_the_optimistic_selected_sc
         for u in row["users"]:
             u.pop("crossfit")
     assert summarize(rows, "mae")[1] == "lucky"
+
+
+def test_rules_are_compared_on_a_runs_recorded_checkpoints(tmp_path, capsys):
+    """`oppu sweep --rules-from RUN`: selection over every recorded checkpoint, over the last only,
+    and always adopting the last, judged on the validation records alone (cross-fitted gain)."""
+    from oppu.cli import main
+    from simulations.sweep import recorded_rules
+
+    def score(metrics, losses):
+        return {"loss": sum(losses) / 2, "metric": sum(metrics) / 2, "item_metrics": metrics, "item_losses": losses}
+
+    base = score([0.0, 0.0], [2.0, 2.0])
+    early = {"step": 2, **score([1.0, 1.0], [1.0, 1.0])}  # beats base on each item
+    last = {"step": 4, **score([0.0, 1.0], [3.0, 3.0])}  # a better metric at a higher loss: never beats base
+    rec = {"adopted": True, "reason": "", "metric": "accuracy", "train_items": 8, "validation_items": 2,
+           "base": base, "checks": [early, last], "rule": "better"}
+    for user, r in {"u1": rec, "u2": {**rec, "checks": []}}.items():  # u2: nothing trained, left out
+        (tmp_path / "users" / user).mkdir(parents=True)
+        (tmp_path / "users" / user / "selection.json").write_text(json.dumps({"rag": r}))
+    table = recorded_rules(tmp_path)
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:5]]
+            for line in table.splitlines()[2:]}
+    assert rows["selection over every recorded checkpoint"] == ["1/1", "+1.0000 [+1.0000, +1.0000]"]
+    assert rows["selection on the last checkpoint only"] == ["0/1", "+0.0000 [+0.0000, +0.0000]"]
+    assert rows["always adopt the last checkpoint"] == ["1/1", "+0.5000 [+0.5000, +0.5000]"]
+    assert main(["sweep", "--rules-from", str(tmp_path)]) == 0
+    assert table in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="selection.json"):
+        recorded_rules(tmp_path / "users")
