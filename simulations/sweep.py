@@ -221,20 +221,29 @@ def recorded_rules(run_dir: Path) -> str:
     if not files:
         raise FileNotFoundError(f"{run_dir} holds no users/*/selection.json; give an experiment run directory "
                                 f"(e.g. runs/quality/<time>-amazon-title)")
-    records = [json.loads(f.read_text()) for f in files]
+    records = []
+    for f in files:
+        try:
+            records.append(json.loads(f.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f}: not a readable selection record ({e}); rerun that experiment") from None
     rows = []
     for aug in sorted({a for r in records for a in r}):
         for name, (keep, rule) in RECORDED_RULES.items():
             gains, adopted, users, metric = [], 0, 0, ""
-            for r in records:
+            for f, r in zip(files, records):
                 rec = r.get(aug)
                 if not rec or rec.get("base") is None or not rec.get("checks"):
                     continue  # nothing trained or scored for this user
-                metric = rec["metric"]
-                base = ValScore(**rec["base"])
-                sel = Selection(adopted=False, reason="", metric=metric, train_items=rec["train_items"],
-                                validation_items=rec["validation_items"], base=base, checks=rec["checks"][keep],
-                                rule=rule)
+                try:
+                    metric = rec["metric"]
+                    base = ValScore(**rec["base"])
+                    sel = Selection(adopted=False, reason="", metric=metric, train_items=rec["train_items"],
+                                    validation_items=rec["validation_items"], base=base,
+                                    checks=list(rec["checks"])[keep], rule=rule)
+                except (KeyError, TypeError) as e:
+                    raise ValueError(f"{f}: the {aug!r} record lacks {e} (written by an "
+                                     f"older oppu?); rerun that experiment") from None
                 gain = cross_fitted_gain(sel)
                 if gain is None:
                     continue  # scores without per-item values

@@ -217,3 +217,16 @@ def test_rules_are_compared_on_a_runs_recorded_checkpoints(tmp_path, capsys):
     assert table in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="selection.json"):
         recorded_rules(tmp_path / "users")
+
+
+def test_a_broken_selection_record_is_named(tmp_path):
+    from simulations.sweep import recorded_rules
+
+    (tmp_path / "users" / "u1").mkdir(parents=True)
+    bad = tmp_path / "users" / "u1" / "selection.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="u1/selection.json: not a readable selection record"):
+        recorded_rules(tmp_path)
+    bad.write_text(json.dumps({"rag": {"base": {"loss": 1.0, "metric": 0.0}, "checks": [{"step": 1}]}}))
+    with pytest.raises(ValueError, match="u1/selection.json: the 'rag' record lacks 'metric'"):
+        recorded_rules(tmp_path)
