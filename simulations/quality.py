@@ -271,6 +271,7 @@ def side_by_side(configs: list[str], args: argparse.Namespace, jobs: int) -> tup
                 if child.proc.returncode != 0 or not child.out.is_file():
                     for other in running.values():
                         other.proc.terminate()
+                        other.share.unlink(missing_ok=True)
                     tail = child.log.read_text(errors="replace")[-3000:]
                     raise SystemExit(f"{configs[i]} failed (exit {child.proc.returncode}); "
                                      f"the end of {child.log}:\n{tail}")

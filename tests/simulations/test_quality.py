@@ -143,3 +143,18 @@ def test_a_finished_run_hands_its_cores_to_the_run_still_going(tmp_path, monkeyp
     assert seen == [("a", 1), ("b", 1), ("a", 1), ("b", 2), ("b", 2), ("b", 2)]
     assert "(2 processes, 1 torch thread(s) each; b went on with 2 after a finished)" in note
     assert not list((tmp_path / "runs").glob(".*.threads"))
+
+    # A run that fails stops the others; none leaves a share file behind.
+    class Failing(FakeRun):
+        polls_left = {"a": 1, "b": 5}
+
+        def poll(self):
+            if self.stem == "a":
+                self.returncode = 1
+                return 1
+            return None
+
+    monkeypatch.setattr(q.subprocess, "Popen", Failing)
+    with pytest.raises(SystemExit, match="a.toml failed"):
+        q.side_by_side(["a.toml", "b.toml"], args, jobs=2)
+    assert not list((tmp_path / "runs").glob(".*.threads"))
